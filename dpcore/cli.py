@@ -1,0 +1,196 @@
+"""The ``dpcore`` command line: epsilon tables, noise calibration and epsilon curves.
+
+Examples::
+
+    dpcore epsilon --noise-multiplier 1.1 --sample-rate 0.004 --steps 14000 --delta 1e-5
+    dpcore epsilon ... --accountant all
+    dpcore calibrate --target-epsilon 8 --delta 1e-5 --sample-rate 0.04 --epochs 90
+    dpcore plot --noise-multiplier 1.1 --sample-rate 0.004 --epochs 20 --delta 1e-5 -o curve.png
+
+Every bad argument exits with status 2 and a message that names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+from dpcore.accounting import create_accountant, get_noise_multiplier
+from dpcore.accounting.gdp import GDPApproximationWarning
+
+__all__ = ["build_parser", "main"]
+
+ACCOUNTANTS = ("rdp", "prv", "pld", "gdp")
+
+
+# ---------------------------------------------------------------------------- argument types
+def _number(flag: str, check: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{flag} must be {rule}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _integer(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(float(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
+        if value < 1 or value != float(text):
+            raise argparse.ArgumentTypeError(f"{flag} must be a whole number >= 1, got {text!r}")
+        return value
+
+    return parse
+
+
+_SIGMA = _number("--noise-multiplier", lambda x: math.isfinite(x) and x > 0, "a number > 0")
+_RATE = _number("--sample-rate", lambda x: 0 < x <= 1, "in (0, 1]")
+_DELTA = _number("--delta", lambda x: 0 < x < 1, "in (0, 1), e.g. 1e-5")
+_EPOCHS = _number("--epochs", lambda x: math.isfinite(x) and x > 0, "a number > 0")
+_TARGET = _number("--target-epsilon", lambda x: math.isfinite(x) and x > 0, "a number > 0")
+_TOL = _number("--epsilon-tolerance", lambda x: math.isfinite(x) and x > 0, "a number > 0")
+
+
+def _add_schedule(parser: argparse.ArgumentParser, *, sigma: bool) -> None:
+    if sigma:
+        parser.add_argument("--noise-multiplier", type=_SIGMA, required=True,
+                            help="noise standard deviation / clipping norm (sigma)")
+    parser.add_argument("--sample-rate", type=_RATE, required=True,
+                        help="Poisson sampling rate q = expected batch size / dataset size")
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=_integer("--steps"), help="number of training steps")
+    length.add_argument("--epochs", type=_EPOCHS, help="number of epochs (steps = epochs / q)")
+    parser.add_argument("--delta", type=_DELTA, required=True, help="target delta, e.g. 1e-5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dpcore`` command."""
+    parser = argparse.ArgumentParser(
+        prog="dpcore", description="Privacy accounting for DP-SGD (Poisson-subsampled Gaussian)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    eps = sub.add_parser("epsilon", help="print epsilon for a training schedule",
+                         description="Print the epsilon of a DP-SGD schedule per accountant.")
+    _add_schedule(eps, sigma=True)
+    eps.add_argument("--accountant", choices=(*ACCOUNTANTS, "all"), default="all",
+                     help="which accountant (default: all)")
+    cal = sub.add_parser("calibrate", help="find the noise multiplier for a target epsilon",
+                         description="Print the smallest noise multiplier meeting the budget.")
+    cal.add_argument("--target-epsilon", type=_TARGET, required=True, help="target epsilon")
+    _add_schedule(cal, sigma=False)
+    cal.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp",
+                     help="accountant used for calibration (default: rdp)")
+    cal.add_argument("--epsilon-tolerance", type=_TOL, default=0.01,
+                     help="how far below the target the result may be (default 0.01)")
+    plot = sub.add_parser("plot", help="plot epsilon against epochs",
+                          description="Draw epsilon against epochs for each accountant.")
+    _add_schedule(plot, sigma=True)
+    plot.add_argument("--accountant", choices=(*ACCOUNTANTS, "all"), default="all")
+    plot.add_argument("--points", type=_integer("--points"), default=30,
+                      help="number of points on each curve (default 30)")
+    plot.add_argument("-o", "--output", required=True, help="output image file, e.g. curve.png")
+    return parser
+
+
+# ---------------------------------------------------------------------------- commands
+def _steps_of(args: argparse.Namespace) -> int:
+    return args.steps if args.steps is not None else max(1, int(args.epochs / args.sample_rate))
+
+
+def _epsilon(kind: str, sigma: float, q: float, steps: int, delta: float) -> tuple[float, str]:
+    accountant = create_accountant(kind)
+    accountant.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if kind == "rdp":
+            eps, alpha = accountant.get_privacy_spent(delta=delta)
+            note = f"best alpha {alpha:g}"
+        else:
+            eps, note = accountant.get_epsilon(delta), "upper bound"
+    for item in caught:
+        if issubclass(item.category, GDPApproximationWarning):
+            note = "approximation; may under-report" + (
+                " (certified under-report)" if "at least" in str(item.message) else ""
+            )
+        else:
+            note = f"{note}; warning: {item.message}"
+    return eps, note
+
+
+def _cmd_epsilon(args: argparse.Namespace) -> int:
+    steps = _steps_of(args)
+    kinds = ACCOUNTANTS if args.accountant == "all" else (args.accountant,)
+    print(f"noise_multiplier={args.noise_multiplier:g} sample_rate={args.sample_rate:g} "
+          f"steps={steps} delta={args.delta:g}")
+    print(f"{'accountant':<11}{'epsilon':>12}  note")
+    for kind in kinds:
+        eps, note = _epsilon(kind, args.noise_multiplier, args.sample_rate, steps, args.delta)
+        print(f"{kind:<11}{eps:>12.6f}  {note}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GDPApproximationWarning)
+        sigma = get_noise_multiplier(
+            target_epsilon=args.target_epsilon, target_delta=args.delta,
+            sample_rate=args.sample_rate, steps=_steps_of(args), accountant=args.accountant,
+            epsilon_tolerance=args.epsilon_tolerance,
+        )
+    print(f"{sigma:.10g}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        print("dpcore plot needs matplotlib: pip install 'dp-parity[plot]'", file=sys.stderr)
+        return 1
+    total = _steps_of(args)
+    kinds = ACCOUNTANTS if args.accountant == "all" else (args.accountant,)
+    points = sorted({max(1, round(total * k / args.points)) for k in range(1, args.points + 1)})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for kind in kinds:
+        eps = [_epsilon(kind, args.noise_multiplier, args.sample_rate, s, args.delta)[0]
+               for s in points]
+        ax.plot([s * args.sample_rate for s in points], eps, label=kind)
+    ax.set_xlabel("epochs")
+    ax.set_ylabel(f"epsilon (delta={args.delta:g})")
+    ax.set_title(f"sigma={args.noise_multiplier:g}, q={args.sample_rate:g}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.output)
+    plt.close(fig)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dpcore`` command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"epsilon": _cmd_epsilon, "calibrate": _cmd_calibrate, "plot": _cmd_plot}
+    try:
+        return handler[args.command](args)
+    except ValueError as err:
+        parser.error(str(err))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
