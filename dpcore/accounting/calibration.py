@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 from dpcore._checks import check_delta, check_num_steps, check_positive, check_sample_rate
@@ -48,7 +49,9 @@ def get_noise_multiplier(
     Bisection on ``sigma`` over ``[0, 20]`` (widened by doubling when needed),
     the search Opacus 1.x performs, so the same inputs give Opacus' answer.
     The returned sigma always satisfies ``epsilon(sigma) <= target_epsilon``,
-    and ``target_epsilon - epsilon(sigma) <= epsilon_tolerance``.
+    and ``target_epsilon - epsilon(sigma) <= epsilon_tolerance`` unless the
+    accountant's epsilon jumps across that window (the search then stops when
+    the bracket is narrower than 1e-12 relative and returns its upper end).
 
     Args:
         target_epsilon: The privacy budget epsilon, ``> 0``.
@@ -73,10 +76,16 @@ def get_noise_multiplier(
     epsilon_tolerance = check_positive(epsilon_tolerance, "epsilon_tolerance")
     num_steps = _resolve_steps(sample_rate, epochs, steps)
     acc = create_accountant(accountant)
+    caught: dict[float, list[warnings.WarningMessage]] = {}
 
     def epsilon_of(sigma: float) -> float:
+        # Warnings of intermediate candidates are noise; only the answer's are re-raised.
         acc.history = [(sigma, sample_rate, num_steps)]
-        return acc.get_epsilon(target_delta, **kwargs)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            eps = acc.get_epsilon(target_delta, **kwargs)
+        caught[sigma] = record
+        return eps
 
     sigma_low, sigma_high = 0.0, _START_SIGMA
     eps_high = epsilon_of(sigma_high)
@@ -90,7 +99,7 @@ def get_noise_multiplier(
             )
         sigma_low, sigma_high = sigma_high, 2.0 * sigma_high
         eps_high = epsilon_of(sigma_high)
-    while target_epsilon - eps_high > epsilon_tolerance:
+    while target_epsilon - eps_high > epsilon_tolerance and sigma_high - sigma_low > 1e-12 * sigma_high:
         sigma = (sigma_low + sigma_high) / 2.0
         eps = epsilon_of(sigma)
         if eps < target_epsilon:
@@ -99,4 +108,6 @@ def get_noise_multiplier(
             sigma_low = sigma
     if not (math.isfinite(eps_high) and eps_high <= target_epsilon):
         raise AssertionError("calibration invariant violated: epsilon above target")
+    for item in caught[sigma_high]:
+        warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
     return sigma_high

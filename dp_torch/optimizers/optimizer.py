@@ -1,0 +1,681 @@
+"""``DPOptimizer``: DP-SGD on top of any ``torch.optim.Optimizer``.
+
+One logical step of DP-SGD, split into named phases that can be called, tested
+and overridden one at a time:
+
+1. :meth:`DPOptimizer.clip_and_accumulate`: per-example L2 norm over *all*
+   trainable parameters, clip factor ``min(1, C / (norm + 1e-6))`` (a non-finite
+   norm gives factor 0 and the example is dropped), clipped sum added to
+   ``p.summed_grad``;
+2. :meth:`DPOptimizer.add_noise`: ``N(0, (sigma * C)**2)`` added once to the sum,
+   result in ``p.grad``;
+3. :meth:`DPOptimizer.scale_grad`: ``loss_reduction="mean"`` divides by the
+   *expected* batch size (never the realised one), ``"sum"`` does not divide;
+4. the step hook (privacy accounting), then the wrapped optimizer's ``step``.
+
+The rules are those of :mod:`dpcore.clipping` and :mod:`dpcore.noise`; the tests
+compare against that numpy reference math.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from dp_torch.optimizers.utils import params as _trainable_params
+from dpcore import clipping as core_clipping
+from dpcore import noise as core_noise
+
+__all__ = ["DPOptimizer", "NoiseGenerator"]
+
+logger = logging.getLogger(__name__)
+
+#: What ``generator=`` accepts: a ``torch.Generator`` (as in Opacus), a
+#: :class:`dpcore.noise.NoiseSource` (framework-neutral stream shared with the JAX
+#: backend), or ``None`` (torch's default generator, or OS entropy in secure mode).
+NoiseGenerator = Union[torch.Generator, core_noise.NoiseSource, None]
+
+#: Per-parameter clip factors (``None`` where a parameter has no per-sample
+#: gradient) and the boolean mask of the examples that are kept (finite norm).
+ClipFactors = tuple[list[Optional[torch.Tensor]], torch.Tensor]
+
+_NOT_CLEARED = (
+    "Gradients haven't been cleared since the last optimizer step. "
+    "In order to obtain privacy guarantees you must call optimizer.zero_grad() "
+    "on each step"
+)
+
+
+# --------------------------------------------------------------------------- processed flags
+
+
+def _mark_as_processed(obj: Union[torch.Tensor, list[torch.Tensor], None]) -> None:
+    """Tag a gradient tensor (or each tensor of a list) as already used by a step.
+
+    DP-SGD must never reuse a gradient in two noise-adding steps; the tag lets the
+    next step detect a missing ``zero_grad()``. Only ``p.grad_sample`` and
+    ``p.summed_grad`` are tagged.
+    """
+    if isinstance(obj, torch.Tensor):
+        obj._processed = True
+    elif isinstance(obj, list):
+        for tensor in obj:
+            tensor._processed = True
+
+
+def _check_processed_flag_tensor(x: torch.Tensor) -> None:
+    """Raise ``ValueError`` if ``x`` was tagged by :func:`_mark_as_processed`."""
+    if hasattr(x, "_processed"):
+        raise ValueError(_NOT_CLEARED)
+
+
+def _check_processed_flag(obj: Union[torch.Tensor, list[torch.Tensor], None]) -> None:
+    """Raise ``ValueError`` if a tensor, or any tensor of a list, was already used."""
+    if isinstance(obj, torch.Tensor):
+        _check_processed_flag_tensor(obj)
+    elif isinstance(obj, list):
+        for tensor in obj:
+            _check_processed_flag_tensor(tensor)
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def _check_generator(generator: Any, secure_mode: Any) -> NoiseGenerator:
+    """Validate the ``generator`` / ``secure_mode`` pair; return the generator."""
+    if not isinstance(secure_mode, bool):
+        raise TypeError(f"secure_mode must be a bool, got {secure_mode!r}.")
+    if generator is None:
+        return None
+    if isinstance(generator, core_noise.NoiseSource):
+        if secure_mode and not generator.secure_mode:
+            raise ValueError(
+                "secure_mode=True was given with a seeded dpcore.noise.NoiseSource "
+                f"(seed={generator.seed!r}); its noise is predictable. Pass generator=None "
+                "or dpcore.noise.NoiseSource(secure_mode=True)."
+            )
+        return generator
+    if isinstance(generator, torch.Generator):
+        if secure_mode:
+            raise ValueError(
+                f"secure_mode=True was given with generator={generator!r}; a torch.Generator "
+                "can be seeded, so its noise is predictable. Secure noise comes from OS "
+                "entropy: pass generator=None (or dpcore.noise.NoiseSource(secure_mode=True))."
+            )
+        return generator
+    raise TypeError(
+        f"generator must be a torch.Generator, a dpcore.noise.NoiseSource or None, got "
+        f"{type(generator).__name__}."
+    )
+
+
+def _generate_noise(
+    std: float,
+    reference: torch.Tensor,
+    generator: NoiseGenerator = None,
+    secure_mode: bool = False,
+) -> torch.Tensor:
+    """Gaussian noise with mean 0 and standard deviation ``std``, shaped like ``reference``.
+
+    * ``torch.Generator`` or ``None`` (not secure): ``torch.normal`` in the
+      reference's dtype, drawn on the generator's device and moved to the
+      reference's device. ``std == 0`` gives zeros and draws nothing (as Opacus).
+    * :class:`dpcore.noise.NoiseSource` (reproducibility mode): the float64 draw
+      ``source.normal(shape, std)`` cast to the reference's dtype and device, so
+      a JAX run sharing the source adds identical noise. The source is called
+      even when ``std == 0`` to keep its stream position independent of it.
+    * ``secure_mode=True``: the hardened OS-entropy sampler of
+      ``NoiseSource(secure_mode=True)`` (the sum of four inverse-CDF normals from
+      ``os.urandom``, scaled by ``1/2``), returned in **float64**; see
+      :meth:`DPOptimizer.add_noise` for why the addition is done at that precision.
+
+    Args:
+        std: Standard deviation ``>= 0``.
+        reference: Tensor whose shape, device and dtype the noise takes.
+        generator: Noise source (see :data:`NoiseGenerator`).
+        secure_mode: Use the hardened sampler (refuses seeded generators).
+
+    Returns:
+        The noise tensor (float64 in secure mode, else the reference's dtype).
+    """
+    shape = tuple(reference.shape)
+    if secure_mode or isinstance(generator, core_noise.NoiseSource):
+        source = generator if generator is not None else core_noise.NoiseSource(secure_mode=True)
+        if secure_mode and not source.secure_mode:
+            raise ValueError("secure_mode=True needs a secure NoiseSource or generator=None.")
+        draw = torch.from_numpy(np.ascontiguousarray(source.normal(shape, std)))
+        if secure_mode:
+            return draw.to(_wide_device(reference.device))
+        return draw.to(device=reference.device, dtype=reference.dtype)
+    if std == 0:
+        return torch.zeros_like(reference)
+    device = generator.device if generator is not None else reference.device
+    noise = torch.normal(
+        mean=0.0, std=std, size=shape, generator=generator, device=device, dtype=reference.dtype
+    )
+    return noise.to(reference.device)
+
+
+def _wide_device(device: torch.device) -> torch.device:
+    """Where float64 arithmetic for ``device`` is done (MPS has no float64)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def _noised(summed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``summed + noise`` in the parameter dtype; a float64 noise is added exactly, rounded once."""
+    if noise.dtype == summed.dtype:
+        return summed + noise
+    work = _wide_device(summed.device)
+    wide = summed.to(device=work, dtype=torch.float64) + noise.to(work)
+    return wide.to(device=summed.device, dtype=summed.dtype)
+
+
+# --------------------------------------------------------------------------- per-sample helpers
+
+
+def _flat_grad_sample(p: torch.Tensor) -> Optional[torch.Tensor]:
+    """``p.grad_sample`` as one ``[B, *p.shape]`` tensor, or ``None`` when there is none."""
+    grad_sample = getattr(p, "grad_sample", None)
+    if grad_sample is None:
+        return None
+    if isinstance(grad_sample, torch.Tensor):
+        flat = grad_sample
+    elif isinstance(grad_sample, list):
+        if not grad_sample:
+            return None
+        flat = torch.cat(grad_sample, dim=0)
+    else:
+        raise ValueError(
+            f"Unexpected grad_sample type: {type(grad_sample).__name__}; expected a tensor of "
+            f"shape [batch, *param.shape] or a list of such tensors."
+        )
+    if tuple(flat.shape[1:]) != tuple(p.shape):
+        raise ValueError(
+            f"grad_sample has shape {tuple(flat.shape)} but its parameter has shape "
+            f"{tuple(p.shape)}; expected [batch_size, *param.shape]."
+        )
+    return flat
+
+
+def _has_nonzero_grad(p: torch.Tensor) -> bool:
+    """Whether a backward pass wrote a non-zero ``p.grad`` (checked only on empty steps)."""
+    return p.grad is not None and bool(p.grad.ne(0).any())
+
+
+def _num_accumulated(p: torch.Tensor) -> int:
+    """Number of backward passes stored in ``p.grad_sample`` (0 when there is none)."""
+    grad_sample = getattr(p, "grad_sample", None)
+    if grad_sample is None:
+        return 0
+    if isinstance(grad_sample, torch.Tensor):
+        return 1
+    if isinstance(grad_sample, list):
+        return len(grad_sample)
+    raise ValueError(f"Unexpected grad_sample type: {type(grad_sample).__name__}")
+
+
+def _row_norms(g: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-row L2 norms of ``g`` (``[batch, ...]``), computed in at least float32."""
+    numel = math.prod(g.shape[1:])
+    dtype = torch.promote_types(g.dtype, torch.float32)
+    return torch.linalg.vector_norm(g.reshape(batch, numel), ord=2, dim=1, dtype=dtype)
+
+
+def _clip_factor(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """``min(1, C / (norm + 1e-6))`` with factor 0 for a non-finite norm (dpcore's rule)."""
+    factor = (max_grad_norm / (norms + core_clipping.CLIP_EPSILON)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norms), factor, torch.zeros_like(factor))
+
+
+def _rows_mask(keep: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return keep.to(g.device).reshape((-1,) + (1,) * (g.dim() - 1))
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+class DPOptimizer(Optimizer):
+    """Wrap a ``torch.optim.Optimizer`` so that each step is a DP-SGD step.
+
+    The parameters must carry per-sample gradients in ``p.grad_sample`` (shape
+    ``[B, *p.shape]``, or a list of such tensors after several backward passes),
+    as produced by ``dp_torch.GradSampleModule``. Each (logical) step clips every
+    example's gradient to ``max_grad_norm`` in L2 over all parameters, sums,
+    adds ``N(0, (noise_multiplier * max_grad_norm)**2)`` once per coordinate,
+    divides by ``expected_batch_size`` for ``loss_reduction="mean"``, calls the
+    step hook (privacy accounting) and then the wrapped optimizer's ``step``.
+
+    Guarantee: with Poisson-sampled batches of rate ``q``, one step is the
+    sampled Gaussian mechanism with multiplier ``noise_multiplier`` and
+    sensitivity ``max_grad_norm`` under add/remove-one neighbouring data sets;
+    the accountant attached through :meth:`attach_step_hook` composes it.
+
+    Empty batches are real steps: a parameter with no per-sample gradient (or
+    one with zero rows) contributes zero, the noise is still added and the step
+    hook still fires.
+
+    Differences from Opacus 1.6 (where Opacus is not correct or not complete):
+
+    * a non-finite per-example norm gives clip factor 0 *and* the example's rows
+      are zeroed before summing (Opacus multiplies ``nan`` by the factor and
+      poisons the whole update); the running count is
+      :attr:`num_nonfinite_grad_samples`;
+    * all "gradients not cleared" checks run before any state is changed;
+    * ``secure_mode`` draws noise from OS entropy (see :meth:`add_noise`) and
+      refuses a seedable generator;
+    * ``step(closure)`` returns the closure's loss, as torch optimizers do.
+
+    Attributes:
+        original_optimizer: The wrapped optimizer.
+        noise_multiplier: ``sigma`` (read by the accountant at every step; noise
+            schedulers change it).
+        max_grad_norm: The clipping bound ``C``.
+        expected_batch_size: Denominator of ``"mean"`` (may be ``None`` for ``"sum"``).
+        loss_reduction: ``"mean"`` or ``"sum"``.
+        step_hook: Called as ``step_hook(self)`` after each noise-adding step.
+        generator: Noise source (see :data:`NoiseGenerator`).
+        secure_mode: Whether noise is hardened and drawn from OS entropy.
+        num_nonfinite_grad_samples: Examples dropped so far for a non-finite norm.
+
+    Example:
+        >>> model = GradSampleModule(nn.Linear(4, 2))
+        >>> opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                   noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=32)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: Optional[int],
+        loss_reduction: str = "mean",
+        generator: NoiseGenerator = None,
+        secure_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Create the wrapper (validates every argument before changing anything).
+
+        Args:
+            optimizer: The optimizer to wrap (any ``torch.optim.Optimizer``).
+            noise_multiplier: ``sigma >= 0``; the noise std is ``sigma * max_grad_norm``.
+            max_grad_norm: Clipping bound ``C > 0``.
+            expected_batch_size: ``int(N * q) >= 1``, the averaging denominator of
+                ``loss_reduction="mean"`` (required then; ignored for ``"sum"``).
+            loss_reduction: ``"mean"`` or ``"sum"``; must match the loss.
+            generator: ``torch.Generator``, ``dpcore.noise.NoiseSource`` or ``None``.
+            secure_mode: Harden the noise against floating-point attacks and draw
+                it from OS entropy; refuses a seedable ``generator``.
+            **kwargs: Accepted and ignored (Opacus compatibility).
+
+        Raises:
+            TypeError: If ``optimizer`` or ``generator`` has the wrong type.
+            ValueError: On any invalid value.
+        """
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+                "create e.g. torch.optim.SGD(model.parameters(), lr=...) first."
+            )
+        core_noise.noise_std(noise_multiplier, max_grad_norm)  # validates both
+        _check_reduction(loss_reduction, expected_batch_size)
+        generator = _check_generator(generator, secure_mode)
+        if kwargs:
+            logger.debug("DPOptimizer ignores extra arguments %s", sorted(kwargs))
+
+        self.original_optimizer = optimizer
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.loss_reduction = loss_reduction
+        self.expected_batch_size = expected_batch_size
+        self.step_hook: Optional[Callable[[DPOptimizer], None]] = None
+        self.generator = generator
+        self.secure_mode = secure_mode
+        self.num_nonfinite_grad_samples = 0
+        self._step_skip_queue: list[bool] = []
+        self._is_last_step_skipped = False
+        for p in self.params:
+            p.summed_grad = None
+
+    # ----------------------------------------------------------------- passthrough
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The trainable parameters of every param group, in order."""
+        return _trainable_params(self)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's ``param_groups`` (shared, not copied)."""
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, param_groups: list[dict]) -> None:
+        self.original_optimizer.param_groups = param_groups
+
+    @property
+    def state(self) -> Any:
+        """The wrapped optimizer's per-parameter state."""
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        self.original_optimizer.state = state
+
+    @property
+    def defaults(self) -> dict:
+        """The wrapped optimizer's default hyperparameters."""
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: dict) -> None:
+        self.original_optimizer.defaults = defaults
+
+    def __repr__(self) -> str:
+        return self.original_optimizer.__repr__()
+
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's ``state_dict`` (DP settings are not included)."""
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict`` into the wrapped optimizer."""
+        self.original_optimizer.load_state_dict(state_dict)
+
+    # ----------------------------------------------------------------- per-sample views
+
+    def _get_flat_grad_sample(self, p: torch.Tensor) -> torch.Tensor:
+        """``p.grad_sample`` as one tensor (a list is concatenated along the batch axis).
+
+        Raises:
+            ValueError: If ``p`` has no ``grad_sample`` or it is ``None``.
+        """
+        if not hasattr(p, "grad_sample"):
+            raise ValueError("Per sample gradient not found. Are you using GradSampleModule?")
+        flat = _flat_grad_sample(p)
+        if flat is None:
+            raise ValueError(
+                "Per sample gradient is not initialized. Not updated in backward pass?"
+            )
+        return flat
+
+    @property
+    def grad_samples(self) -> list[torch.Tensor]:
+        """One flat per-sample gradient tensor per parameter.
+
+        A parameter without a per-sample gradient (nothing sampled, or not reached
+        by the backward pass) is shown as zeros with the batch size of the others
+        (``[0, *p.shape]`` when no parameter has one).
+        """
+        flats = [_flat_grad_sample(p) for p in self.params]
+        batch = next((g.shape[0] for g in flats if g is not None), 0)
+        return [
+            g if g is not None else p.new_zeros((batch, *p.shape))
+            for p, g in zip(self.params, flats)
+        ]
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Backward passes accumulated in ``p.grad_sample`` since the last ``zero_grad``.
+
+        Normally 1. An empty step (no parameter has a per-sample gradient) counts as
+        1. The accountant multiplies the sample rate by it, ``scale_grad`` the
+        denominator.
+
+        Raises:
+            ValueError: If parameters disagree on the number of accumulated passes.
+        """
+        counts = {_num_accumulated(p) for p in self.params} - {0}
+        if len(counts) > 1:
+            raise ValueError(
+                f"Number of accumulated steps is inconsistent across parameters: {sorted(counts)}; "
+                "call optimizer.zero_grad() after each step."
+            )
+        return counts.pop() if counts else 1
+
+    # ----------------------------------------------------------------- skip / hooks
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Queue whether the next ``step()`` only clips and accumulates (``True``) or is full.
+
+        Used by :class:`~dp_torch.utils.batch_memory_manager.BatchMemoryManager`:
+        every physical chunk but the last of a logical batch is skipped, so the
+        clipped sums accumulate in ``p.summed_grad`` (which ``zero_grad`` then
+        keeps) and noise is added once, at the end of the logical batch.
+
+        Args:
+            do_skip: ``True`` to skip noise and the parameter update at the next step.
+        """
+        self._step_skip_queue.append(do_skip)
+
+    def _check_skip_next_step(self, pop_next: bool = True) -> bool:
+        """The oldest queued skip signal (popped unless ``pop_next=False``); ``False`` if none."""
+        if not self._step_skip_queue:
+            return False
+        return self._step_skip_queue.pop(0) if pop_next else self._step_skip_queue[0]
+
+    def attach_step_hook(self, fn: Callable[[DPOptimizer], None]) -> None:
+        """Call ``fn(self)`` after every noise-adding step (replaces any previous hook).
+
+        Fires once per logical step, after noise and scaling and before the
+        parameter update; most often the privacy accountant's hook.
+
+        Args:
+            fn: The hook.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}.")
+        self.step_hook = fn
+
+    # ----------------------------------------------------------------- phases
+
+    def _collect_grad_samples(self) -> tuple[list[Optional[torch.Tensor]], int]:
+        """Validate and flatten every ``p.grad_sample``; return them and the batch size."""
+        params = self.params
+        for p in params:
+            _check_processed_flag(getattr(p, "grad_sample", None))
+            _check_processed_flag(getattr(p, "summed_grad", None))
+        flats = [_flat_grad_sample(p) for p in params]
+        if all(g is None for g in flats) and any(_has_nonzero_grad(p) for p in params):
+            raise ValueError(
+                "Per sample gradient not found. Are you using GradSampleModule? The parameters "
+                "have a non-zero .grad but no .grad_sample; wrap the model in "
+                "dp_torch.GradSampleModule."
+            )
+        sizes = {g.shape[0] for g in flats if g is not None}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"grad_sample batch sizes differ across parameters: {sorted(sizes)}; every "
+                "parameter's per-sample gradient must cover the same examples."
+            )
+        return flats, (sizes.pop() if sizes else 0)
+
+    def _per_example_norms(
+        self, flats: Sequence[Optional[torch.Tensor]], batch: int
+    ) -> Optional[torch.Tensor]:
+        """L2 norm of each example's gradient over all parameters (``None`` if none has one)."""
+        present = [g for g in flats if g is not None]
+        if not present:
+            return None
+        device = present[0].device
+        per_param = torch.stack([_row_norms(g, batch).to(device) for g in present], dim=1)
+        return torch.linalg.vector_norm(per_param, ord=2, dim=1)
+
+    def _clip_factors(self, flats: Sequence[Optional[torch.Tensor]], batch: int) -> ClipFactors:
+        """Per-parameter clip factors (``[B]`` each, ``None`` where there is no
+        per-sample gradient) and the mask of kept (finite-norm) examples.
+
+        Flat clipping: one factor per example, from its norm over all parameters.
+        """
+        norms = self._per_example_norms(flats, batch)
+        if norms is None:
+            return [None] * len(flats), torch.ones(0, dtype=torch.bool)
+        factor = _clip_factor(norms, self.max_grad_norm)
+        return [factor if g is not None else None for g in flats], torch.isfinite(norms)
+
+    def clip_and_accumulate(self) -> None:
+        """Clip each example's gradient and add the clipped sum to ``p.summed_grad``.
+
+        Per-example norm over all parameters, factor ``min(1, C / (norm + 1e-6))``,
+        non-finite norm: factor 0 and the example's rows zeroed (counted in
+        :attr:`num_nonfinite_grad_samples`). A parameter without per-sample
+        gradient adds zeros. Marks ``p.grad_sample`` as processed.
+
+        Raises:
+            ValueError: If gradients were not cleared since the last step, or the
+                per-sample gradients are inconsistent. Nothing is changed then.
+        """
+        flats, batch = self._collect_grad_samples()
+        factors, keep = self._clip_factors(flats, batch)
+        dropped = int((~keep).sum()) if keep.numel() else 0
+        self.num_nonfinite_grad_samples += dropped
+        for p, g, factor in zip(self.params, flats, factors):
+            if g is None:
+                contribution = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            else:
+                g = g.to(p.dtype)
+                if dropped:
+                    g = g.masked_fill(~_rows_mask(keep, g), 0.0)
+                scale = factor.to(device=g.device, dtype=p.dtype)
+                contribution = torch.einsum("i,i...", scale, g).to(p.device)
+            summed = getattr(p, "summed_grad", None)
+            p.summed_grad = contribution if summed is None else summed + contribution
+            _mark_as_processed(getattr(p, "grad_sample", None))
+
+    def add_noise(self) -> None:
+        """Add ``N(0, (noise_multiplier * max_grad_norm)**2)`` to ``p.summed_grad`` into ``p.grad``.
+
+        Noise is drawn parameter by parameter in :attr:`params` order. With a
+        :class:`dpcore.noise.NoiseSource` it is the source's float64 draw cast to
+        the parameter's dtype (bit-identical to the JAX backend's).
+
+        Secure mode, and how it differs from Opacus: Opacus sums four float32
+        ``torch.normal`` draws from a CSPRNG generator and adds the result to the
+        float32 gradient, so two roundings of different scales remain between the
+        real-valued mechanism and the released value. Here the noise is dpcore's
+        OS-entropy sampler (sum of four inverse-CDF normals, each from 64 bits of
+        ``os.urandom``, see :class:`dpcore.noise.NoiseSource`), kept in float64,
+        and the clipped sum (exact in float64) and the noise are added in float64;
+        the result is rounded to the parameter dtype **once**. To float64 accuracy
+        the released gradient is therefore the rounding of the exact Gaussian
+        mechanism's output, i.e. a post-processing of it, rather than a function of
+        the sparse set of float32 normal samples that floating-point attacks
+        exploit. Limits: the float64 sampler is itself discrete (see dpcore), and
+        drawing on the CPU costs time proportional to the model size.
+
+        Raises:
+            ValueError: If ``p.summed_grad`` was already used by a step (missing
+                ``zero_grad()``) or was never computed.
+        """
+        params = self.params
+        for p in params:
+            summed = getattr(p, "summed_grad", None)
+            if summed is None:
+                raise ValueError(
+                    "p.summed_grad is not set; call clip_and_accumulate() before add_noise()."
+                )
+            _check_processed_flag(summed)
+        std = core_noise.noise_std(self.noise_multiplier, self.max_grad_norm)
+        for p in params:
+            noise = _generate_noise(std, p.summed_grad, self.generator, self.secure_mode)
+            p.grad = _noised(p.summed_grad, noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def _averaging_denominator(self) -> int:
+        return core_clipping.averaging_denominator("mean", self.expected_batch_size)
+
+    def scale_grad(self) -> None:
+        """Apply ``loss_reduction`` to ``p.grad``.
+
+        ``"mean"``: divide by ``expected_batch_size * accumulated_iterations`` (never
+        by the realised batch size, which would leak it). ``"sum"``: nothing.
+        """
+        if self.loss_reduction != "mean":
+            return
+        denominator = self._averaging_denominator() * self.accumulated_iterations
+        for p in self.params:
+            p.grad /= denominator
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Clear ``p.grad``, ``p.grad_sample`` and, unless the step was skipped, ``p.summed_grad``.
+
+        ``p.grad_sample`` and ``p.summed_grad`` are always set to ``None``;
+        ``set_to_none`` only affects ``p.grad`` (passed to the wrapped optimizer).
+
+        Args:
+            set_to_none: Set ``p.grad`` to ``None`` instead of zeroing it.
+        """
+        for p in self.params:
+            p.grad_sample = None
+            if not self._is_last_step_skipped:
+                p.summed_grad = None
+        self.original_optimizer.zero_grad(set_to_none)
+
+    def pre_step(self, closure: Optional[Callable[[], float]] = None) -> bool:
+        """Everything a DP step does before the wrapped optimizer's ``step``.
+
+        Clip and accumulate; if the step is signalled as skipped, stop there
+        (returns ``False``). Otherwise add noise, scale, call the step hook
+        (returns ``True``). An optimizer without trainable parameters returns
+        ``True`` at once.
+
+        Args:
+            closure: Unused (kept for Opacus compatibility).
+
+        Returns:
+            Whether the wrapped optimizer should step.
+        """
+        if not self.params:
+            return True
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook is not None:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Run ``closure`` (if given, with grad enabled), the DP phases, then the wrapped step.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss if a closure was given, else the wrapped optimizer's
+            return value (``None`` when the step was skipped).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.pre_step():
+            return loss
+        result = self.original_optimizer.step()
+        return loss if closure is not None else result
+
+
+def _check_reduction(loss_reduction: Any, expected_batch_size: Any) -> None:
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(
+            f'loss_reduction must be "mean" or "sum", got {loss_reduction!r}; use the '
+            "reduction of your loss function."
+        )
+    if loss_reduction == "mean":
+        if expected_batch_size is None:
+            raise ValueError(
+                'expected_batch_size is required with loss_reduction="mean" (it is the '
+                "averaging denominator); pass int(len(dataset) * sample_rate)."
+            )
+        core_clipping.averaging_denominator("mean", expected_batch_size)

@@ -1,0 +1,128 @@
+"""``DPOptimizerFastGradientClipping``: the optimizer for ghost clipping.
+
+In ghost (fast gradient) clipping the model's double backward pass already
+leaves the *clipped sum* over the batch's examples in ``p.grad``; this optimizer
+only accumulates it, adds the noise once per logical step, scales and steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from dp_torch.optimizers.optimizer import DPOptimizer, NoiseGenerator, _check_processed_flag
+
+__all__ = ["DPOptimizerFastGradientClipping"]
+
+
+class DPOptimizerFastGradientClipping(DPOptimizer):
+    """:class:`~dp_torch.optimizers.DPOptimizer` for ghost clipping (``grad_sample_mode="ghost"``).
+
+    Expects ``p.grad`` to hold the sum over the batch's examples of the gradients
+    clipped to ``max_grad_norm`` (as the ghost-clipping module computes it). A
+    step adds ``p.grad`` to ``p.summed_grad`` (:meth:`accumulate`); unless the
+    step is signalled as skipped it then adds ``N(0, (sigma * C)**2)`` once,
+    divides by ``expected_batch_size`` for ``"mean"``, calls the step hook and the
+    wrapped optimizer. A parameter whose ``p.grad`` is ``None`` (nothing sampled)
+    contributes zero; the step, noise and hook still happen.
+
+    ``clip_and_accumulate`` does nothing (clipping happened in the backward pass)
+    and ``accumulated_iterations`` is always 1, as in Opacus.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: Optional[int],
+        loss_reduction: str = "mean",
+        generator: NoiseGenerator = None,
+        secure_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Create the wrapper; arguments as for :class:`~dp_torch.optimizers.DPOptimizer`.
+
+        ``max_grad_norm`` is the bound the backward pass clipped to; here it only
+        scales the noise.
+        """
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=generator,
+            secure_mode=secure_mode,
+            **kwargs,
+        )
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Always 1: ``p.grad`` already sums every backward pass since ``zero_grad``."""
+        return 1
+
+    def _get_flat_grad_sample(self, p: torch.Tensor) -> None:
+        """Ghost clipping keeps no per-sample gradients: returns ``None``."""
+        return None
+
+    @property
+    def grad_samples(self) -> list[None]:
+        """``None`` for every parameter (no per-sample gradients in ghost mode)."""
+        return [None for _ in self.params]
+
+    def clip_and_accumulate(self) -> None:
+        """Does nothing: ``p.grad`` is already clipped and summed (see :meth:`accumulate`)."""
+
+    def accumulate(self) -> None:
+        """Add ``p.grad`` (the clipped sum of this backward pass) to ``p.summed_grad``.
+
+        Raises:
+            ValueError: If ``p.summed_grad`` was already used by a noise-adding step
+                (``zero_grad()`` was not called); nothing is changed then.
+        """
+        params = self.params
+        for p in params:
+            _check_processed_flag(getattr(p, "summed_grad", None))
+        for p in params:
+            grad = p.grad
+            contribution = (
+                torch.zeros_like(p, memory_format=torch.contiguous_format)
+                if grad is None
+                else grad.detach().clone()
+            )
+            summed = getattr(p, "summed_grad", None)
+            p.summed_grad = contribution if summed is None else summed + contribution
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Clear ``p.grad`` and (unless the last step was skipped) ``p.summed_grad``.
+
+        Args:
+            set_to_none: Set ``p.grad`` to ``None`` instead of zeroing it.
+        """
+        for p in self.params:
+            if not self._is_last_step_skipped:
+                p.summed_grad = None
+        self.original_optimizer.zero_grad(set_to_none)
+
+    def pre_step(self, closure: Optional[Callable[[], float]] = None) -> bool:
+        """Accumulate; unless skipped, add noise, scale and call the step hook.
+
+        Returns:
+            Whether the wrapped optimizer should step.
+        """
+        if not self.params:
+            return True
+        self.accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook is not None:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True

@@ -1,0 +1,166 @@
+"""Schedulers for the noise multiplier of a DP optimizer (like torch's LR schedulers)."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["ExponentialNoise", "LambdaNoise", "StepNoise", "_NoiseScheduler"]
+
+
+def _check_positive_real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    return float(value)
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    return int(value)
+
+
+def _check_last_epoch(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < -1:
+        raise ValueError(f"last_epoch must be an integer >= -1, got {value!r}.")
+    return int(value)
+
+
+def _state_without(obj: object, *excluded: str) -> dict[str, Any]:
+    return {k: v for k, v in obj.__dict__.items() if k not in excluded}
+
+
+class _NoiseScheduler:
+    """Base class: changes ``optimizer.noise_multiplier`` once per :meth:`step` (epoch).
+
+    Works with any optimizer that has a ``noise_multiplier`` attribute (every
+    ``DPOptimizer``). The accountant reads the multiplier at each optimizer step,
+    so a schedule is accounted exactly. As with torch LR schedulers the
+    constructor calls :meth:`step` once (``last_epoch`` becomes 0 and the
+    multiplier is left as it is).
+
+    Args:
+        optimizer: The DP optimizer.
+        last_epoch: Index of the last epoch (``-1`` to start).
+    """
+
+    def __init__(self, optimizer: Any, *, last_epoch: int = -1) -> None:
+        if not hasattr(optimizer, "noise_multiplier"):
+            raise ValueError(
+                "NoiseSchedulers require your optimizer to have a .noise_multiplier attr; got "
+                f"{type(optimizer).__name__}. Wrap it in a dp_torch DPOptimizer (make_private "
+                "does this for you)."
+            )
+        self.optimizer = optimizer
+        self.last_epoch = _check_last_epoch(last_epoch)
+        self.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every attribute but the optimizer (and, for lambdas, the function)."""
+        return _state_without(self, "optimizer")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore attributes from :meth:`state_dict`.
+
+        Args:
+            state_dict: A dict returned by :meth:`state_dict`.
+        """
+        self.__dict__.update(state_dict)
+
+    def get_noise_multiplier(self) -> float:
+        """The multiplier for epoch ``self.last_epoch`` (implemented by subclasses)."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """Advance one epoch and set the optimizer's ``noise_multiplier``."""
+        self.last_epoch += 1
+        self.optimizer.noise_multiplier = self.get_noise_multiplier()
+
+
+class ExponentialNoise(_NoiseScheduler):
+    """Multiply the noise multiplier by ``gamma`` every epoch: ``sigma_t = sigma_0 * gamma**t``."""
+
+    def __init__(self, optimizer: Any, *, gamma: float, last_epoch: int = -1) -> None:
+        """Create the scheduler (it calls ``step()`` once).
+
+        Args:
+            optimizer: The DP optimizer.
+            gamma: Multiplicative factor per epoch (``> 0``).
+            last_epoch: Index of the last epoch.
+        """
+        self.gamma = _check_positive_real(gamma, "gamma")
+        super().__init__(optimizer, last_epoch=last_epoch)
+
+    def get_noise_multiplier(self) -> float:
+        """Previous multiplier times ``gamma`` (unchanged at epoch 0)."""
+        if self.last_epoch == 0:
+            return self.optimizer.noise_multiplier
+        return self.optimizer.noise_multiplier * self.gamma
+
+
+class LambdaNoise(_NoiseScheduler):
+    """Set the multiplier to ``base * noise_lambda(epoch)`` (factors do not accumulate).
+
+    ``base`` is the optimizer's multiplier when the scheduler is created. The
+    function is not part of :meth:`state_dict` (like torch's ``LambdaLR``, a
+    lambda cannot be pickled); re-create the scheduler with it before loading.
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        *,
+        noise_lambda: Callable[[int], float],
+        last_epoch: int = -1,
+    ) -> None:
+        """Create the scheduler (it calls ``step()`` once).
+
+        Args:
+            optimizer: The DP optimizer.
+            noise_lambda: Epoch -> multiplicative factor.
+            last_epoch: Index of the last epoch.
+        """
+        if not callable(noise_lambda):
+            raise TypeError(
+                f"noise_lambda must be callable (epoch -> factor), got {noise_lambda!r}."
+            )
+        self.noise_lambda = noise_lambda
+        self.base_noise_multiplier = getattr(optimizer, "noise_multiplier", None)
+        super().__init__(optimizer, last_epoch=last_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every attribute but the optimizer and ``noise_lambda``."""
+        return _state_without(self, "optimizer", "noise_lambda")
+
+    def get_noise_multiplier(self) -> float:
+        """``base_noise_multiplier * noise_lambda(last_epoch)``."""
+        return self.base_noise_multiplier * self.noise_lambda(self.last_epoch)
+
+
+class StepNoise(_NoiseScheduler):
+    """Multiply the multiplier by ``gamma`` every ``step_size`` epochs.
+
+    ``sigma_t = sigma_0 * gamma ** (t // step_size)``.
+    """
+
+    def __init__(
+        self, optimizer: Any, *, step_size: int, gamma: float, last_epoch: int = -1
+    ) -> None:
+        """Create the scheduler (it calls ``step()`` once).
+
+        Args:
+            optimizer: The DP optimizer.
+            step_size: Period in epochs (``>= 1``).
+            gamma: Multiplicative factor (``> 0``).
+            last_epoch: Index of the last epoch.
+        """
+        self.step_size = _check_positive_int(step_size, "step_size")
+        self.gamma = _check_positive_real(gamma, "gamma")
+        super().__init__(optimizer, last_epoch=last_epoch)
+
+    def get_noise_multiplier(self) -> float:
+        """Previous multiplier, times ``gamma`` at positive multiples of ``step_size``."""
+        if self.last_epoch == 0 or self.last_epoch % self.step_size != 0:
+            return self.optimizer.noise_multiplier
+        return self.gamma * self.optimizer.noise_multiplier

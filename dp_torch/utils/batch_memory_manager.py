@@ -1,0 +1,183 @@
+"""Virtual steps: split large logical batches into physical chunks (mirrors Opacus).
+
+A Poisson logical batch is split into chunks of at most ``max_physical_batch_size``
+examples. The optimizer is told to skip every chunk but the last
+(``signal_skip_step(True)``), so each chunk is clipped and added to
+``p.summed_grad``, and noise is added once, at the end of the logical batch; the
+step hook (the accountant) fires once per logical batch with the logical sample
+rate. An empty logical batch yields one empty chunk, so the step still happens.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any, Optional
+
+import numpy as np
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+from dp_torch.utils.uniform_sampler import (
+    DistributedUniformWithReplacementSampler,
+    UniformWithReplacementSampler,
+)
+
+__all__ = ["BatchMemoryManager", "BatchSplittingSampler", "wrap_data_loader"]
+
+
+def _check_max_batch_size(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    return int(value)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not callable(getattr(optimizer, "signal_skip_step", None)):
+        raise TypeError(
+            f"optimizer must be a dp_torch DPOptimizer (with signal_skip_step), got "
+            f"{type(optimizer).__name__}."
+        )
+
+
+class BatchSplittingSampler(Sampler[list[int]]):
+    """Batch sampler that splits each batch of ``sampler`` into chunks of ``<= max_batch_size``.
+
+    Chunks are balanced (``np.array_split`` into ``ceil(n / max_batch_size)``
+    parts) and keep the batch's order; their union is the logical batch. Before
+    yielding a chunk it queues ``optimizer.signal_skip_step(True)`` for every
+    chunk but the last and ``False`` for the last (the queue is consumed one
+    signal per ``optimizer.step()``, so prefetching loaders stay in sync). An
+    empty batch yields one empty chunk with ``False``.
+
+    Args:
+        sampler: The logical batch sampler (yields index lists).
+        max_batch_size: Largest physical chunk.
+        optimizer: The DP optimizer to notify.
+    """
+
+    def __init__(self, *, sampler: Sampler[list[int]], max_batch_size: int, optimizer: Any) -> None:
+        self.max_batch_size = _check_max_batch_size(max_batch_size, "max_batch_size")
+        _check_optimizer(optimizer)
+        self.sampler = sampler
+        self.optimizer = optimizer
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.sampler:
+            indices = np.asarray(batch, dtype=np.int64).reshape(-1)
+            if indices.size == 0:
+                self.optimizer.signal_skip_step(do_skip=False)
+                yield []
+                continue
+            chunks = np.array_split(indices, math.ceil(indices.size / self.max_batch_size))
+            for chunk in chunks[:-1]:
+                self.optimizer.signal_skip_step(do_skip=True)
+                yield chunk.tolist()
+            self.optimizer.signal_skip_step(do_skip=False)
+            yield chunks[-1].tolist()
+
+    def __len__(self) -> int:
+        """Expected number of chunks per epoch (at least one per logical batch)."""
+        if isinstance(self.sampler, BatchSampler):
+            expected = self.sampler.batch_size
+        elif isinstance(
+            self.sampler, (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler)
+        ):
+            expected = self.sampler.sample_rate * self.sampler.num_samples
+        else:
+            return len(self.sampler)  # type: ignore[arg-type]
+        logical = len(self.sampler)
+        return max(logical, math.ceil(logical * expected / self.max_batch_size))
+
+
+def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer: Any) -> DataLoader:
+    """A ``DataLoader`` like ``data_loader``, its batches split by :class:`BatchSplittingSampler`.
+
+    Args:
+        data_loader: The loader of logical batches (usually a ``DPDataLoader``).
+        max_batch_size: Largest physical chunk.
+        optimizer: The DP optimizer to notify.
+
+    Returns:
+        The new loader (same dataset, collate function, workers and other settings).
+    """
+    if data_loader.batch_sampler is None:
+        raise ValueError("data_loader has no batch_sampler (batch_size=None); nothing to split.")
+    extra = {
+        name: getattr(data_loader, name)
+        for name in ("pin_memory_device", "in_order")
+        if hasattr(data_loader, name)
+    }
+    return DataLoader(
+        dataset=data_loader.dataset,
+        batch_sampler=BatchSplittingSampler(
+            sampler=data_loader.batch_sampler, max_batch_size=max_batch_size, optimizer=optimizer
+        ),
+        num_workers=data_loader.num_workers,
+        collate_fn=data_loader.collate_fn,
+        pin_memory=data_loader.pin_memory,
+        timeout=data_loader.timeout,
+        worker_init_fn=data_loader.worker_init_fn,
+        multiprocessing_context=data_loader.multiprocessing_context,
+        generator=data_loader.generator,
+        prefetch_factor=data_loader.prefetch_factor,
+        persistent_workers=data_loader.persistent_workers,
+        **extra,
+    )
+
+
+class BatchMemoryManager:
+    """Context manager that caps the physical batch size without changing the DP step.
+
+    Inside the ``with`` block, iterate over the returned loader and train as
+    usual (``loss.backward(); optimizer.step(); optimizer.zero_grad()``). Each
+    logical (Poisson) batch arrives as chunks of at most
+    ``max_physical_batch_size``; ``step()`` on all but the last chunk only clips
+    and accumulates, and ``zero_grad()`` then keeps ``p.summed_grad``. The last
+    chunk adds noise once, updates the parameters and fires the step hook once,
+    so the result and the accounting equal those of one step on the whole
+    logical batch.
+
+    On exit, skip signals still queued (from a loop left early) are discarded.
+
+    Example:
+        >>> with BatchMemoryManager(data_loader=train_loader, max_physical_batch_size=64,
+        ...                         optimizer=optimizer) as loader:
+        ...     for x, y in loader:
+        ...         criterion(model(x), y).backward()
+        ...         optimizer.step()
+        ...         optimizer.zero_grad()
+
+    Args:
+        data_loader: Loader of logical batches.
+        max_physical_batch_size: Largest chunk that fits in memory.
+        optimizer: The DP optimizer used in the loop.
+    """
+
+    def __init__(
+        self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer: Any
+    ) -> None:
+        self.max_physical_batch_size = _check_max_batch_size(
+            max_physical_batch_size, "max_physical_batch_size"
+        )
+        _check_optimizer(optimizer)
+        self.data_loader = data_loader
+        self.optimizer = optimizer
+
+    def __enter__(self) -> DataLoader:
+        return wrap_data_loader(
+            data_loader=self.data_loader,
+            max_batch_size=self.max_physical_batch_size,
+            optimizer=self.optimizer,
+        )
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc_value: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        queue = getattr(self.optimizer, "_step_skip_queue", None)
+        if isinstance(queue, list):
+            queue.clear()
