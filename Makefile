@@ -1,0 +1,30 @@
+# The two README commands. Each creates the virtualenv .venv if needed and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned to the CPU build that lies on this machine's disk (see README).
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test test-quick bench venv
+
+venv:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+
+demo: venv
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[torch]"
+	$(PY) examples/demo.py
+
+test: venv
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[torch,test]"
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-quick: venv
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+bench: venv
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[torch,test,bench]"
+	$(PY) benchmarks/accounting.py
+	$(PY) benchmarks/torch_step.py --quick

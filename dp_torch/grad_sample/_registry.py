@@ -1,0 +1,126 @@
+"""The per-layer sampler registries and their lookup (internal).
+
+A *grad sampler* is a function ``(layer, activations, backprops) -> {param: grad_sample}``;
+a *norm sampler* has the same signature and returns per-example gradient *norms*
+(shape ``[batch]``) instead. Both are registered per module class; a subclass resolves
+to the sampler of its nearest registered ancestor (method resolution order), but only
+when it does not override ``forward``: a subclass that computes something else must
+get its own sampler or the ``torch.func`` fallback, never a silently wrong one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "GRAD_SAMPLERS",
+    "NORM_SAMPLERS",
+    "CALL_CONCATENATORS",
+    "Sampler",
+    "find_sampler",
+    "register_grad_sampler",
+    "register_norm_sampler",
+]
+
+#: Signature of a grad or norm sampler.
+Sampler = Callable[[nn.Module, list, torch.Tensor], dict]
+
+#: module class -> grad sampler (per-example gradients).
+GRAD_SAMPLERS: dict[type, Sampler] = {}
+#: module class -> norm sampler (per-example gradient norms, ghost clipping).
+NORM_SAMPLERS: dict[type, Sampler] = {}
+#: module class -> function merging several calls' ``(activations, backprops)`` into one
+#: call whose norm sampler gives the norm of the *summed* gradient (internal; Linear and
+#: Embedding register one).
+CALL_CONCATENATORS: dict[type, Callable[[list], tuple]] = {}
+
+
+def _as_classes(target: Union[type, Sequence[type]], fn_name: str) -> list[type]:
+    classes = list(target) if isinstance(target, Sequence) else [target]
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(
+                f"{fn_name}: target_class_or_classes must be nn.Module subclasses, got {cls!r}; "
+                f"pass the layer class itself, e.g. {fn_name}(nn.Linear)."
+            )
+    return classes
+
+
+def register_grad_sampler(target_class_or_classes: Union[type, Sequence[type]]) -> Callable:
+    """Register the decorated function as the grad sampler of one or more module classes.
+
+    The function is called as ``fn(layer, activations, backprops)`` where ``activations``
+    is the list of the layer's positional inputs (batch first, detached; keyword inputs
+    are on ``activations.kwargs``) and ``backprops`` the gradient of the loss with respect
+    to the layer's output, batch first and already multiplied by the batch size when the
+    loss is a mean. It returns ``{parameter: per_example_gradient}`` with shapes
+    ``[batch, *parameter.shape]``, for the layer's trainable parameters.
+
+    Example:
+        >>> @register_grad_sampler(MyLayer)
+        ... def compute_my_layer_grad_sample(layer, activations, backprops):
+        ...     return {layer.weight: ...}
+
+    Args:
+        target_class_or_classes: An ``nn.Module`` subclass or a sequence of them.
+
+    Returns:
+        The decorator (it returns the function unchanged).
+    """
+    classes = _as_classes(target_class_or_classes, "register_grad_sampler")
+
+    def decorator(fn: Sampler) -> Sampler:
+        for cls in classes:
+            GRAD_SAMPLERS[cls] = fn
+        return fn
+
+    return decorator
+
+
+def register_norm_sampler(target_class_or_classes: Union[type, Sequence[type]]) -> Callable:
+    """Register the decorated function as the norm sampler (ghost clipping) of module classes.
+
+    Same call convention as :func:`register_grad_sampler`, but the function returns
+    ``{parameter: per_example_gradient_norm}`` with shapes ``[batch]``, computed without
+    materialising the per-example gradients.
+
+    Args:
+        target_class_or_classes: An ``nn.Module`` subclass or a sequence of them.
+
+    Returns:
+        The decorator (it returns the function unchanged).
+    """
+    classes = _as_classes(target_class_or_classes, "register_norm_sampler")
+
+    def decorator(fn: Sampler) -> Sampler:
+        for cls in classes:
+            NORM_SAMPLERS[cls] = fn
+        return fn
+
+    return decorator
+
+
+def find_sampler(registry: dict[type, Any], module: nn.Module) -> Optional[Any]:
+    """Return the registry entry for ``type(module)`` or its nearest registered ancestor.
+
+    An ancestor's entry is used only when the module's class inherits that ancestor's
+    ``forward`` unchanged.
+
+    Args:
+        registry: One of the registries of this module.
+        module: The layer.
+
+    Returns:
+        The entry, or ``None`` when there is none (the caller falls back to ``torch.func``).
+    """
+    module_type = type(module)
+    for cls in module_type.__mro__:
+        if cls in registry:
+            if cls is module_type or module_type.forward is cls.forward:
+                return registry[cls]
+            return None
+    return None

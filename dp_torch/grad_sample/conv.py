@@ -1,0 +1,128 @@
+"""Grad sampler for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``.
+
+Example ``i``'s weight gradient is the correlation of its input with its backprops. Two
+formulations compute it for the whole batch:
+
+* *grouped convolution*: the batch is folded into the channel axis (input
+  ``[1, B*C_in, ...]``, backprops ``[1, B*C_out, ...]``, ``groups = B * layer.groups``), and
+  one convolution weight-gradient gives the ``B`` per-example gradients; any number of
+  spatial dimensions, no unfolded copy of the input;
+* *unfold + batched matmul*: the input's sliding windows (a strided view, copied once into
+  ``[B*groups, P, L]``, ``P`` the patch size, ``L`` the output positions) are multiplied
+  with the backprops ``[B*groups, C_out/groups, L]``.
+
+Measured on a 2-core CPU (torch 2.13, float32, 3x3 kernels, a shared machine so the
+figures are rough): the grouped convolution is usually faster (B=32, 32->64 channels, 16x16:
+4.8 ms against 16.0 ms; B=128, 16->32, 32x32: 48 ms against about 1 s), while the unfold
+form wins when the output has few positions and the patches are large (B=32, 128->128,
+8x8: 14.9 ms against 35.4 ms). On an H100 (torch 2.11) the picture is the same: folding is
+as fast as Opacus' unfold for large feature maps and 10x slower for small ones with many
+channels (B=256, 64->128, 8x8: 1.56 ms against 0.16 ms). The sampler therefore unfolds when
+``L <= 64`` and ``P >= 512``, and folds the batch into groups otherwise.
+
+Padding: symmetric zero padding is passed to the convolution; ``padding="same"`` with an
+odd total, and non-zero ``padding_mode`` (reflect, replicate, circular) pad the input
+explicitly first, exactly as the layer's forward does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._registry import register_grad_sampler
+
+__all__ = ["compute_conv_grad_sample", "conv_padded_input"]
+
+#: ``None`` picks per call (see the module docstring); ``"grouped"`` or ``"unfold"`` force one
+#: formulation (tests use this to cover both).
+FORMULATION: Optional[str] = None
+
+
+def conv_padded_input(layer: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The input as the convolution sees it, and the symmetric padding still to apply.
+
+    Args:
+        layer: The convolution.
+        x: Its input ``[B, C_in, *spatial]``.
+
+    Returns:
+        ``(x_padded, padding)``: ``x`` (explicitly padded where needed) and the per-dimension
+        zero padding to pass to the convolution.
+    """
+    nd = x.dim() - 2
+    pairs = layer._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
+    symmetric = all(pairs[2 * i] == pairs[2 * i + 1] for i in range(nd))
+    if layer.padding_mode == "zeros" and symmetric:
+        return x, [pairs[2 * (nd - 1 - i)] for i in range(nd)]
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return F.pad(x, list(pairs), mode=mode), [0] * nd
+
+
+def _weight_grad_grouped(layer, x: torch.Tensor, backprops: torch.Tensor, padding: list[int]) -> torch.Tensor:
+    batch = backprops.shape[0]
+    folded_x = x.reshape(1, batch * x.shape[1], *x.shape[2:])
+    folded_g = backprops.reshape(1, batch * backprops.shape[1], *backprops.shape[2:])
+    weight_shape = (batch * layer.weight.shape[0], *layer.weight.shape[1:])
+    _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        folded_g, folded_x, folded_g.new_empty(weight_shape), None,
+        list(layer.stride), padding, list(layer.dilation), False,
+        [0] * len(padding), batch * layer.groups, [False, True, False],
+    )
+    return grad_weight.view(batch, *layer.weight.shape)
+
+
+def _weight_grad_unfold(layer, x: torch.Tensor, backprops: torch.Tensor, padding: list[int]) -> torch.Tensor:
+    batch, groups, nd = backprops.shape[0], layer.groups, backprops.dim() - 2
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
+    patches = x
+    for d in range(nd):  # strided windows: [B, C_in, *out_positions, *kernel] (a view, no copy yet)
+        reach = layer.dilation[d] * (layer.kernel_size[d] - 1) + 1
+        patches = patches.unfold(2 + d, reach, layer.stride[d])
+        if layer.dilation[d] > 1:
+            patches = patches[..., :: layer.dilation[d]]
+        patches = patches[(slice(None),) * (2 + d) + (slice(0, backprops.shape[2 + d]),)]
+    positions = math.prod(backprops.shape[2:])
+    order = [0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)]  # -> [B, C_in, *kernel, *positions]
+    patches = patches.permute(order).reshape(batch * groups, -1, positions)
+    grads = backprops.reshape(batch * groups, -1, positions)
+    return torch.bmm(grads, patches.transpose(1, 2)).view(batch, *layer.weight.shape)
+
+
+def _use_unfold(layer, backprops: torch.Tensor) -> bool:
+    if FORMULATION is not None:
+        return FORMULATION == "unfold"
+    positions = math.prod(backprops.shape[2:])
+    patch = layer.weight.shape[1] * math.prod(layer.kernel_size)
+    return positions <= 64 and patch >= 512
+
+
+@register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])
+def compute_conv_grad_sample(layer: nn.modules.conv._ConvNd, activations: list, backprops: torch.Tensor) -> dict:
+    """Per-example gradients of a 1-, 2- or 3-d convolution.
+
+    Args:
+        layer: The convolution.
+        activations: ``[input]`` with input ``[B, C_in, *spatial]``.
+        backprops: ``[B, C_out, *spatial_out]``.
+
+    Returns:
+        ``{weight: [B, *weight.shape], bias: [B, C_out]}`` for the trainable ones.
+    """
+    batch = backprops.shape[0]
+    ret = {}
+    if layer.weight.requires_grad:
+        if batch == 0:
+            ret[layer.weight] = backprops.new_zeros((0, *layer.weight.shape))
+        else:
+            x, padding = conv_padded_input(layer, activations[0].to(backprops.dtype))
+            weight_grad = _weight_grad_unfold if _use_unfold(layer, backprops) else _weight_grad_grouped
+            ret[layer.weight] = weight_grad(layer, x, backprops, padding)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = backprops.sum(dim=tuple(range(2, backprops.dim())))
+    return ret

@@ -1,0 +1,176 @@
+"""``torch.func`` fallback for layers without a registered grad sampler.
+
+The layer's forward is re-run, one example at a time under ``vmap``, as a function of its
+trainable parameters; ``grad`` of ``<output, backprops>`` is that example's gradient. The
+fallback therefore needs a deterministic forward (no dropout inside the layer) and a
+single tensor output. Positional and keyword tensor inputs whose batch dimension has the
+batch size are split per example; other inputs are passed whole to every example (so an
+unbatched tensor whose leading size happens to equal the batch size would be split: pass
+such constants as module attributes instead). When ``vmap`` cannot trace a layer
+(data-dependent control flow, unsupported operators), a plain loop of per-example
+``autograd.grad`` calls is used instead, so the result is the same, only slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, grad, vmap
+
+__all__ = [
+    "capture_suspended",
+    "ft_compute_per_sample_gradient",
+    "is_capture_suspended",
+    "prepare_layer",
+]
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def capture_suspended() -> Iterator[None]:
+    """Context in which the forward hooks of this package capture nothing.
+
+    Used while the fallback re-runs a layer's forward, so that the re-run is not mistaken
+    for a new call of the layer.
+    """
+    depth = getattr(_STATE, "depth", 0)
+    _STATE.depth = depth + 1
+    try:
+        yield
+    finally:
+        _STATE.depth = depth
+
+
+def is_capture_suspended() -> bool:
+    """Whether :func:`capture_suspended` is active in this thread."""
+    return getattr(_STATE, "depth", 0) > 0
+
+
+def prepare_layer(layer: nn.Module, batch_first: bool = True) -> None:
+    """Check that ``layer`` can use the ``torch.func`` fallback (Opacus-compatible name).
+
+    Nothing needs preparing ahead of time here; the check is the useful part.
+
+    Args:
+        layer: The layer.
+        batch_first: Unused; kept for Opacus compatibility.
+
+    Raises:
+        NotImplementedError: If the layer has buffers (their statistics mix examples, as
+            in BatchNorm) or is an ``nn.EmbeddingBag`` (which has its own sampler).
+    """
+    del batch_first
+    if any(True for _ in layer.buffers()):
+        raise NotImplementedError(
+            f"{type(layer).__name__} has buffers, so its per-sample gradients are not defined "
+            "(e.g. BatchNorm mixes examples); replace it (ModuleValidator.fix) or freeze it."
+        )
+    if isinstance(layer, nn.EmbeddingBag):
+        raise NotImplementedError("nn.EmbeddingBag has a registered grad sampler; do not force torch.func on it.")
+
+
+def _split_params(layer: nn.Module, params: Sequence[torch.Tensor]) -> tuple[list[str], dict, list]:
+    wanted = {id(p) for p in params}
+    names: list[str] = []
+    values: list[torch.Tensor] = []
+    frozen: dict[str, torch.Tensor] = {}
+    for name, p in layer.named_parameters():
+        if id(p) in wanted:
+            names.append(name)
+            values.append(p.detach())
+        else:
+            frozen[name] = p.detach()
+    for name, b in layer.named_buffers():
+        frozen[name] = b
+    return names, frozen, values
+
+
+def _batched(value: Any, batch: int) -> Optional[int]:
+    return 0 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch else None
+
+
+def ft_compute_per_sample_gradient(
+    layer: nn.Module,
+    activations: Sequence[Any],
+    backprops: torch.Tensor,
+    *,
+    params: Optional[Sequence[torch.Tensor]] = None,
+    batch_dim: int = 0,
+) -> dict[torch.Tensor, torch.Tensor]:
+    """Per-example gradients of ``layer``'s parameters by re-running it under ``torch.func``.
+
+    Args:
+        layer: The layer.
+        activations: Its positional inputs, batch first. Optional attributes: ``kwargs``
+            (keyword inputs), ``in_dims`` and ``kwarg_in_dims`` (``0`` for the inputs that
+            carry the batch, ``None`` for the others). By default an input carries the batch
+            when it is a tensor whose first dimension has the batch size.
+        backprops: Gradient of the loss with respect to the layer output, batch first.
+        params: The parameters to differentiate (default: the layer's trainable ones).
+        batch_dim: Where the layer itself expects the batch dimension (``1`` for
+            ``batch_first=False``); each example is re-inserted there with size 1.
+
+    Returns:
+        ``{param: grad_sample}`` with shapes ``[batch, *param.shape]``.
+    """
+    if params is None:
+        params = [p for p in layer.parameters() if p.requires_grad]
+    names, frozen, values = _split_params(layer, params)
+    if not names:
+        return {}
+    batch = backprops.shape[0]
+    kwargs = dict(getattr(activations, "kwargs", {}) or {})
+    in_dims = tuple(getattr(activations, "in_dims", None) or (_batched(a, batch) for a in activations))
+    kw_dims = dict(getattr(activations, "kwarg_in_dims", None) or {k: _batched(v, batch) for k, v in kwargs.items()})
+    batched_kwargs = {k: v for k, v in kwargs.items() if kw_dims.get(k) is not None}
+    fixed_kwargs = {k: v for k, v in kwargs.items() if kw_dims.get(k) is None}
+    args = tuple(
+        a.to(backprops.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in activations
+    )
+
+    def example_loss(vals: tuple, example_args: tuple, example_kwargs: dict,
+                     example_backprops: torch.Tensor) -> torch.Tensor:
+        full = tuple(a.unsqueeze(batch_dim) if d is not None else a for a, d in zip(example_args, in_dims))
+        full_kwargs = {**fixed_kwargs, **{k: v.unsqueeze(batch_dim) for k, v in example_kwargs.items()}}
+        with capture_suspended():
+            out = functional_call(layer, {**frozen, **dict(zip(names, vals))}, full, full_kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise NotImplementedError(
+                f"{type(layer).__name__} returns {type(out).__name__}; the torch.func fallback "
+                "needs a layer with a single tensor output."
+            )
+        return (out * example_backprops.unsqueeze(batch_dim)).sum()
+
+    try:
+        grads = vmap(grad(example_loss), in_dims=(None, in_dims, 0, 0))(tuple(values), args, batched_kwargs, backprops)
+    except (RuntimeError, NotImplementedError, ValueError):
+        grads = _loop_per_sample_gradient(example_loss, values, args, in_dims, batched_kwargs, backprops)
+    by_id = {id(p): p for p in params}
+    named = dict(layer.named_parameters())
+    return {by_id[id(named[n])]: g for n, g in zip(names, grads)}
+
+
+def _loop_per_sample_gradient(
+    example_loss: Any, values: list, args: tuple, in_dims: tuple, batched_kwargs: dict, backprops: torch.Tensor
+) -> list[torch.Tensor]:
+    """The slow path: one ``autograd.grad`` per example."""
+    per_param: list[list[torch.Tensor]] = [[] for _ in values]
+    for i in range(backprops.shape[0]):
+        leaves = tuple(v.detach().requires_grad_(True) for v in values)
+        example_args = tuple(a[i] if d is not None else a for a, d in zip(args, in_dims))
+        example_kwargs = {k: v[i] for k, v in batched_kwargs.items()}
+        with torch.enable_grad():
+            loss = example_loss(leaves, example_args, example_kwargs, backprops[i])
+            gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+        for slot, g, v in zip(per_param, gs, values):
+            slot.append(torch.zeros_like(v) if g is None else g)
+    return [
+        torch.stack(slot) if slot else v.new_zeros((0, *v.shape)) for slot, v in zip(per_param, values)
+    ]

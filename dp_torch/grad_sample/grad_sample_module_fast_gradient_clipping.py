@@ -1,0 +1,382 @@
+"""Fast gradient clipping and ghost clipping (mirrors Opacus' module of the same name).
+
+In this mode the first backward pass computes only the per-example gradient *norms*
+(``per_sample_gradient_norms``, L2 over all trainable parameters); the clipped sum
+``sum_i c_i grad_i`` then comes from a second backward pass of ``sum_i c_i loss_i``
+(:class:`dp_torch.utils.fast_gradient_clipping_utils.DPLossFastGradientClipping` runs both).
+
+Per layer, the norm comes from (in this order):
+
+* a *norm sampler* (ghost clipping, ``use_ghost_clipping=True``): ``nn.Linear`` (Gram form
+  or materialised, whichever is cheaper for the call) and ``nn.Embedding`` (from token ids
+  and backprops, never building ``[B, vocab, dim]``); no per-example gradient is built;
+* otherwise the layer's grad sampler or the ``torch.func`` fallback (fast gradient
+  clipping): per-example gradients are built, reduced to norms, and freed.
+
+Differences from Opacus 1.6: a layer called several times in one forward (a recurrence) or
+a parameter shared by several layers is *supported* with ghost clipping (Opacus raises
+``NotImplementedError``): the calls of one layer are merged into one ``[B, sum T, d]`` call
+(the norm of the summed gradient, not a sum of norms), and parameters shared between layers
+fall back to materialised per-example gradients. Norms of the previous pass are never
+reused for a parameter the current pass does not reach (it counts as zero).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from . import _registry
+from .grad_sample_module import POISSON_ACCUMULATION_ERROR, GradSampleHooks, _Activations, _CallRecord
+from .gsm_base import AbstractGradSampleModule, check_wrapper_args
+
+__all__ = [
+    "GradSampleHooksFastGradientClipping",
+    "GradSampleModuleFastGradientClipping",
+    "clipping_coefficients",
+    "create_norm_sample",
+]
+
+#: Constant added to the norm in the clip factor (DESIGN section 3, Opacus).
+CLIP_EPSILON = 1e-6
+
+
+def clipping_coefficients(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """``min(1, C / (norm + 1e-6))`` per example; a non-finite norm gives 0.
+
+    Args:
+        norms: Per-example norms ``[B]``.
+        max_grad_norm: The clipping bound ``C``.
+
+    Returns:
+        The clip factors, same shape and dtype as ``norms``.
+    """
+    finite = torch.isfinite(norms)
+    safe = torch.where(finite, norms, torch.zeros_like(norms))
+    coef = (max_grad_norm / (safe + CLIP_EPSILON)).clamp(max=1.0)
+    return torch.where(finite, coef, torch.zeros_like(coef))
+
+
+def create_norm_sample(*, param: torch.Tensor, grad_sample: torch.Tensor, max_batch_len: int) -> None:
+    """Set ``param._norm_sample`` to the per-example L2 norms of ``grad_sample``.
+
+    Args:
+        param: The parameter.
+        grad_sample: Its per-example gradients ``[B, *param.shape]``.
+        max_batch_len: Unused; kept for Opacus compatibility.
+    """
+    del max_batch_len
+    if param.requires_grad:
+        flat = grad_sample.reshape(grad_sample.shape[0], math.prod(grad_sample.shape[1:]))
+        param._norm_sample = flat.norm(2, dim=-1)
+
+
+def _pad_to(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] >= rows:
+        return t
+    return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+
+
+def _reject_batch_coupled_layers(module: nn.Module) -> None:
+    """Ghost clipping's second pass backpropagates the batch loss, so it needs layers whose
+    batch gradient is the sum of the per-example gradients."""
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq and m.weight.requires_grad:
+            raise NotImplementedError(
+                f"Layer {name or '<root>'} ({type(m).__name__}) has scale_grad_by_freq=True: its batch "
+                "gradient divides by batch-wide token counts, so it is not a sum of per-example "
+                "gradients and the clipped second backward pass would be wrong; use "
+                "grad_sample_mode='hooks' or scale_grad_by_freq=False."
+            )
+
+
+class GradSampleHooksFastGradientClipping(GradSampleHooks):
+    """Hooks computing per-example gradient norms (ghost / fast gradient clipping).
+
+    Attributes:
+        NORM_SAMPLERS: The registry ``{layer class: norm sampler}``.
+        max_grad_norm: The clipping bound ``C``.
+        use_ghost_clipping: Use norm samplers where registered (else materialise everywhere).
+        trainable_parameters: The model's trainable parameters at construction.
+        num_nonfinite_grad_samples: Examples seen so far whose norm was not finite.
+    """
+
+    NORM_SAMPLERS = _registry.NORM_SAMPLERS
+
+    def __init__(
+        self,
+        m: nn.Module,
+        *,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        strict: bool = True,
+        force_functorch: bool = False,
+        max_grad_norm: float = 1.0,
+        use_ghost_clipping: bool = True,
+    ):
+        """Attach the hooks.
+
+        Args:
+            m: The model.
+            batch_first: ``True`` when layer inputs are ``[batch, ...]``.
+            loss_reduction: ``"mean"`` or ``"sum"``.
+            strict: See :class:`GradSampleHooks`.
+            force_functorch: Use the ``torch.func`` fallback for every layer without a norm
+                sampler (and for every layer when ``use_ghost_clipping`` is ``False``).
+            max_grad_norm: The clipping bound ``C > 0``.
+            use_ghost_clipping: Use norm samplers (ghost clipping) where registered.
+
+        Raises:
+            ValueError: If ``max_grad_norm`` is not a finite positive number, or see
+                :class:`GradSampleHooks`.
+            TypeError: If ``use_ghost_clipping`` is not a bool.
+            NotImplementedError: If an embedding layer has ``scale_grad_by_freq=True`` (its batch
+                gradient is not a sum of per-example gradients), or see :class:`GradSampleHooks`.
+        """
+        check_wrapper_args(m, batch_first, loss_reduction)
+        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not (
+            math.isfinite(max_grad_norm) and max_grad_norm > 0
+        ):
+            raise ValueError(
+                f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}; ghost clipping "
+                "supports one flat bound (per-layer bounds need grad_sample_mode='hooks')."
+            )
+        if not isinstance(use_ghost_clipping, bool):
+            raise TypeError(f"use_ghost_clipping must be a bool, got {use_ghost_clipping!r}.")
+        _reject_batch_coupled_layers(m)
+        self.max_grad_norm = float(max_grad_norm)
+        self.use_ghost_clipping = use_ghost_clipping
+        self.num_nonfinite_grad_samples = 0
+        self._per_sample_gradient_norms: Optional[torch.Tensor] = None
+        self._uses: dict = {}
+        self._touched: set = set()
+        self._stashed_params: set = set()
+        self._stash: list = []
+        self._output_edges: list = []
+        GradSampleHooks.__init__(
+            self, m, batch_first=batch_first, loss_reduction=loss_reduction,
+            strict=strict, force_functorch=force_functorch,
+        )
+        self.trainable_parameters = [p for p in m.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def per_sample_gradient_norms(self) -> torch.Tensor:
+        """Per-example gradient norms ``[B]`` of the last backward pass (not private: debug only).
+
+        Raises:
+            AttributeError: Before the first backward pass.
+        """
+        if self._per_sample_gradient_norms is None:
+            raise AttributeError(
+                "per_sample_gradient_norms is not set; run a forward and backward pass of the "
+                "model first."
+            )
+        return self._per_sample_gradient_norms
+
+    @per_sample_gradient_norms.setter
+    def per_sample_gradient_norms(self, value: Optional[torch.Tensor]) -> None:
+        self._per_sample_gradient_norms = value
+
+    def get_norm_sample(self) -> torch.Tensor:
+        """Per-example gradient norms ``[B]`` of the last backward pass (L2 over all parameters)."""
+        return self.per_sample_gradient_norms
+
+    def get_clipping_coef(self) -> torch.Tensor:
+        """Per-example clip factors ``min(1, C / (norm + 1e-6))``, 0 for a non-finite norm."""
+        return clipping_coefficients(self.per_sample_gradient_norms, self.max_grad_norm)
+
+    # ------------------------------------------------------------------ forward side
+
+    def _on_new_call(self, record: _CallRecord, output: torch.Tensor) -> None:
+        for p in record.params:
+            self._uses[id(p)] = self._uses.get(id(p), 0) + 1
+        weakref.finalize(record, self._release_uses, [id(p) for p in record.params], record.token)
+        self._output_edges.append(torch.autograd.graph.get_gradient_edge(output))
+
+    def _release_uses(self, ids: list, token: list) -> None:
+        if token[0]:
+            return
+        token[0] = True
+        for key in ids:
+            left = self._uses.get(key, 0) - 1
+            if left > 0:
+                self._uses[key] = left
+            else:
+                self._uses.pop(key, None)
+
+    def take_output_edges(self) -> list:
+        """Gradient edges of the hooked layer outputs recorded since the last backward pass.
+
+        A first backward pass needs the gradients at these edges only, not the parameter
+        gradients, so ``torch.autograd.grad(loss, edges)`` skips every weight-gradient product.
+        """
+        edges, self._output_edges = self._output_edges, []
+        return edges
+
+    # ------------------------------------------------------------------ backward side
+
+    def _norm_sampler_for(self, module: nn.Module) -> Any:
+        if not self.use_ghost_clipping:
+            return None
+        return _registry.find_sampler(self.NORM_SAMPLERS, module)
+
+    def _process_call(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> None:
+        first_use = not record.token[0]
+        single = first_use and all(
+            self._uses.get(id(p), 0) <= 1 and id(p) not in self._touched for p in record.params
+        )
+        self._release_uses([id(p) for p in record.params], record.token)
+        self._touched.update(id(p) for p in record.params)
+        norm_sampler = self._norm_sampler_for(record.module)
+        if norm_sampler is not None and single:
+            for p, norm in norm_sampler(record.module, activations, backprops).items():
+                if p.requires_grad:
+                    p._norm_sample = norm
+        elif norm_sampler is not None:
+            self._stash.append((record, activations, backprops))
+            self._stashed_params.update(id(p) for p in record.params)
+        else:
+            self._accumulate_call(record, activations, backprops)
+            for p in record.params:
+                done = id(p) not in self._uses and id(p) not in self._stashed_params
+                if done and id(p) in self._pending:
+                    self._finalize_param(p)
+
+    def _finalize_param(self, p: torch.Tensor) -> None:
+        current = getattr(p, "_current_grad_sample", None)
+        if current is not None:
+            create_norm_sample(param=p, grad_sample=current, max_batch_len=current.shape[0])
+            del p._current_grad_sample
+        self._pending.pop(id(p), None)
+        p.grad_sample = None
+
+    def _check_accumulation(self) -> None:
+        """Under :meth:`forbid_grad_accumulation`, refuse a first pass while ``p.grad`` still
+        holds (non-zero) clipped gradients of an earlier batch: in this mode there is no
+        ``p.grad_sample`` to look at, so the guard reads ``p.grad`` instead."""
+        if self.grad_accumulation_allowed:
+            return
+        grads = [p.grad for p in self._trainable_parameters() if p.grad is not None]
+        if grads and bool(torch.stack([g.detach().abs().sum() for g in grads]).sum() != 0):
+            raise ValueError(POISSON_ACCUMULATION_ERROR.replace("p.grad_sample is set", "p.grad is not zero"))
+
+    def _start_pass_state(self) -> None:
+        self._touched = set()
+        self._stashed_params = set()
+        self._stash = []
+        self._per_sample_gradient_norms = None
+        for p in self._module.parameters():
+            if hasattr(p, "_norm_sample"):
+                del p._norm_sample
+
+    def _components(self) -> list[list]:
+        """Group stashed calls into sets of layers that share parameters."""
+        by_module: dict = {}
+        for entry in self._stash:
+            by_module.setdefault(entry[0].module, []).append(entry)
+        param_owner: dict = {}
+        parent = {m: m for m in by_module}
+
+        def find(m: Any) -> Any:
+            while parent[m] is not m:
+                m = parent[m]
+            return m
+
+        for module, entries in by_module.items():
+            for p in entries[0][0].params:
+                other = param_owner.setdefault(id(p), module)
+                if other is not module:
+                    parent[find(module)] = find(other)
+        groups: dict = {}
+        for module in by_module:
+            groups.setdefault(find(module), []).append(module)
+        return [[by_module[m] for m in members] for members in groups.values()]
+
+    def _flush_stash(self) -> None:
+        for component in self._components():
+            calls = [entry for entries in component for entry in entries]
+            module = calls[0][0].module
+            params = calls[0][0].params
+            concat = _registry.find_sampler(_registry.CALL_CONCATENATORS, module)
+            mergeable = (
+                len(component) == 1
+                and concat is not None
+                and not any(id(p) in self._pending for p in params)
+            )
+            if mergeable:
+                acts, backprops = concat(module, [(a, b) for _, a, b in calls])
+                acts = _Activations(acts, {}, (0,), {})
+                for p, norm in self._norm_sampler_for(module)(module, acts, backprops).items():
+                    if p.requires_grad:
+                        p._norm_sample = norm
+            else:
+                for record, acts, backprops in calls:
+                    self._accumulate_call(record, acts, backprops)
+        self._stash = []
+        self._stashed_params = set()
+
+    def _finish_pass(self) -> None:
+        self._flush_stash()
+        for p in list(self._pending.values()):
+            self._finalize_param(p)
+        self._pending = {}
+        self._output_edges = []
+        norms = [p._norm_sample for p in self._module.parameters() if p.requires_grad and hasattr(p, "_norm_sample")]
+        if not norms:
+            self._per_sample_gradient_norms = None
+            return
+        rows = max(n.shape[0] for n in norms)
+        dtype = norms[0].dtype
+        for n in norms[1:]:
+            dtype = torch.promote_types(dtype, n.dtype)
+        total = torch.zeros(rows, dtype=dtype, device=norms[0].device)
+        for n in norms:
+            total[: n.shape[0]] += n.to(dtype).pow(2)
+        self._per_sample_gradient_norms = total.sqrt()
+        self.num_nonfinite_grad_samples += int((~torch.isfinite(self._per_sample_gradient_norms)).sum())
+
+    def _discard_pending(self) -> None:
+        super()._discard_pending()
+        self._stash = []
+
+
+class GradSampleModuleFastGradientClipping(GradSampleHooksFastGradientClipping, AbstractGradSampleModule):
+    """``nn.Module`` wrapper for fast gradient / ghost clipping (Opacus-compatible).
+
+    Example:
+        >>> gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0)
+        >>> loss_fn = DPLossFastGradientClipping(gsm, optimizer, nn.CrossEntropyLoss())
+        >>> loss = loss_fn(gsm(x), y)
+        >>> loss.backward()  # p.grad = sum_i c_i grad_i
+    """
+
+    def __init__(
+        self,
+        m: nn.Module,
+        *,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        strict: bool = True,
+        force_functorch: bool = False,
+        max_grad_norm: float = 1.0,
+        use_ghost_clipping: bool = True,
+    ):
+        """Wrap ``m``; see :class:`GradSampleHooksFastGradientClipping` for the arguments."""
+        check_wrapper_args(m, batch_first, loss_reduction)
+        nn.Module.__init__(self)
+        GradSampleHooksFastGradientClipping.__init__(
+            self, m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict,
+            force_functorch=force_functorch, max_grad_norm=max_grad_norm,
+            use_ghost_clipping=use_ghost_clipping,
+        )
+        self.grad_accumulation_hook = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped model."""
+        return self._module(*args, **kwargs)

@@ -1,0 +1,1 @@
+"""Utilities of the PyTorch backend (mirrors ``opacus.utils``)."""

@@ -1,0 +1,313 @@
+"""The loss wrapper of fast gradient / ghost clipping (mirrors Opacus' module of the same name).
+
+``DPLossFastGradientClipping`` wraps a criterion; calling it returns a
+:class:`DPTensorFastGradientClipping` whose ``backward()`` runs the two passes:
+
+1. backward of the reduced loss, during which the model's hooks compute the per-example
+   gradient norms (the parameter gradients are *not* computed in this pass: autograd is
+   asked only for the gradients at the hooked layer outputs, which skips every
+   weight-gradient product, and ``p.grad`` is left untouched);
+2. backward of ``sum_i c_i * loss_i`` with ``c_i = min(1, C / (norm_i + 1e-6))`` (0 for a
+   non-finite norm), hooks off.
+
+Afterwards every trainable ``p.grad`` has been *increased* by the clipped sum
+``sum_i c_i grad_i`` (not averaged; the optimizer adds the noise once and divides by the
+expected batch size for ``"mean"``). Unlike Opacus 1.6, which calls
+``optimizer.zero_grad()`` between the passes, gradients accumulated before the call are
+kept, so several losses can be accumulated before a step.
+
+Limitations (shared with Opacus):
+
+* the second pass backpropagates the whole batch; an example whose gradient is non-finite
+  gets factor 0, but ``0 * inf`` inside the shared backward graph can still put ``nan``
+  into ``p.grad``. Check ``p.grad`` for finiteness when that matters;
+* a parameter must only be used by the layer that owns it. A parameter used *only* outside
+  it (``F.linear(x, self.fc.weight)`` in a parent's forward) gets no norm and is detected
+  (``ValueError`` after the second pass); one used *both* by its layer and elsewhere gets a
+  norm that misses the outside use, which cannot be detected cheaply.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional, Sequence
+
+import torch
+
+__all__ = ["DPLossFastGradientClipping", "DPTensorFastGradientClipping"]
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def _check_reduction(value: Any, name: str) -> None:
+    if value not in _REDUCTIONS:
+        raise ValueError(f"{name} must be 'mean' or 'sum', got {value!r}.")
+
+
+class DPTensorFastGradientClipping:
+    """A per-example loss whose ``backward()`` performs the clipped double backward.
+
+    It behaves like the reduced loss for logging: ``item()``, ``detach()``, ``float()``,
+    and arithmetic with numbers and other such losses (applied per example).
+
+    Attributes:
+        module: The ghost-clipping module (or hooks object).
+        optimizer: The optimizer (kept for Opacus compatibility).
+        loss_per_sample: The per-example losses ``[B]``.
+        loss_reduction: ``"mean"`` or ``"sum"``.
+    """
+
+    def __init__(self, module: Any, optimizer: Any, loss_per_sample: torch.Tensor, loss_reduction: str = "mean"):
+        """Wrap per-example losses.
+
+        Args:
+            module: A ``GradSampleModuleFastGradientClipping`` (or the hooks variant).
+            optimizer: The DP optimizer.
+            loss_per_sample: Per-example losses, shape ``[B]``.
+            loss_reduction: ``"mean"`` or ``"sum"``.
+
+        Raises:
+            ValueError: If ``loss_reduction`` is invalid or ``loss_per_sample`` is not 1-d.
+        """
+        _check_reduction(loss_reduction, "loss_reduction")
+        if not isinstance(loss_per_sample, torch.Tensor) or loss_per_sample.dim() != 1:
+            shape = tuple(loss_per_sample.shape) if isinstance(loss_per_sample, torch.Tensor) else type(loss_per_sample)
+            raise ValueError(
+                f"loss_per_sample must be a 1-d tensor [batch], got {shape}; reduce the "
+                "criterion's output to one loss per example."
+            )
+        self.module = module
+        self.optimizer = optimizer
+        self.loss_per_sample = loss_per_sample
+        self.loss_reduction = loss_reduction
+
+    # ------------------------------------------------------------------ tensor-like
+
+    def _reduced(self) -> torch.Tensor:
+        if self.loss_reduction == "mean":
+            return self.loss_per_sample.mean()
+        return self.loss_per_sample.sum()
+
+    def detach(self) -> torch.Tensor:
+        """The reduced loss as a detached scalar tensor."""
+        return self._reduced().detach()
+
+    def item(self) -> float:
+        """The reduced loss as a Python float."""
+        return self.detach().item()
+
+    def __float__(self) -> float:
+        return self.item()
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the reduced loss (a scalar)."""
+        return torch.Size([])
+
+    def _new(self, loss_per_sample: torch.Tensor) -> "DPTensorFastGradientClipping":
+        return DPTensorFastGradientClipping(self.module, self.optimizer, loss_per_sample, self.loss_reduction)
+
+    def _operand(self, other: Any, op: str) -> Any:
+        if isinstance(other, DPTensorFastGradientClipping):
+            if other.loss_reduction != self.loss_reduction:
+                raise ValueError(
+                    f"Cannot {op} losses with different reductions: {self.loss_reduction!r} vs "
+                    f"{other.loss_reduction!r}."
+                )
+            return other.loss_per_sample
+        if isinstance(other, numbers.Number) or (isinstance(other, torch.Tensor) and other.dim() == 0):
+            return other
+        raise TypeError(
+            f"Cannot {op} a DPTensorFastGradientClipping and {type(other).__name__}; use a number, "
+            "a 0-d tensor or another DPTensorFastGradientClipping."
+        )
+
+    def __add__(self, other: Any) -> "DPTensorFastGradientClipping":
+        return self._new(self.loss_per_sample + self._operand(other, "add"))
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Any) -> "DPTensorFastGradientClipping":
+        return self._new(self.loss_per_sample - self._operand(other, "subtract"))
+
+    def __rsub__(self, other: Any) -> "DPTensorFastGradientClipping":
+        return self._new(self._operand(other, "subtract") - self.loss_per_sample)
+
+    def __mul__(self, other: Any) -> "DPTensorFastGradientClipping":
+        return self._new(self.loss_per_sample * self._operand(other, "multiply"))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Any) -> "DPTensorFastGradientClipping":
+        return self._new(self.loss_per_sample / self._operand(other, "divide"))
+
+    def __neg__(self) -> "DPTensorFastGradientClipping":
+        return self._new(-self.loss_per_sample)
+
+    def __repr__(self) -> str:
+        return (
+            f"DPTensorFastGradientClipping(loss_reduction={self.loss_reduction}, "
+            f"shape={tuple(self.loss_per_sample.shape)})"
+        )
+
+    def __str__(self) -> str:
+        return f"DPTensorFastGradientClipping({self.item():.4f})"
+
+    # ------------------------------------------------------------------ the double backward
+
+    def _first_pass_inputs(self) -> list:
+        take = getattr(self.module, "take_output_edges", None)
+        edges = take() if take is not None else []
+        if edges:
+            return edges
+        return [p for p in self.module._module.parameters() if p.requires_grad]
+
+    def backward(self) -> None:
+        """First pass: per-example norms; second pass: ``p.grad += sum_i c_i grad_i``.
+
+        Raises:
+            ValueError: If the number of clip factors differs from the number of losses, or
+                if a parameter that got no per-example norm received a gradient (it is used
+                outside its layer, so its contribution escaped clipping; ``p.grad`` is then
+                not private and must be discarded).
+        """
+        losses = self.loss_per_sample
+        inputs = self._first_pass_inputs()
+        if inputs and losses.requires_grad:
+            torch.autograd.grad(self._reduced(), inputs, retain_graph=True, allow_unused=True)
+        coef = self.module.get_clipping_coef()
+        if coef.shape != losses.shape:
+            raise ValueError(
+                f"Got {coef.shape[0] if coef.dim() else coef} clip factors for {losses.shape[0]} "
+                "per-example losses; the criterion's output must have one loss per example of the "
+                "model's batch (for sequence losses pass shape=logits.shape)."
+            )
+        second = (coef.detach().to(device=losses.device, dtype=losses.dtype) * losses).sum()
+        unnormed = _parameters_without_norm(self.module)
+        before = {name: _grad_state(p) for name, p in unnormed.items()}
+        was_enabled = self.module.hooks_enabled
+        self.module.disable_hooks()
+        try:
+            if second.requires_grad:
+                second.backward()
+        finally:
+            if was_enabled:
+                self.module.enable_hooks()
+        leaked = [name for name, p in unnormed.items() if _grad_state(p) != before[name]]
+        if leaked:
+            raise ValueError(
+                f"Parameters {leaked} received a gradient in the clipped pass but no per-example norm "
+                "in the first pass: they are used outside the layer that owns them (e.g. "
+                "F.linear(x, self.fc.weight) in a parent's forward), so their contribution was not "
+                "clipped and p.grad must not be used. Call the layer itself, or give the module that "
+                "uses them a grad sampler."
+            )
+
+
+def _parameters_without_norm(module: Any) -> dict:
+    named = module._module.named_parameters()
+    return {name: p for name, p in named if p.requires_grad and not hasattr(p, "_norm_sample")}
+
+
+def _grad_state(p: torch.Tensor) -> tuple:
+    """Identity and version of ``p.grad``: changes whenever autograd writes to it."""
+    return (None, None) if p.grad is None else (id(p.grad), p.grad._version)
+
+
+class DPLossFastGradientClipping:
+    """Wraps a criterion for fast gradient / ghost clipping (Opacus-compatible).
+
+    Example:
+        >>> criterion = DPLossFastGradientClipping(gsm, optimizer, nn.CrossEntropyLoss())
+        >>> loss = criterion(gsm(x), y)
+        >>> loss.backward()
+        >>> optimizer.step()
+    """
+
+    def __init__(self, module: Any, optimizer: Any, criterion: Any, loss_reduction: str = "mean"):
+        """Check that the reductions agree and keep the parts.
+
+        Args:
+            module: A ``GradSampleModuleFastGradientClipping`` (or the hooks variant).
+            optimizer: The DP optimizer (its ``loss_reduction``, if it has one, must agree).
+            criterion: A loss module with a ``reduction`` attribute, or a function accepting
+                ``reduction="none"`` (e.g. ``torch.nn.functional.cross_entropy``).
+            loss_reduction: ``"mean"`` or ``"sum"``.
+
+        Raises:
+            ValueError: If ``loss_reduction`` is invalid or disagrees with the module's,
+                the optimizer's or the criterion's.
+            TypeError: If ``module`` is not a ghost-clipping module or ``criterion`` not callable.
+        """
+        _check_reduction(loss_reduction, "loss_reduction")
+        if not hasattr(module, "get_clipping_coef"):
+            raise TypeError(
+                f"module must be a GradSampleModuleFastGradientClipping, got {type(module).__name__}; "
+                "wrap the model with grad_sample_mode='ghost'."
+            )
+        if not callable(criterion):
+            raise TypeError(f"criterion must be callable, got {type(criterion).__name__}.")
+        seen = {"module": getattr(module, "loss_reduction", loss_reduction),
+                "optimizer": getattr(optimizer, "loss_reduction", loss_reduction),
+                "criterion": getattr(criterion, "reduction", loss_reduction)}
+        for name, value in seen.items():
+            if value != loss_reduction:
+                raise ValueError(
+                    f"loss_reduction must be the same across the module, the optimizer, the "
+                    f"criterion and this wrapper: {name} has {value!r}, loss_reduction={loss_reduction!r}."
+                )
+        self.module = module
+        self.optimizer = optimizer
+        self.criterion = criterion
+        self.loss_reduction = loss_reduction
+
+    def _unreduced(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        if hasattr(self.criterion, "reduction"):
+            old = self.criterion.reduction
+            self.criterion.reduction = "none"
+            try:
+                return self.criterion(*args, **kwargs)
+            finally:
+                self.criterion.reduction = old
+        return self.criterion(*args, reduction="none", **kwargs)
+
+    def _per_example(self, losses: torch.Tensor, args: tuple, kwargs: dict,
+                     shape: Optional[Sequence[int]]) -> torch.Tensor:
+        if shape is not None and losses.dim() == 1 and losses.shape[0] == shape[0] * shape[1]:
+            losses = losses.view(shape[0], shape[1])
+            ignore_index = getattr(self.criterion, "ignore_index", None)
+            target = kwargs.get("target", args[1] if len(args) > 1 else None)
+            if self.loss_reduction == "mean" and ignore_index is not None and isinstance(target, torch.Tensor):
+                valid = (target.reshape(shape[0], shape[1]) != ignore_index).sum(dim=1).clamp(min=1)
+                return losses.sum(dim=1) / valid.to(losses.dtype)
+        if losses.dim() == 0:
+            raise ValueError(
+                "The criterion returned a scalar with reduction='none'; it must return one loss per "
+                "example (or per element)."
+            )
+        if losses.dim() == 1:
+            return losses
+        flat = losses.reshape(losses.shape[0], -1)
+        return flat.mean(dim=1) if self.loss_reduction == "mean" else flat.sum(dim=1)
+
+    def __call__(
+        self, *args: Any, shape: Optional[Sequence[int]] = None, **kwargs: Any
+    ) -> DPTensorFastGradientClipping:
+        """Compute per-example losses and wrap them.
+
+        Losses with more than one dimension are reduced per example over the trailing
+        dimensions (mean or sum, as ``loss_reduction``), so that the mean/sum over examples
+        equals the criterion's own mean/sum.
+
+        Args:
+            *args: Passed to the criterion (e.g. ``logits, target``).
+            shape: For sequence tasks whose logits were flattened to ``[B*T, V]``: the
+                unflattened ``[B, T, ...]`` shape, so that the losses are grouped per sequence
+                (with ``ignore_index`` positions excluded from a sequence's mean).
+            **kwargs: Passed to the criterion.
+
+        Returns:
+            The wrapped per-example loss.
+        """
+        losses = self._per_example(self._unreduced(args, kwargs), args, kwargs, shape)
+        return DPTensorFastGradientClipping(self.module, self.optimizer, losses, self.loss_reduction)
