@@ -162,6 +162,17 @@ class DPTensorFastGradientClipping:
             return edges
         return [p for p in self.module._module.parameters() if p.requires_grad]
 
+    def _sync_bound(self) -> None:
+        """Clip to the optimizer's current bound, the one its noise is scaled by.
+
+        A grad-clip scheduler (or a user) changes ``optimizer.max_grad_norm``; the
+        module must clip to that same bound, or the noise would no longer match
+        the sensitivity of the clipped sum.
+        """
+        bound = getattr(self.optimizer, "max_grad_norm", None)
+        if bound is not None and bound != self.module.max_grad_norm:
+            self.module.max_grad_norm = float(bound)
+
     def backward(self) -> None:
         """First pass: per-example norms; second pass: ``p.grad += sum_i c_i grad_i``.
 
@@ -175,6 +186,7 @@ class DPTensorFastGradientClipping:
         inputs = self._first_pass_inputs()
         if inputs and losses.requires_grad:
             torch.autograd.grad(self._reduced(), inputs, retain_graph=True, allow_unused=True)
+        self._sync_bound()
         coef = self.module.get_clipping_coef()
         if coef.shape != losses.shape:
             raise ValueError(

@@ -447,3 +447,32 @@ def test_poisson_guard_in_ghost_mode_reads_p_grad() -> None:
     criterion(gsm(x), y).backward()  # accumulates
     for p, b in zip(gsm.parameters(), before):
         assert_close(p.grad.numpy(), 2 * b.numpy(), rtol=1e-12)
+
+
+def test_clip_bound_follows_the_optimizer_so_noise_matches_sensitivity() -> None:
+    # A grad-clip scheduler changes optimizer.max_grad_norm; the ghost module must clip to
+    # that bound (the one the noise is scaled by), not to the bound it was built with.
+    from dp_torch import PrivacyEngine
+    from dp_torch.schedulers import StepGradClip
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    data = torch.utils.data.TensorDataset(torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=10)
+    engine = PrivacyEngine()
+    model, optimizer, criterion, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        noise_multiplier=0.0, max_grad_norm=1.0, grad_sample_mode="ghost",
+        criterion=nn.CrossEntropyLoss(), poisson_sampling=False,
+    )
+    scheduler = StepGradClip(optimizer, step_size=1, gamma=0.01)
+    scheduler.step()
+    assert optimizer.max_grad_norm == pytest.approx(0.01)
+    x, y = next(iter(loader))
+    criterion(model(x), y).backward()
+    assert model.max_grad_norm == optimizer.max_grad_norm
+    norms = model.per_sample_gradient_norms
+    expected = torch.from_numpy(clip_factor(norms.detach().numpy(), 0.01))
+    assert_close(model.get_clipping_coef().numpy(), expected.numpy(), rtol=1e-12)
+    total = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+    assert total <= 0.01 * len(y) * (1 + 1e-9)
