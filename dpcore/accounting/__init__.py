@@ -22,6 +22,8 @@ from dpcore.accounting.gdp import GaussianAccountant
 from dpcore.accounting.gdp import GDPAccountant
 from dpcore.accounting.gdp import GDPApproximationWarning
 from dpcore.accounting.gdp import GDPUnderReportWarning
+from dpcore.accounting.pld import PLDAccountant
+from dpcore.accounting.prv import PRVAccountant
 from dpcore.accounting.rdp import RDPAccountant
 from dpcore.accounting.rdp import RDPOrderWarning
 
@@ -32,6 +34,8 @@ __all__ = [
     "GDPUnderReportWarning",
     "GaussianAccountant",
     "HistoryEntry",
+    "PLDAccountant",
+    "PRVAccountant",
     "RDPAccountant",
     "RDPOrderWarning",
     "available_accountants",

@@ -74,6 +74,8 @@ from dpcore._checks import check_delta, check_positive
 from dpcore.accounting._base import Accountant, HistoryEntry
 from dpcore.accounting._registry import register_accountant
 
+_DEFAULT_INTERVAL = 1e-4
+
 __all__ = ["PLDAccountant"]
 
 #: Probability budget for everything truncated (single-step tails, composed tails).
@@ -476,6 +478,19 @@ def _composed_plds(history: list[HistoryEntry], interval: float) -> tuple[_Pmf, 
     )
 
 
+def auto_interval(history: list[HistoryEntry]) -> float:
+    """The default grid step: ``1e-4`` (dp-accounting's), or finer for tiny per-step losses.
+
+    The pessimistic discretisation adds up to one interval of loss per step, so it
+    is only tight when the interval is small next to the spread of one step's
+    privacy loss, about ``q * sqrt(exp(1 / sigma**2) - 1)``. The default is
+    ``min(1e-4, spread / 20)`` over the history's entries.
+    """
+    spreads = [q * math.sqrt(math.expm1(sigma**-2)) for sigma, q, _ in history if sigma > 0]
+    finest = min(spreads, default=math.inf)
+    return min(_DEFAULT_INTERVAL, finest / 20.0) if math.isfinite(finest) else _DEFAULT_INTERVAL
+
+
 class PLDAccountant(Accountant):
     """Privacy-loss-distribution accountant (tight, pessimistic), as in dp-accounting.
 
@@ -489,8 +504,10 @@ class PLDAccountant(Accountant):
 
     Args:
         value_discretization_interval: Grid step of the privacy losses, a
-            finite number ``> 0``. Smaller is tighter and slower (time and
-            memory grow like ``1 / interval``); ``1e-4`` matches dp-accounting.
+            finite number ``> 0``, or ``None`` (default) for :func:`auto_interval`:
+            ``1e-4`` (dp-accounting's default) unless one step's loss is so small
+            that a finer grid is needed to stay tight. Smaller is tighter and
+            slower (time and memory grow like ``1 / interval``).
 
     Raises:
         ValueError: If the interval is not finite and positive.
@@ -499,17 +516,24 @@ class PLDAccountant(Accountant):
 
     name = "pld"
 
-    def __init__(self, value_discretization_interval: float = 1e-4) -> None:
-        self._interval = check_positive(
-            value_discretization_interval, "value_discretization_interval"
+    def __init__(self, value_discretization_interval: float | None = None) -> None:
+        self._interval = (
+            None
+            if value_discretization_interval is None
+            else check_positive(value_discretization_interval, "value_discretization_interval")
         )
         super().__init__()
         self._cache: tuple[_Pmf, _Pmf, float] | None = None
 
     @property
-    def value_discretization_interval(self) -> float:
-        """The requested grid step of the privacy losses (read-only; set it at construction)."""
+    def value_discretization_interval(self) -> float | None:
+        """The requested grid step (``None``: chosen per history; read-only)."""
         return self._interval
+
+    def _requested_interval(self) -> float:
+        if self._interval is not None:
+            return self._interval
+        return auto_interval(self._history)
 
     # ------------------------------------------------------------------ cache hooks
     def _on_record(self, noise_multiplier: float, sample_rate: float, num_steps: int) -> None:
@@ -520,7 +544,7 @@ class PLDAccountant(Accountant):
 
     def _plds(self) -> tuple[_Pmf, _Pmf, float]:
         if self._cache is None:
-            self._cache = _composed_plds(self._history, self._interval)
+            self._cache = _composed_plds(self._history, self._requested_interval())
         return self._cache
 
     def _is_non_private(self) -> bool:

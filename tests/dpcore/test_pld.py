@@ -27,7 +27,7 @@ REFERENCE = pathlib.Path(__file__).parent / "data" / "dp_accounting_reference.js
 DIGITS = 40  # mpmath working precision of the oracles (set locally, never globally)
 
 
-def _accountant(history: list[tuple[float, float, int]], interval: float = 1e-4) -> PLDAccountant:
+def _accountant(history: list[tuple[float, float, int]], interval: float | None = None) -> PLDAccountant:
     acc = PLDAccountant(value_discretization_interval=interval)
     acc.history = history
     return acc
@@ -357,3 +357,13 @@ def test_interval_is_read_only() -> None:
         acc.value_discretization_interval = 1e-2  # type: ignore[misc]
     assert acc.value_discretization_interval == 1e-3
     assert "1e-3" in repr(acc) or "0.001" in repr(acc)
+
+
+def test_default_interval_is_dp_accountings_unless_one_step_is_tiny() -> None:
+    from dpcore.accounting.pld import auto_interval
+
+    assert PLDAccountant().value_discretization_interval is None
+    assert auto_interval([(1.0, 0.01, 1000)]) == 1e-4
+    spread = 1e-4 * math.sqrt(math.expm1(0.25))
+    assert auto_interval([(1.0, 0.01, 10), (2.0, 1e-4, 100000)]) == pytest.approx(spread / 20)
+    assert auto_interval([]) == 1e-4
