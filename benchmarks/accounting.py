@@ -30,6 +30,7 @@ from typing import Any
 from dpcore.accounting import RDPAccountant, get_noise_multiplier
 from dpcore.accounting.pld import PLDAccountant
 from dpcore.accounting.prv import PRVAccountant
+from dpcore.accounting.rdp import _rdp_cached
 
 SETTINGS = [
     (1.1, 256 / 60000, 14062, 1e-5),
@@ -124,6 +125,7 @@ def bench_calibration(repeats: int) -> list[dict[str, Any]]:
     rows = []
     for kind in ("rdp", "prv", "pld"):
         def run() -> float:
+            _rdp_cached.cache_clear()  # cold: no per-step RDP vectors from earlier runs
             return get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=0.04,
                                         epochs=90, accountant=kind)
 

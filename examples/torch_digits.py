@@ -1,0 +1,233 @@
+"""Differentially private training of a small MLP on scikit-learn's 8x8 digits with dp_torch.
+
+The data set is the one bundled with scikit-learn (1,797 grey-scale 8x8 images of the
+digits 0-9), so nothing is downloaded. It is split once, stratified, into 1,437 training
+and 360 test images (``random_state=0``, independent of ``--seed``); pixels are
+standardised with the training set's mean and standard deviation.
+
+The model is an MLP 64 -> 128 (tanh) -> 10 trained with DP-SGD: Poisson sampling with an
+expected batch of 256 (sample rate 256/1437), flat clipping at 1.0, plain SGD with
+learning rate 0.5, and a noise multiplier calibrated by
+:meth:`dp_torch.PrivacyEngine.make_private_with_epsilon` (RDP accountant) so that the
+whole run spends at most ``--epsilon`` at ``--delta``. A tqdm bar shows the loss of the
+last epoch and the epsilon spent so far. With the defaults (epsilon 3, delta 1e-5,
+30 epochs) it reaches about 94 % test accuracy in a few seconds on a 2-core CPU.
+
+Usage::
+
+    python examples/torch_digits.py                 # full run
+    python examples/torch_digits.py --smoke         # a few seconds, for the tests
+    python examples/torch_digits.py --epsilon 1 --epochs 20 --seed 3
+
+The last line printed is, for example::
+
+    dp_torch digits: test accuracy 0.944 at epsilon 2.99 (delta 1e-05)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from dp_torch import PrivacyEngine  # noqa: E402
+
+__all__ = ["build_model", "load_data", "main", "parse_args"]
+
+#: Size of the held-out test split (stratified, fixed ``random_state``).
+TEST_SIZE = 360
+#: Epochs used by ``--smoke``.
+SMOKE_EPOCHS = 2
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line.
+
+    Args:
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The parsed options.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epsilon", type=float, default=3.0, help="privacy budget (default 3)")
+    parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, batches, noise")
+    parser.add_argument("--batch-size", type=int, default=256, help="expected Poisson batch")
+    parser.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C")
+    parser.add_argument("--hidden", type=int, default=128, help="hidden units of the MLP")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the matrices are too small to gain from more)",
+    )
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    if args.smoke:
+        args.epochs = SMOKE_EPOCHS
+    return args
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    checks = [
+        ("--epsilon", args.epsilon, args.epsilon > 0 and math.isfinite(args.epsilon)),
+        ("--delta", args.delta, 0 < args.delta < 1),
+        ("--epochs", args.epochs, args.epochs >= 1),
+        ("--batch-size", args.batch_size, 1 <= args.batch_size <= 1797 - TEST_SIZE),
+        ("--lr", args.lr, args.lr > 0),
+        ("--max-grad-norm", args.max_grad_norm, args.max_grad_norm > 0),
+        ("--hidden", args.hidden, args.hidden >= 1),
+        ("--threads", args.threads, args.threads >= 1),
+    ]
+    for flag, value, ok in checks:
+        if not ok:
+            parser.error(f"{flag} got {value!r}; pass a value in its valid range (see --help).")
+
+
+def load_data() -> tuple[TensorDataset, TensorDataset]:
+    """The digits, split and standardised with training-set statistics.
+
+    Returns:
+        ``(train, test)`` datasets of ``float32`` features (64 columns) and ``int64`` labels.
+    """
+    features, labels = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        features, labels, test_size=TEST_SIZE, random_state=0, stratify=labels
+    )
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)  # a few border pixels are always 0
+
+    def to_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+        x_std = torch.tensor((x - mean) / std, dtype=torch.float32)
+        return TensorDataset(x_std, torch.tensor(y, dtype=torch.int64))
+
+    return to_dataset(x_train, y_train), to_dataset(x_test, y_test)
+
+
+def build_model(hidden: int = 128) -> nn.Module:
+    """The MLP 64 -> ``hidden`` (tanh) -> 10.
+
+    Args:
+        hidden: Width of the hidden layer.
+
+    Returns:
+        A freshly initialised ``nn.Sequential``.
+    """
+    return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+
+
+def _accuracy(model: nn.Module, dataset: TensorDataset) -> float:
+    features, labels = dataset.tensors
+    model.eval()
+    with torch.no_grad():
+        predicted = model(features).argmax(dim=1)
+    model.train()
+    return float((predicted == labels).float().mean())
+
+
+def _train_epoch(model: nn.Module, optimizer: Any, loader: DataLoader) -> float:
+    criterion = nn.CrossEntropyLoss()
+    total, count = 0.0, 0
+    for features, labels in loader:
+        optimizer.zero_grad()
+        if len(labels) == 0:  # an empty Poisson batch is still a (noise-only) step
+            loss = model(features).sum() * 0.0
+        else:
+            loss = criterion(model(features), labels)
+            total += float(loss.detach()) * len(labels)
+            count += len(labels)
+        loss.backward()
+        optimizer.step()
+    return total / max(count, 1)
+
+
+def _run(args: argparse.Namespace) -> dict[str, float]:
+    torch.manual_seed(args.seed)
+    train_set, test_set = load_data()
+    model = build_model(args.hidden)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    # An explicit generator makes the Poisson batches reproducible: without one, dp_torch
+    # seeds its sampler from OS entropy (Opacus would use torch's global generator).
+    sampling = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=sampling)
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        target_epsilon=args.epsilon,
+        target_delta=args.delta,
+        epochs=args.epochs,
+        max_grad_norm=args.max_grad_norm,
+        poisson_sampling=True,
+    )
+    bar = tqdm(range(args.epochs), desc="DP-SGD", unit="epoch", disable=args.no_progress)
+    loss = float("nan")
+    for _ in bar:
+        loss = _train_epoch(model, optimizer, loader)
+        bar.set_postfix(loss=f"{loss:.3f}", epsilon=f"{engine.get_epsilon(args.delta):.2f}")
+    bar.close()
+    return {
+        "accuracy": _accuracy(model, test_set),
+        "epsilon": engine.get_epsilon(args.delta),
+        "delta": args.delta,
+        "noise_multiplier": float(optimizer.noise_multiplier),
+        "train_loss": loss,
+        "epochs": args.epochs,
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
+    """Train, evaluate, print the result line and return the figures.
+
+    The global torch RNG state and thread count are restored on return, so tests can call
+    this in-process.
+
+    Args:
+        argv: Command-line arguments (see :func:`parse_args`); ``None`` reads ``sys.argv``.
+
+    Returns:
+        ``accuracy`` (test, in [0, 1]), ``epsilon`` (spent, RDP upper bound), ``delta``,
+        ``noise_multiplier``, ``train_loss`` (last epoch), ``epochs`` and ``seconds``.
+    """
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            result = _run(args)
+    finally:
+        torch.set_num_threads(threads)
+    result["seconds"] = time.perf_counter() - start
+    print(
+        f"dp_torch digits: test accuracy {result['accuracy']:.3f} at epsilon "
+        f"{result['epsilon']:.2f} (delta {args.delta:g})",
+        flush=True,
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
