@@ -17,7 +17,7 @@ demo: venv
 
 test: venv
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[torch,test]"
+	$(PY) -m pip install --quiet -e ".[torch,jax,test]"
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-quick: venv
@@ -25,6 +25,6 @@ test-quick: venv
 
 bench: venv
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[torch,test,bench]"
+	$(PY) -m pip install --quiet -e ".[torch,jax,test,bench]"
 	$(PY) benchmarks/accounting.py
 	$(PY) benchmarks/torch_step.py --quick

@@ -86,6 +86,7 @@ from dp_torch.optimizers.utils import params as _trainable_params
 from dp_torch.schedulers import _GradClipScheduler, _NoiseScheduler
 from dp_torch.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from dp_torch.validators.module_validator import ModuleValidator
+from dpcore._checks import check_bool, check_choice
 from dpcore import clipping as core_clipping
 from dpcore import noise as core_noise
 from dpcore import sampling as core_sampling
@@ -135,17 +136,6 @@ NoiseGenerator = Union[torch.Generator, core_noise.NoiseSource, None]
 
 
 # --------------------------------------------------------------------------- argument checks
-
-
-def _check_bool(value: Any, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}.")
-
-
-def _check_choice(value: Any, name: str, choices: Sequence[str], hint: str = "") -> None:
-    if not isinstance(value, str) or value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.{hint}")
 
 
 def _check_data_loader(data_loader: Any) -> None:
@@ -501,7 +491,7 @@ class PrivacyEngine:
             ValueError: If ``accountant`` is not registered.
             TypeError: If ``secure_mode`` is not a bool.
         """
-        _check_bool(secure_mode, "secure_mode")
+        check_bool(secure_mode, "secure_mode")
         self.accountant = create_accountant(accountant)
         self.secure_mode = secure_mode
         self.secure_rng = None
@@ -708,11 +698,11 @@ class PrivacyEngine:
             ("wrap_model", wrap_model),
             ("rand_on_empty", rand_on_empty),
         ):
-            _check_bool(value, name)
-        _check_choice(loss_reduction, "loss_reduction", _LOSS_REDUCTIONS,
+            check_bool(value, name)
+        check_choice(loss_reduction, "loss_reduction", _LOSS_REDUCTIONS,
                       " It must be the reduction of your loss over the batch.")
-        _check_choice(clipping, "clipping", _CLIPPINGS)
-        _check_choice(grad_sample_mode, "grad_sample_mode", _GRAD_SAMPLE_MODES,
+        check_choice(clipping, "clipping", _CLIPPINGS)
+        check_choice(grad_sample_mode, "grad_sample_mode", _GRAD_SAMPLE_MODES,
                       " (Opacus' 'ew', 'no_op' and 'ghost_fsdp' are not provided.)")
         if grad_sample_mode == "ghost" and clipping != "flat":
             raise ValueError(

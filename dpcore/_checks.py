@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "check_bool",
+    "check_choice",
     "check_delta",
     "check_noise_multiplier",
     "check_num_steps",
@@ -96,3 +99,18 @@ def check_probability(value: Any, name: str) -> float:
     if not (0.0 <= x <= 1.0):
         raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
     return x
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Validate a flag: exactly ``True`` or ``False`` (not a truthy object)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}.")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str], hint: str = "") -> str:
+    """Validate a string option against its allowed values; ``hint`` is appended to the error."""
+    if not isinstance(value, str) or value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.{hint}")
+    return value

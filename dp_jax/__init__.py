@@ -1,0 +1,93 @@
+"""dp_jax: differentially private training in JAX, optax-style.
+
+Per-example gradients by ``jax.vmap(jax.grad(...))``, DP aggregation as optax
+gradient transformations, Poisson batches padded to a few fixed shapes for
+``jax.jit``, a ``PrivacyEngine`` with the accountants of :mod:`dpcore`, flax
+(linen and nnx) helpers, model validation and checkpoints.
+"""
+
+from dp_jax._checkpoint import load_checkpoint
+from dp_jax._checkpoint import load_pytree
+from dp_jax._checkpoint import save_checkpoint
+from dp_jax._checkpoint import save_pytree
+from dp_jax._engine import PrivacyEngine
+from dp_jax._engine import PrivateTraining
+from dp_jax._engine import TrainState
+from dp_jax._data import PhysicalChunk
+from dp_jax._data import PoissonBatches
+from dp_jax._data import ShuffledBatches
+from dp_jax._data import poisson_batches
+from dp_jax._flax import linen_loss
+from dp_jax._flax import nnx_loss
+from dp_jax._flax import nnx_merge
+from dp_jax._flax import nnx_split_params
+from dp_jax._grads import ClipAux
+from dp_jax._grads import clip_per_example
+from dp_jax._grads import clipped_grad
+from dp_jax._grads import per_example_grads
+from dp_jax._transforms import AdaptiveClipState
+from dp_jax._transforms import ClipAggregateState
+from dp_jax._transforms import DPAccumulateState
+from dp_jax._transforms import DPAggregateState
+from dp_jax._transforms import DPMultiStepsState
+from dp_jax._transforms import NoiseState
+from dp_jax._transforms import adaptive_clip_update
+from dp_jax._transforms import add_gaussian_noise
+from dp_jax._transforms import clip_and_aggregate
+from dp_jax._transforms import current_hyperparams
+from dp_jax._transforms import dp_accumulate
+from dp_jax._transforms import dp_adam
+from dp_jax._transforms import dp_aggregate
+from dp_jax._transforms import dp_aggregate_adaptive
+from dp_jax._transforms import dp_multi_steps
+from dp_jax._transforms import dp_sgd
+from dp_jax._transforms import noise_from_normals
+from dp_jax._validate import GroupNormLinen
+from dp_jax._validate import UnsupportedModuleError
+from dp_jax._validate import fix
+from dp_jax._validate import is_valid
+from dp_jax._validate import validate
+
+__all__ = [
+    "AdaptiveClipState",
+    "ClipAggregateState",
+    "ClipAux",
+    "DPAccumulateState",
+    "DPAggregateState",
+    "DPMultiStepsState",
+    "GroupNormLinen",
+    "NoiseState",
+    "PhysicalChunk",
+    "PoissonBatches",
+    "PrivacyEngine",
+    "PrivateTraining",
+    "ShuffledBatches",
+    "TrainState",
+    "UnsupportedModuleError",
+    "adaptive_clip_update",
+    "add_gaussian_noise",
+    "clip_and_aggregate",
+    "clip_per_example",
+    "clipped_grad",
+    "current_hyperparams",
+    "dp_accumulate",
+    "dp_adam",
+    "dp_aggregate",
+    "dp_aggregate_adaptive",
+    "dp_multi_steps",
+    "dp_sgd",
+    "fix",
+    "is_valid",
+    "linen_loss",
+    "load_checkpoint",
+    "load_pytree",
+    "nnx_loss",
+    "nnx_merge",
+    "nnx_split_params",
+    "noise_from_normals",
+    "per_example_grads",
+    "poisson_batches",
+    "save_checkpoint",
+    "save_pytree",
+    "validate",
+]
