@@ -159,7 +159,9 @@ def _check_expected_batch_size(expected_batch_size: Any) -> Any:
     value = _tree.concrete_or_none(expected_batch_size)
     if value is not None:
         if not np.issubdtype(value.dtype, np.integer):
-            raise TypeError(f"expected_batch_size must be an int >= 1, got {expected_batch_size!r}.")
+            raise TypeError(
+                f"expected_batch_size must be an int >= 1, got {expected_batch_size!r}."
+            )
         if value < 1:
             raise ValueError(f"expected_batch_size must be >= 1, got {expected_batch_size!r}.")
     return expected_batch_size
@@ -235,10 +237,10 @@ def noise_from_normals(normals_tree: Any, std: Any) -> Any:
 def _draw_noise(key: jax.Array, like: Any, std: Any) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten(like)
     keys = jax.random.split(key, len(leaves))
-    out = [
-        jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) * jnp.asarray(std, jnp.result_type(x))
-        for k, x in zip(keys, leaves)
-    ]
+    out = []
+    for k, x in zip(keys, leaves):
+        dtype = jnp.result_type(x)
+        out.append(jax.random.normal(k, jnp.shape(x), dtype) * jnp.asarray(std, dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -248,7 +250,9 @@ def _cast_noise(noise: Any, like: Any) -> Any:
             f"noise must have the structure of the parameters "
             f"({jax.tree_util.tree_structure(like)}), got {jax.tree_util.tree_structure(noise)}."
         )
-    return jax.tree_util.tree_map(lambda z, x: jnp.asarray(z).astype(jnp.result_type(x)), noise, like)
+    return jax.tree_util.tree_map(
+        lambda z, x: jnp.asarray(z).astype(jnp.result_type(x)), noise, like
+    )
 
 
 def _noise_and_scale(
@@ -659,7 +663,8 @@ def adaptive_clip_update(
     count = jnp.asarray(unclipped_count, dtype)
     half = jnp.asarray(batch_size, dtype) / 2
     frac = jnp.clip((count - half + jnp.asarray(noise_on_count, dtype)) / m + 0.5, 0.0, 1.0)
-    step = jnp.exp(-jnp.asarray(learning_rate, dtype) * (frac - jnp.asarray(target_unclipped_quantile, dtype)))
+    gamma = jnp.asarray(target_unclipped_quantile, dtype)
+    step = jnp.exp(-jnp.asarray(learning_rate, dtype) * (frac - gamma))
     new = jnp.clip(c * step, jnp.asarray(min_clipbound, dtype), jnp.asarray(max_clipbound, dtype))
     return new, frac
 
@@ -755,7 +760,8 @@ def dp_aggregate_adaptive(
         key, count_key = jax.random.split(state.key)
         out, next_key = _noise_and_scale(clipped, key, z_grad * c, denominator, noise)
         if count_noise is None:
-            count_noise = jax.random.normal(count_key, (), c.dtype) * jnp.asarray(count_std, c.dtype)
+            draw = jax.random.normal(count_key, (), c.dtype)
+            count_noise = draw * jnp.asarray(count_std, c.dtype)
         new_c, frac = adaptive_clip_update(
             c, aux.num_unclipped, count_noise, expected_batch_size,
             spec.target_unclipped_quantile, spec.clipbound_learning_rate,

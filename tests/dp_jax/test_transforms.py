@@ -69,7 +69,8 @@ def _zeros_grads(batch, sizes, dtype=jnp.float64):
 
 
 def _ks_p(samples, scale):
-    return stats.kstest(np.ravel(samples) / scale, "norm").pvalue
+    flat = np.concatenate([np.ravel(x) for x in samples]) if isinstance(samples, list) else samples
+    return stats.kstest(np.ravel(flat) / scale, "norm").pvalue
 
 
 def _assert_noise_scale(samples, std):
@@ -84,31 +85,37 @@ def _assert_noise_scale(samples, std):
 def test_zero_noise_huge_clip_is_vanilla_sgd():
     """sigma = 0, C = 1e10: every clip factor is exactly 1.0 and the noise exactly 0.
 
-    So the DP update is ``sum_i g_i / m`` computed with the same per-example
-    gradients and the same reduction as the oracle ``jnp.sum(vmap grads) / m``:
-    bitwise equal. Against ``jax.grad`` of the mean batch loss (a different
-    summation order inside the backward pass) it agrees to 1e-12 in float64.
+    Executed op by op (no jit), the DP update is then ``sum_i g_i / m`` with the
+    same per-example gradients and the same reduction as the oracle
+    ``jnp.sum(vmap grads, 0) / m`` fed to ``optax.sgd``: bitwise equal. Under
+    ``jax.jit`` XLA may fuse the two computations differently (1-ulp changes),
+    and ``jax.grad`` of the mean batch loss sums inside the backward pass in
+    another order; both agree to 1e-12 in float64.
     """
     params, batch = _setup()
     m = 6
     dp = dp_sgd(0.1, 0.0, 1e10, m, KEY)
     ref = optax.sgd(0.1)
-    dp_state, ref_state = dp.init(params), ref.init(params)
-    p_dp, p_ref, p_exact = params, params, params
-    exact_state = ref.init(params)
+    grads = jax.jit(lambda p: per_example_grads(_loss, p, batch))
+    mean_grad = jax.jit(jax.grad(
+        lambda p: sum(_loss(p, (batch[0][i], batch[1][i])) for i in range(m)) / m))
+    dp_step = jax.jit(dp.update)
+    p_dp, p_ref, p_jit, p_exact = params, params, params, params
+    dp_state, ref_state, jit_state, exact_state = (
+        dp.init(params), ref.init(params), dp.init(params), ref.init(params))
     for _ in range(3):
-        g = per_example_grads(_loss, p_dp, batch)
-        updates, dp_state = dp.update(g, dp_state, p_dp)
+        updates, dp_state = dp.update(grads(p_dp), dp_state, p_dp)
         p_dp = optax.apply_updates(p_dp, updates)
-        g_ref = per_example_grads(_loss, p_ref, batch)
-        mean = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0) / m, g_ref)
+        mean = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0) / m, grads(p_ref))
         u_ref, ref_state = ref.update(mean, ref_state, p_ref)
         p_ref = optax.apply_updates(p_ref, u_ref)
-        full = jax.grad(lambda p: sum(_loss(p, (batch[0][i], batch[1][i])) for i in range(m)) / m)
-        u_exact, exact_state = ref.update(full(p_exact), exact_state, p_exact)
+        u_jit, jit_state = dp_step(grads(p_jit), jit_state, p_jit)
+        p_jit = optax.apply_updates(p_jit, u_jit)
+        u_exact, exact_state = ref.update(mean_grad(p_exact), exact_state, p_exact)
         p_exact = optax.apply_updates(p_exact, u_exact)
     for a, b in zip(_leaves(p_dp), _leaves(p_ref)):
         np.testing.assert_array_equal(a, b)
+    assert_close(_leaves(p_jit), _leaves(p_exact), rtol=1e-12)
     assert_close(_leaves(p_dp), _leaves(p_exact), rtol=1e-12)
 
 
@@ -119,8 +126,9 @@ def test_finite_clip_bounds_each_example_and_matches_dpcore():
     norms = core.per_example_norms(_leaves(g))
     assert np.all(norms > c)
     tx = clip_and_aggregate(c, m)
+    update = jax.jit(tx.update)
     for i in range(5):
-        out, state = tx.update(g, tx.init(params), mask=jnp.arange(5) == i)
+        out, state = update(g, tx.init(params), mask=jnp.arange(5) == i)
         total = math.sqrt(sum(float(jnp.sum(x**2)) for x in jax.tree_util.tree_leaves(out)))
         assert total * m <= c
         assert int(state.num_examples) == 1 and int(state.num_unclipped) == 0
