@@ -711,9 +711,27 @@ def _build_optimizer(
     )
 
     def read_injected(opt_state: Any) -> float:
-        return float(_transforms.current_hyperparams(opt_state)["noise_multiplier"])
+        value = _transforms.current_hyperparams(opt_state)["noise_multiplier"]
+        return _host_float(value, requested=noise_multiplier)
 
     return _transforms.dp_multi_steps(dp_part, optimizer), read_injected
+
+
+def _host_float(value: Any, *, requested: float) -> float:
+    """The Python float a (possibly float32) hyperparameter stands for.
+
+    Without x64, ``optax.inject_hyperparams`` keeps hyperparameters as float32
+    arrays, so ``1.1`` comes back as ``1.100000023841858``. The ledger records
+    the value the user asked for, as ``dp_torch`` does: ``requested`` when the
+    state still holds it, else the shortest decimal that rounds to the same
+    float32 (what a user who set ``0.77`` in the state wrote).
+    """
+    array = np.asarray(value)
+    if array.dtype != np.float32:
+        return float(array)
+    if np.float32(requested) == np.float32(array):
+        return float(requested)
+    return float(str(np.float32(array)))
 
 
 def _build_step(
