@@ -1,0 +1,630 @@
+"""DP-SGD step time and peak memory: non-private, dp_torch and Opacus 1.6, side by side.
+
+For each of the four models of :mod:`benchmarks.models` (MLP, CNN, LSTM, transformer;
+REFERENCE.md's shapes) this script measures, in one run, one training step
+(``zero_grad``, forward, loss, backward, ``optimizer.step()``; plain SGD everywhere) of:
+
+* ``nonprivate``: the plain model and ``torch.optim.SGD``;
+* ``dp_torch-hooks`` / ``dp_torch-ghost``: ``dp_torch.PrivacyEngine().make_private(...,
+  grad_sample_mode="hooks" | "ghost")``;
+* ``opacus-hooks`` / ``opacus-ghost``: the same through Opacus 1.6, when importable.
+
+The DP objects are built by ``make_private`` on a Poisson ``DataLoader`` (noise multiplier
+1, clipping bound 1, expected batch = the batch size), but the timed steps use one fixed
+batch of exactly the stated size, so batch sampling is not timed. The LSTM model uses
+``nn.LSTM`` without privacy, ``dp_torch.layers.DPLSTM`` for dp_torch and
+``opacus.layers.DPLSTM`` for Opacus.
+
+Time: all configurations of one model live in one process and are stepped in
+interleaved rounds (one step of each per round, the order rotating), so that load from
+other processes affects them alike; the figure is the median over ``--steps`` rounds after
+``--warmup`` rounds (``time.perf_counter``; on CUDA after ``torch.cuda.synchronize()``).
+On a machine shared with other busy processes, prefer ``--threads 1``: with more
+threads than idle cores, torch's intra-op thread pool stalls and single steps take 10-20x
+longer (seen on a 2-core machine), while one-thread figures stay within about 10 %. The
+JSON keeps every step time and the minimum next to the median.
+
+Memory: each configuration runs again alone in a fresh subprocess (``--warmup`` + 2
+steps). On CUDA the figure is ``torch.cuda.max_memory_allocated()`` (absolute: parameters
+included). On the CPU it is the growth of the resident set during the steps: the peak
+RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` just before the first step; else
+``resource.getrusage`` maxrss) minus the RSS before the first step, so parameters and the
+interpreter are *not* included.
+
+Sizes (batch = reference batch x ``--batch-scale``, at least 2; sequence lengths x
+``--seq-scale``):
+
+=============  ====  ===  ====  ===========  ===============================================
+setting        mlp   cnn  lstm  transformer  notes
+=============  ====  ===  ====  ===========  ===============================================
+cuda default   1024  512  256   64           reference sizes; 20 steps, 3 warm-up rounds
+cpu default    256   128  64    16           ``--batch-scale 0.25``; 10 steps, 3 warm-up
+``--quick``    128   64   32    8            ``--batch-scale 0.125``; 7 steps, 2 warm-up
+``--smoke``    2     2    2     2            seq lstm 4, transformer 8; 1 step, 1 warm-up
+=============  ====  ===  ====  ===========  ===============================================
+
+Sequence lengths are the reference ones (LSTM 64, transformer 128) except with ``--smoke``.
+
+Examples::
+
+    python benchmarks/torch_step.py --quick --json torch_step.json   # CPU, ~10 min on 2 cores
+    python benchmarks/torch_step.py --device cuda --json torch_step_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from benchmarks.models import MODEL_NAMES, SPECS, build_model, count_parameters, make_batch  # noqa: E402
+
+__all__ = [
+    "MODES",
+    "Config",
+    "Stepper",
+    "build_stepper",
+    "main",
+    "markdown_tables",
+    "measure_memory",
+    "parse_args",
+    "time_interleaved",
+]
+
+MODES: tuple[str, ...] = (
+    "nonprivate",
+    "dp_torch-hooks",
+    "dp_torch-ghost",
+    "opacus-hooks",
+    "opacus-ghost",
+)
+_LR = 1e-3
+_NOISE = 1.0
+_CLIP = 1.0
+_SEED = 0
+#: Notices that say nothing about the measurement (Opacus' full backward hooks on the first
+#: layer, whose input needs no gradient). Filtered for every mode alike.
+_QUIET = ("Full backward hook is firing when gradients are computed with respect to module "
+          "outputs since no inputs require gradients")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One measured configuration (everything a subprocess needs to rebuild it).
+
+    Attributes:
+        model: A name from :data:`benchmarks.models.MODEL_NAMES`.
+        mode: One of :data:`MODES`.
+        batch: Fixed batch size of the timed steps.
+        seq_len: Sequence length for token models, else ``None``.
+        device: ``"cpu"`` or ``"cuda"``.
+        threads: ``torch.set_num_threads`` value.
+        warmup: Untimed steps before measuring.
+    """
+
+    model: str
+    mode: str
+    batch: int
+    seq_len: Optional[int]
+    device: str
+    threads: int
+    warmup: int
+
+
+class Stepper:
+    """A ready-to-step training configuration: call it to run one full step."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: Any,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> None:
+        """Hold the objects of one configuration.
+
+        Args:
+            module: The (possibly wrapped) model.
+            optimizer: The (possibly DP) optimizer.
+            criterion: The (possibly ghost-clipping) loss.
+            inputs: The fixed batch.
+            labels: Its labels.
+        """
+        self.module = module
+        self.optimizer = optimizer
+        self.criterion = criterion
+        self.inputs = inputs
+        self.labels = labels
+
+    def __call__(self) -> None:
+        """``zero_grad``, forward, loss, backward and ``optimizer.step()``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.criterion(self.module(self.inputs), self.labels)
+        loss.backward()
+        self.optimizer.step()
+
+
+def _framework(mode: str) -> tuple[str, str]:
+    library, _, grad_sample_mode = mode.partition("-")
+    return library, grad_sample_mode
+
+
+def _opacus_available() -> bool:
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _lstm_class(library: str) -> type[nn.Module]:
+    if library == "dp_torch":
+        from dp_torch.layers import DPLSTM
+
+        return DPLSTM
+    if library == "opacus":
+        from opacus.layers import DPLSTM as OpacusDPLSTM
+
+        return OpacusDPLSTM
+    return nn.LSTM
+
+
+def _engine(library: str) -> Any:
+    if library == "dp_torch":
+        from dp_torch import PrivacyEngine
+
+        return PrivacyEngine(accountant="rdp")
+    from opacus import PrivacyEngine as OpacusPrivacyEngine
+
+    with warnings.catch_warnings():  # Opacus' "secure RNG turned off" notice
+        warnings.simplefilter("ignore")
+        return OpacusPrivacyEngine(accountant="rdp")
+
+
+def build_stepper(config: Config) -> Stepper:
+    """Build the model, optimizer and loss of ``config`` and move its batch to the device.
+
+    The DP objects come from ``make_private`` on a Poisson data loader over
+    ``4 * batch`` synthetic examples (so the expected batch is ``batch``); the steps use
+    one fixed batch. Weights are seeded identically for every mode.
+
+    Args:
+        config: The configuration.
+
+    Returns:
+        The :class:`Stepper`.
+
+    Raises:
+        ValueError: If ``config.mode`` is unknown.
+    """
+    if config.mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {config.mode!r}.")
+    library, grad_sample_mode = _framework(config.mode)
+    device = torch.device(config.device)
+    torch.manual_seed(_SEED)
+    model = build_model(config.model, lstm_cls=_lstm_class(library), seq_len=config.seq_len)
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=_LR)
+    criterion: Any = nn.CrossEntropyLoss()
+    data = torch.Generator().manual_seed(_SEED)
+    inputs, labels = make_batch(config.model, config.batch, seq_len=config.seq_len, generator=data)
+    if library != "nonprivate":
+        pool = make_batch(config.model, 4 * config.batch, seq_len=config.seq_len, generator=data)
+        loader = DataLoader(TensorDataset(*pool), batch_size=config.batch)
+        engine = _engine(library)
+        kwargs: dict[str, Any] = {}
+        if grad_sample_mode == "ghost":
+            kwargs["criterion"] = criterion
+        with warnings.catch_warnings():
+            if library == "opacus":  # its notices about secure RNG and hooks, not ours
+                warnings.simplefilter("ignore")
+            made = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=_NOISE, max_grad_norm=_CLIP, poisson_sampling=True,
+                grad_sample_mode=grad_sample_mode, **kwargs,
+            )
+        if grad_sample_mode == "ghost":
+            model, optimizer, criterion, _ = made
+        else:
+            model, optimizer, _ = made
+    return Stepper(model, optimizer, criterion, inputs.to(device), labels.to(device))
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(step: Callable[[], None], device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_interleaved(
+    steppers: dict[str, Stepper], *, steps: int, warmup: int, device: str
+) -> dict[str, list[float]]:
+    """Step every configuration in rotating rounds; return each one's step times (s).
+
+    Args:
+        steppers: Configurations by mode.
+        steps: Timed rounds.
+        warmup: Untimed rounds first.
+        device: ``"cpu"`` or ``"cuda"`` (CUDA is synchronised around each step).
+
+    Returns:
+        The ``steps`` measured durations of each mode, in seconds.
+    """
+    names = list(steppers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + steps):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed = _timed(steppers[name], device)
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+# ---------------------------------------------------------------------- memory (subprocess)
+
+
+def _rss_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _memory_worker(config: Config) -> dict[str, Any]:
+    """Run ``config`` alone (warm-up + 2 steps) and measure its peak memory in MiB."""
+    torch.set_num_threads(config.threads)
+    warnings.filterwarnings("ignore", message=_QUIET)
+    stepper = build_stepper(config)
+    if config.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(config.warmup + 2):
+            stepper()
+        torch.cuda.synchronize()
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20, "memory_kind": "cuda-peak"}
+    before = _rss_kib("VmRSS")
+    reset = _reset_peak_rss()
+    base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(config.warmup + 2):
+        stepper()
+    if reset and before is not None:
+        peak = _rss_kib("VmHWM")
+        if peak is not None:
+            return {"peak_mib": max(peak - before, 0) / 1024, "memory_kind": "rss-growth"}
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_maxrss
+    return {"peak_mib": max(grown, 0) / 1024, "memory_kind": "maxrss-growth (lower bound)"}
+
+
+def measure_memory(config: Config, *, timeout: float = 600.0) -> dict[str, Any]:
+    """Peak memory of ``config`` measured in a fresh Python process.
+
+    Args:
+        config: The configuration.
+        timeout: Seconds before the subprocess is abandoned.
+
+    Returns:
+        ``{"peak_mib": float, "memory_kind": str}``, or ``{"memory_error": str}``.
+    """
+    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--_memory-worker",
+               json.dumps(dataclasses.asdict(config))]
+    env = dict(os.environ)
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return {"memory_error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"memory_error": f"exit {done.returncode}: {tail}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------- driver
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    batch_scale: float
+    seq_scale: float
+    steps: int
+    warmup: int
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+    if args.smoke:
+        return _Plan(batch_scale=0.0, seq_scale=1 / 16, steps=1, warmup=1)
+    if args.quick:
+        return _Plan(batch_scale=args.batch_scale or 0.125, seq_scale=args.seq_scale or 1.0,
+                     steps=args.steps or 7, warmup=args.warmup or 2)
+    default_scale = 1.0 if args.device == "cuda" else 0.25
+    return _Plan(batch_scale=args.batch_scale or default_scale, seq_scale=args.seq_scale or 1.0,
+                 steps=args.steps or (20 if args.device == "cuda" else 10),
+                 warmup=args.warmup or 3)
+
+
+def _sizes(model: str, plan: _Plan) -> tuple[int, Optional[int]]:
+    spec = SPECS[model]
+    batch = max(2, round(spec.batch * plan.batch_scale))
+    seq = None if spec.seq_len is None else max(2, round(spec.seq_len * plan.seq_scale))
+    return batch, seq
+
+
+def _error_text(error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}"[:200]
+
+
+def _bench_model(model: str, modes: Sequence[str], plan: _Plan, args: argparse.Namespace,
+                 log: Callable[[str], None]) -> list[dict[str, Any]]:
+    batch, seq = _sizes(model, plan)
+    rows: dict[str, dict[str, Any]] = {}
+    steppers: dict[str, Stepper] = {}
+    for mode in modes:
+        config = Config(model, mode, batch, seq, args.device, args.threads, plan.warmup)
+        rows[mode] = {**dataclasses.asdict(config), "title": SPECS[model].title}
+        try:
+            steppers[mode] = build_stepper(config)
+            rows[mode]["params"] = count_parameters(steppers[mode].module)
+            _timed(steppers[mode], args.device)  # fail here, not in the middle of a round
+        except Exception as error:  # noqa: BLE001  (a failing library is a result)
+            rows[mode]["error"] = _error_text(error)
+            steppers.pop(mode, None)
+            log(f"  {model:12s} {mode:15s} FAILED: {rows[mode]['error']}")
+            if args.verbose:
+                traceback.print_exc()
+    times = time_interleaved(steppers, steps=plan.steps, warmup=plan.warmup, device=args.device)
+    del steppers
+    for mode, durations in times.items():
+        rows[mode]["step_ms"] = [1e3 * t for t in durations]
+        rows[mode]["median_ms"] = 1e3 * statistics.median(durations)
+        rows[mode]["min_ms"] = 1e3 * min(durations)
+    for mode in modes:
+        if "median_ms" in rows[mode] and not args.no_memory:
+            config = Config(model, mode, batch, seq, args.device, args.threads, plan.warmup)
+            rows[mode].update(measure_memory(config))
+        log(_row_log(rows[mode]))
+    _add_ratios(rows)
+    return [rows[mode] for mode in modes]
+
+
+def _row_log(row: dict[str, Any]) -> str:
+    if "median_ms" not in row:
+        return f"  {row['model']:12s} {row['mode']:15s} failed"
+    memory = f"{row['peak_mib']:.0f} MiB" if "peak_mib" in row else row.get("memory_error", "-")
+    return f"  {row['model']:12s} {row['mode']:15s} {row['median_ms']:9.2f} ms  {memory}"
+
+
+def _add_ratios(rows: dict[str, dict[str, Any]]) -> None:
+    base = rows.get("nonprivate", {}).get("median_ms")
+    for mode, row in rows.items():
+        if "median_ms" not in row:
+            continue
+        if base:
+            row["vs_nonprivate"] = row["median_ms"] / base
+        library, grad_sample_mode = _framework(mode)
+        twin = rows.get(f"opacus-{grad_sample_mode}", {}).get("median_ms")
+        if library == "dp_torch" and twin:
+            row["vs_opacus"] = row["median_ms"] / twin
+
+
+def _cell(row: Optional[dict[str, Any]], ratio: bool) -> str:
+    if row is None:
+        return "-"
+    if "median_ms" not in row:
+        return "fails" if "error" in row else "-"
+    text = f"{row['median_ms']:.2f} ms"
+    if ratio and "vs_nonprivate" in row:
+        text += f" ({row['vs_nonprivate']:.1f}x)"
+    return text
+
+
+def markdown_tables(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
+    """The step-time table (with ratios) and the memory table, in markdown.
+
+    Args:
+        results: Rows as produced by this script (one per model and mode).
+        modes: Column order.
+
+    Returns:
+        The time table, then (when memory was measured) the memory table after a blank line.
+    """
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in results:
+        by_model.setdefault(row["model"], {})[row["mode"]] = row
+    dp_modes = [m for m in modes if m != "nonprivate"]
+    ours = [m for m in dp_modes if m.startswith("dp_torch")]
+    head = ["model", "batch"] + list(modes) + [f"{m.split('-')[1]} ours/Opacus" for m in ours]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, rows in by_model.items():
+        any_row = next(iter(rows.values()))
+        title = any_row["title"]
+        if any_row["seq_len"] is not None:
+            title += f", seq {any_row['seq_len']}"
+        cells = [title, str(any_row["batch"])]
+        cells += [_cell(rows.get(m), ratio=m != "nonprivate") for m in modes]
+        cells += [f"{rows[m]['vs_opacus']:.2f}" if "vs_opacus" in rows.get(m, {}) else "-"
+                  for m in ours]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not any("peak_mib" in row or "memory_error" in row for row in results):
+        return "\n".join(lines)
+    mem_head = ["model"] + [f"{m} MiB" for m in modes]
+    lines += ["", "| " + " | ".join(mem_head) + " |", "|" + "---|" * len(mem_head)]
+    for model, rows in by_model.items():
+        cells = [model] + [
+            f"{rows[m]['peak_mib']:.0f}" if "peak_mib" in rows.get(m, {}) else
+            ("fails" if "error" in rows.get(m, {}) or "memory_error" in rows.get(m, {}) else "-")
+            for m in modes
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def _csv(choices: Sequence[str], flag: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        bad = [item for item in items if item not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{flag} got {text!r}; use a comma-separated subset of {','.join(choices)}")
+        return items
+
+    return parse
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring).
+
+    Args:
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The parsed options.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--models", type=_csv(MODEL_NAMES, "--models"), default=list(MODEL_NAMES))
+    parser.add_argument("--modes", type=_csv(MODES, "--modes"), default=list(MODES))
+    parser.add_argument("--batch-scale", type=_positive(float), default=None,
+                        help="reference batch x this (default 1 on cuda, 0.25 on cpu, "
+                        "0.125 with --quick)")
+    parser.add_argument("--seq-scale", type=_positive(float), default=None,
+                        help="reference sequence lengths x this (default 1)")
+    parser.add_argument("--steps", type=_positive(int), default=None, help="timed rounds")
+    parser.add_argument("--warmup", type=_positive(int), default=None, help="untimed rounds")
+    parser.add_argument("--threads", type=_positive(int),
+                        default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else (os.cpu_count() or 1), help="torch.set_num_threads (default: all)")
+    parser.add_argument("--quick", action="store_true", help="CPU sizes for a ~10 minute run")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 step: a rot check")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    parser.add_argument("--_memory-worker", dest="memory_worker", default=None,
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and args.memory_worker is None and not torch.cuda.is_available():
+        parser.error("--device cuda was given but torch.cuda.is_available() is False; "
+                     "use --device cpu.")
+    return args
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _environment(args: argparse.Namespace, plan: _Plan) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": args.device, "torch": torch.__version__, "python": platform.python_version(),
+        "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+        "steps": plan.steps, "warmup": plan.warmup, "batch_scale": plan.batch_scale,
+        "seq_scale": plan.seq_scale, "optimizer": f"SGD(lr={_LR})",
+        "noise_multiplier": _NOISE, "max_grad_norm": _CLIP,
+    }
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    if _opacus_available():
+        import opacus
+
+        info["opacus"] = opacus.__version__
+    return info
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the benchmark, print the markdown tables, optionally write JSON.
+
+    Args:
+        argv: Command-line arguments; ``None`` reads ``sys.argv``.
+
+    Returns:
+        ``{"environment": {...}, "results": [row, ...], "table": str}``.
+    """
+    args = parse_args(argv)
+    if args.memory_worker is not None:
+        config = Config(**json.loads(args.memory_worker))
+        print(json.dumps(_memory_worker(config)), flush=True)
+        return {}
+    plan = _plan(args)
+    modes = [m for m in args.modes if not m.startswith("opacus") or _opacus_available()]
+    skipped = sorted(set(args.modes) - set(modes))
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    warnings.filterwarnings("ignore", message=_QUIET)
+    if skipped:
+        log(f"opacus is not importable: skipping {', '.join(skipped)}")
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with _threads(args.threads):
+        for model in args.models:
+            log(f"{model}: batch {_sizes(model, plan)[0]}, seq {_sizes(model, plan)[1]}")
+            results += _bench_model(model, modes, plan, args, log)
+    table = markdown_tables(results, modes)
+    environment = _environment(args, plan)
+    environment["wall_s"] = time.perf_counter() - started
+    print(table, flush=True)
+    output = {"environment": environment, "results": results, "table": table}
+    if args.json is not None:
+        args.json.write_text(json.dumps(output, indent=2) + "\n", encoding="utf-8")
+    return output
+
+
+if __name__ == "__main__":
+    main()
