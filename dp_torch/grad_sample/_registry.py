@@ -21,6 +21,7 @@ __all__ = [
     "NORM_SAMPLERS",
     "CALL_CONCATENATORS",
     "Sampler",
+    "find_call_concatenator",
     "find_sampler",
     "register_grad_sampler",
     "register_norm_sampler",
@@ -117,10 +118,36 @@ def find_sampler(registry: dict[type, Any], module: nn.Module) -> Optional[Any]:
     Returns:
         The entry, or ``None`` when there is none (the caller falls back to ``torch.func``).
     """
+    cls = _registered_class(registry, module)
+    return None if cls is None else registry[cls]
+
+
+def _registered_class(registry: dict[type, Any], module: nn.Module) -> Optional[type]:
     module_type = type(module)
     for cls in module_type.__mro__:
         if cls in registry:
             if cls is module_type or module_type.forward is cls.forward:
-                return registry[cls]
+                return cls
             return None
     return None
+
+
+def find_call_concatenator(sampler_registry: dict[type, Any], module: nn.Module) -> Optional[Callable]:
+    """Return the :data:`CALL_CONCATENATORS` entry that may merge ``module``'s calls, or ``None``.
+
+    Merging several calls into one and running the sampler once is valid only when the
+    concatenator was written for the sampler that will run: both must resolve to the same
+    registered class (a subclass with its own sampler but an inherited concatenator gets
+    ``None``, so its calls are processed one by one).
+
+    Args:
+        sampler_registry: :data:`GRAD_SAMPLERS` or :data:`NORM_SAMPLERS`.
+        module: The layer.
+
+    Returns:
+        ``concat(layer, [(activations, backprops), ...]) -> (activations, backprops)``, or ``None``.
+    """
+    cls = _registered_class(CALL_CONCATENATORS, module)
+    if cls is None or _registered_class(sampler_registry, module) is not cls:
+        return None
+    return CALL_CONCATENATORS[cls]

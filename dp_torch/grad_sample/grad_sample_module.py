@@ -21,6 +21,11 @@ Differences from Opacus 1.6, all deliberate:
 * Inputs are also recorded in ``eval()`` mode (only ``torch.no_grad`` turns recording off),
   so a model backpropagated in eval mode still gets correct per-sample gradients.
 * Subclasses of a registered layer class use its sampler (unless they override ``forward``).
+* A layer called several times in one forward (the ``RNNLinear`` of a recurrence) whose
+  class has a call concatenator (``nn.Linear``) does not run its sampler per call: its calls'
+  inputs and backprops are kept and, at the end of the backward pass, concatenated along the
+  sequence axis and sampled once (the sum of the calls' per-example gradients, as in the
+  ghost-clipping module). Accumulation buffers allocated here are added to in place.
 * The accumulation guard (:meth:`GradSampleHooks.forbid_grad_accumulation`) raises at the
   first hook of the offending backward pass, before any ``p.grad`` or ``p.grad_sample``
   has changed.
@@ -35,6 +40,7 @@ of a ``[max_batch_len, ...]`` buffer and ``"mean"`` is undone with ``max_batch_l
 from __future__ import annotations
 
 import logging
+import weakref
 from functools import partial
 from typing import Any, Iterable, Iterator, Optional
 
@@ -67,6 +73,16 @@ POISSON_ACCUMULATION_ERROR = (
 )
 
 
+#: Attribute set on the accumulation buffers this module allocates: only those are added to
+#: in place (a sampler's output may alias autograd's gradient buffer and is never modified).
+_OWNED_FLAG = "_dp_torch_owned_grad_sample"
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    setattr(t, _OWNED_FLAG, True)
+    return t
+
+
 def create_or_accumulate_grad_sample(
     *, param: torch.Tensor, grad_sample: torch.Tensor, max_batch_len: int
 ) -> None:
@@ -74,6 +90,8 @@ def create_or_accumulate_grad_sample(
 
     The buffer has ``max_batch_len`` rows; a contribution with fewer rows (a time step of a
     packed sequence) fills the first rows. A contribution with more rows grows the buffer.
+    A buffer allocated here is added to in place; a sampler's output stored as the buffer
+    (first contribution) is never modified, the first addition copies it.
 
     Args:
         param: The parameter.
@@ -89,19 +107,26 @@ def create_or_accumulate_grad_sample(
         if size == rows:
             param._current_grad_sample = grad_sample
             return
-        current = grad_sample.new_zeros((size, *grad_sample.shape[1:]))
+        current = _owned(grad_sample.new_zeros((size, *grad_sample.shape[1:])))
         current[:rows] = grad_sample
+    elif (
+        getattr(current, _OWNED_FLAG, False)
+        and current.shape[0] >= rows
+        and current.device == grad_sample.device
+        and torch.promote_types(current.dtype, grad_sample.dtype) == current.dtype
+    ):
+        current[:rows] += grad_sample
     elif current.shape[0] == rows:
         # Out of place: the stored tensor may be a sampler's output that aliases autograd's
         # gradient buffer, which must not be modified.
-        current = current + grad_sample
+        current = _owned(current + grad_sample)
     else:
         size = max(current.shape[0], rows)
         grown = torch.zeros((size, *current.shape[1:]), dtype=torch.promote_types(current.dtype, grad_sample.dtype),
                             device=current.device)
         grown[: current.shape[0]] = current
         grown[:rows] += grad_sample
-        current = grown
+        current = _owned(grown)
     param._current_grad_sample = current
 
 
@@ -253,6 +278,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._owned: dict = {}
         self._pending: dict = {}
         self._active_pass: Optional[int] = None
+        self._uses: dict = {}
+        self._stash: list = []
+        self._stashed_params: set = set()
         self.add_hooks(loss_reduction=loss_reduction, batch_first=batch_first, force_functorch=force_functorch)
 
     # ------------------------------------------------------------------ installation
@@ -423,7 +451,21 @@ class GradSampleHooks(AbstractGradSampleHooks):
         output.register_hook(partial(self._capture_backprops, record))
 
     def _on_new_call(self, record: _CallRecord, output: torch.Tensor) -> None:
-        """Extension point of the ghost-clipping subclass."""
+        """Count the call as a pending use of its parameters until its backward (or its death)."""
+        for p in record.params:
+            self._uses[id(p)] = self._uses.get(id(p), 0) + 1
+        weakref.finalize(record, self._release_uses, [id(p) for p in record.params], record.token)
+
+    def _release_uses(self, ids: list, token: list) -> None:
+        if token[0]:
+            return
+        token[0] = True
+        for key in ids:
+            left = self._uses.get(key, 0) - 1
+            if left > 0:
+                self._uses[key] = left
+            else:
+                self._uses.pop(key, None)
 
     # ------------------------------------------------------------------ backward side
 
@@ -487,9 +529,75 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 create_or_accumulate_grad_sample(param=p, grad_sample=gs, max_batch_len=max_len)
                 self._pending[id(p)] = p
 
+    def _call_concatenator(self, module: nn.Module) -> Any:
+        """The function merging this layer's calls for the sampler that will run, or ``None``."""
+        if self.force_functorch:
+            return None
+        return _registry.find_call_concatenator(self.GRAD_SAMPLERS, module)
+
     def _process_call(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> None:
+        ids = [id(p) for p in record.params]
+        repeated = not record.token[0] and any(
+            self._uses.get(key, 0) > 1 or key in self._stashed_params for key in ids
+        )
+        self._release_uses(ids, record.token)
+        if repeated and self._call_concatenator(record.module) is not None:
+            # A layer called several times (a recurrence): keep the calls and run the sampler
+            # once on their concatenation at the end of the pass (see _flush_stash).
+            self._stash_call(record, activations, backprops)
+        else:
+            self._accumulate_call(record, activations, backprops)
+
+    # ------------------------------------------------------------------ merged calls
+
+    def _stash_call(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> None:
+        self._stash.append((record, activations, backprops))
+        self._stashed_params.update(id(p) for p in record.params)
+
+    def _stash_by_module(self) -> dict:
+        """The stashed calls grouped by layer, in order of first appearance."""
+        by_module: dict = {}
+        for entry in self._stash:
+            by_module.setdefault(entry[0].module, []).append(entry)
+        return by_module
+
+    def _merge_calls(self, calls: list) -> Optional[tuple]:
+        """Merge stashed calls of ONE layer into one ``(record, activations, backprops)`` call.
+
+        The layer's concatenator puts the calls side by side along the sequence axis (rows
+        of calls with fewer examples are zero-padded), so one sampler run gives the sum of
+        the calls' per-example gradients.
+
+        Args:
+            calls: ``[(record, activations, backprops), ...]``, all of the same layer.
+
+        Returns:
+            The merged call, the single call itself, or ``None`` when the calls cannot be
+            merged (no concatenator, or the calls do not share the same parameter list).
+        """
+        module = calls[0][0].module
+        concat = self._call_concatenator(module)
+        params = [id(p) for p in calls[0][0].params]
+        if concat is None or any([id(p) for p in c[0].params] != params for c in calls):
+            return None
+        if len(calls) == 1:
+            return calls[0]
+        acts, backprops = concat(module, [(a, b) for _, a, b in calls])
+        max_len = max(r.max_batch_len if r.max_batch_len is not None else b.shape[0] for r, _, b in calls)
+        record = _CallRecord(module, (), {}, 0, max_len, list(calls[0][0].params))
         record.token[0] = True
-        self._accumulate_call(record, activations, backprops)
+        return record, _Activations(acts, {}, (0,), {}), backprops
+
+    def _flush_stash(self) -> None:
+        """End of a pass: per-sample gradients of the stashed calls, one sampler run per layer."""
+        try:
+            for calls in self._stash_by_module().values():
+                merged = self._merge_calls(calls)
+                for record, acts, backprops in [merged] if merged is not None else calls:
+                    self._accumulate_call(record, acts, backprops)
+        finally:
+            self._stash = []
+            self._stashed_params = set()
 
     # ------------------------------------------------------------------ pass bookkeeping
 
@@ -520,6 +628,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
             if hasattr(p, "_current_grad_sample"):
                 del p._current_grad_sample
         self._pending = {}
+        self._stash = []
+        self._stashed_params = set()
 
     def _end_pass(self) -> None:
         try:
@@ -529,6 +639,11 @@ class GradSampleHooks(AbstractGradSampleHooks):
             self._active_pass = None
 
     def _finish_pass(self) -> None:
+        try:
+            self._flush_stash()
+        except BaseException:
+            self._discard_pending()
+            raise
         for p in self._pending.values():
             promote_current_grad_sample(p)
 

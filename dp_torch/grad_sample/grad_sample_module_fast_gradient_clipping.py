@@ -24,7 +24,6 @@ reused for a parameter the current pass does not reach (it counts as zero).
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, Optional
 
 import torch
@@ -152,10 +151,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         self.use_ghost_clipping = use_ghost_clipping
         self.num_nonfinite_grad_samples = 0
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
-        self._uses: dict = {}
         self._touched: set = set()
-        self._stashed_params: set = set()
-        self._stash: list = []
         self._output_edges: list = []
         GradSampleHooks.__init__(
             self, m, batch_first=batch_first, loss_reduction=loss_reduction,
@@ -194,21 +190,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
     # ------------------------------------------------------------------ forward side
 
     def _on_new_call(self, record: _CallRecord, output: torch.Tensor) -> None:
-        for p in record.params:
-            self._uses[id(p)] = self._uses.get(id(p), 0) + 1
-        weakref.finalize(record, self._release_uses, [id(p) for p in record.params], record.token)
+        super()._on_new_call(record, output)
         self._output_edges.append(torch.autograd.graph.get_gradient_edge(output))
-
-    def _release_uses(self, ids: list, token: list) -> None:
-        if token[0]:
-            return
-        token[0] = True
-        for key in ids:
-            left = self._uses.get(key, 0) - 1
-            if left > 0:
-                self._uses[key] = left
-            else:
-                self._uses.pop(key, None)
 
     def take_output_edges(self) -> list:
         """Gradient edges of the hooked layer outputs recorded since the last backward pass.
@@ -226,6 +209,11 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             return None
         return _registry.find_sampler(self.NORM_SAMPLERS, module)
 
+    def _call_concatenator(self, module: nn.Module) -> Any:
+        if not self.use_ghost_clipping:
+            return None
+        return _registry.find_call_concatenator(self.NORM_SAMPLERS, module)
+
     def _process_call(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> None:
         first_use = not record.token[0]
         single = first_use and all(
@@ -239,8 +227,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
                 if p.requires_grad:
                     p._norm_sample = norm
         elif norm_sampler is not None:
-            self._stash.append((record, activations, backprops))
-            self._stashed_params.update(id(p) for p in record.params)
+            self._stash_call(record, activations, backprops)
         else:
             self._accumulate_call(record, activations, backprops)
             for p in record.params:
@@ -277,9 +264,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
 
     def _components(self) -> list[list]:
         """Group stashed calls into sets of layers that share parameters."""
-        by_module: dict = {}
-        for entry in self._stash:
-            by_module.setdefault(entry[0].module, []).append(entry)
+        by_module = self._stash_by_module()
         param_owner: dict = {}
         parent = {m: m for m in by_module}
 
@@ -299,27 +284,23 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         return [[by_module[m] for m in members] for members in groups.values()]
 
     def _flush_stash(self) -> None:
-        for component in self._components():
-            calls = [entry for entries in component for entry in entries]
-            module = calls[0][0].module
-            params = calls[0][0].params
-            concat = _registry.find_sampler(_registry.CALL_CONCATENATORS, module)
-            mergeable = (
-                len(component) == 1
-                and concat is not None
-                and not any(id(p) in self._pending for p in params)
-            )
-            if mergeable:
-                acts, backprops = concat(module, [(a, b) for _, a, b in calls])
-                acts = _Activations(acts, {}, (0,), {})
-                for p, norm in self._norm_sampler_for(module)(module, acts, backprops).items():
-                    if p.requires_grad:
-                        p._norm_sample = norm
-            else:
-                for record, acts, backprops in calls:
-                    self._accumulate_call(record, acts, backprops)
-        self._stash = []
-        self._stashed_params = set()
+        try:
+            for component in self._components():
+                calls = [entry for entries in component for entry in entries]
+                merged = None
+                if len(component) == 1 and not any(id(p) in self._pending for p in calls[0][0].params):
+                    merged = self._merge_calls(calls)
+                if merged is not None:
+                    record, acts, backprops = merged
+                    for p, norm in self._norm_sampler_for(record.module)(record.module, acts, backprops).items():
+                        if p.requires_grad:
+                            p._norm_sample = norm
+                else:
+                    for record, acts, backprops in calls:
+                        self._accumulate_call(record, acts, backprops)
+        finally:
+            self._stash = []
+            self._stashed_params = set()
 
     def _finish_pass(self) -> None:
         self._flush_stash()
@@ -340,10 +321,6 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             total[: n.shape[0]] += n.to(dtype).pow(2)
         self._per_sample_gradient_norms = total.sqrt()
         self.num_nonfinite_grad_samples += int((~torch.isfinite(self._per_sample_gradient_norms)).sum())
-
-    def _discard_pending(self) -> None:
-        super()._discard_pending()
-        self._stash = []
 
 
 class GradSampleModuleFastGradientClipping(GradSampleHooksFastGradientClipping, AbstractGradSampleModule):

@@ -597,3 +597,71 @@ def test_composite_model(dtype, loss_reduction) -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 2, 4, 4, dtype=dtype)
     _check(_single_layer_case(Composite().to(dtype), x, 4, 0), dtype, loss_reduction)
+
+
+# --------------------------------------------------------------------------- merged calls
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_repeated_calls_merged_into_one_sampler_run(packed, monkeypatch) -> None:
+    """A layer called at every time step runs its sampler once per pass; grads match the loop,
+    and a second backward pass accumulates into a list."""
+    from dp_torch.grad_sample import GradSampleModule, _registry
+    from tests.dp_torch.test_grad_sample_oracle import batch_loss, trainable_named
+    import copy
+
+    torch.manual_seed(0)
+    steps, batch = 16, 3
+    lengths = torch.tensor([16, 9, 2]) if packed else None
+    x = torch.randn(steps, batch, 3, dtype=torch.float64)
+    model = TinyRNN().double()
+    model.hh.bias.requires_grad_(False)
+
+    class Padded(nn.Module):
+        def __init__(self, rnn):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, inp, lens=None):
+            out = self.rnn(inp, lens)
+            pad = steps - out.shape[0]
+            return torch.cat([out, out.new_zeros(pad, *out.shape[1:])]) if pad else out
+
+    def example(i: int) -> tuple:
+        n = steps if lengths is None else int(lengths[i])
+        return (x[:n, i : i + 1], None if lengths is None else lengths[i : i + 1])
+
+    case = Case(Padded(model), (x, lengths), example, batch, batch_dim=1)
+    expected, _ = loop_per_example_grads(case)
+    calls = []
+    sampler = _registry.GRAD_SAMPLERS[nn.Linear]
+    monkeypatch.setitem(_registry.GRAD_SAMPLERS, nn.Linear,
+                        lambda *a: calls.append(a[2].shape) or sampler(*a))
+    gsm = GradSampleModule(copy.deepcopy(case.model), batch_first=False, loss_reduction="sum")
+    for _ in range(2):
+        batch_loss(case, gsm(x, lengths), "sum").backward()
+    assert calls == [(batch, steps, 4), (batch, steps, 4)] * 2  # hh then ih, one run each, per pass
+    actual = trainable_named(gsm)
+    assert "rnn.hh.bias" not in expected and getattr(gsm._module.rnn.hh.bias, "grad_sample", None) is None
+    for name, p in actual.items():
+        assert isinstance(p.grad_sample, list) and len(p.grad_sample) == 2
+        for gs in p.grad_sample:
+            assert_grads_close({name: gs}, {name: expected[name]}, torch.float64)
+
+
+def test_accumulation_adds_in_place_only_to_owned_buffers() -> None:
+    """The first contribution (which may alias autograd's buffer) is never modified; the
+    buffer made by the first addition is reused in place afterwards."""
+    from dp_torch.grad_sample import create_or_accumulate_grad_sample
+    from tests.tolerance import assert_close
+
+    p = nn.Parameter(torch.zeros(2))
+    first, second, third = torch.ones(3, 2), torch.full((3, 2), 2.0), torch.full((2, 2), 4.0)
+    create_or_accumulate_grad_sample(param=p, grad_sample=first, max_batch_len=3)
+    assert p._current_grad_sample is first
+    create_or_accumulate_grad_sample(param=p, grad_sample=second, max_batch_len=3)
+    buffer = p._current_grad_sample
+    assert torch.equal(first, torch.ones(3, 2)) and torch.equal(second, torch.full((3, 2), 2.0))
+    create_or_accumulate_grad_sample(param=p, grad_sample=third, max_batch_len=3)
+    assert p._current_grad_sample is buffer
+    assert_close(buffer, torch.tensor([[7.0, 7.0], [7.0, 7.0], [3.0, 3.0]]), rtol=0.0)
