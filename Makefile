@@ -19,6 +19,7 @@ test: venv
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet -e ".[torch,jax,test]"
 	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m conformance
 
 test-quick: venv
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
