@@ -338,7 +338,9 @@ def test_collate_wrapper_survives_pickling_for_worker_processes():
 
 
 def test_worker_processes_produce_empty_batches():
-    loader = DPDataLoader(tensor_dataset(20), sample_rate=0.05, seed=1, num_workers=1)
+    # spawn, not fork: the suite also loads JAX, whose threads make fork unsafe (and warn)
+    loader = DPDataLoader(tensor_dataset(20), sample_rate=0.05, seed=1, num_workers=1,
+                          multiprocessing_context="spawn")
     shapes = [tuple(x.shape) for x, _ in loader]
     want = [(len(b), 3, 4) for b in core_sampling.poisson_batches(20, 0.05, 20, 1)]
     assert shapes == want and (0, 3, 4) in shapes
