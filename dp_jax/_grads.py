@@ -109,9 +109,24 @@ def _factor(norms: jax.Array, bound: Any) -> jax.Array:
 
 
 def _weighted_sum(g: jax.Array, factor: jax.Array, keep: jax.Array) -> jax.Array:
+    """``sum_i factor_i * g_i`` over the kept rows; dropped rows contribute exactly zero.
+
+    On CPU a contraction (``tensordot``) is used: XLA's CPU backend turns the
+    broadcast-multiply-and-reduce form into a slow loop (4.6 s against 3 ms for a
+    [64, 784, 512] leaf). Elsewhere the elementwise form lets XLA fuse the sum
+    with the per-example gradients so they are never stored.
+    """
     shape = (g.shape[0],) + (1,) * (g.ndim - 1)
     selected = jnp.where(jnp.reshape(keep, shape), g, jnp.zeros((), g.dtype))
-    return jnp.sum(selected * jnp.reshape(factor.astype(g.dtype), shape), axis=0)
+    weights = factor.astype(g.dtype)
+
+    def contract(rows: jax.Array, w: jax.Array) -> jax.Array:
+        return jnp.tensordot(w, rows, axes=1, precision=jax.lax.Precision.HIGHEST)
+
+    def fused(rows: jax.Array, w: jax.Array) -> jax.Array:
+        return jnp.sum(rows * jnp.reshape(w, shape), axis=0)
+
+    return jax.lax.platform_dependent(selected, weights, cpu=contract, default=fused)
 
 
 def _norm_dtype(leaves: list[jax.Array]) -> Any:

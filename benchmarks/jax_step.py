@@ -1,0 +1,639 @@
+"""DP-SGD step time in JAX: non-private, dp_jax and optax's contrib DP-SGD, side by side.
+
+For each of the four flax models of :mod:`benchmarks.models_flax` (MLP, CNN, LSTM,
+transformer; REFERENCE.md's shapes, twins of :mod:`benchmarks.models`) this script times,
+in one run, one jitted training step (plain SGD everywhere, learning rate 1e-3) of:
+
+* ``nonprivate``: ``jax.grad`` of the batch-mean cross-entropy of the batched model (no
+  vmap) and ``optax.sgd``;
+* ``dp_jax``: the step of ``dp_jax.PrivacyEngine().make_private(...)`` (what a user runs):
+  per-example gradients by ``vmap(grad)``, flat clipping at 1, the clipped sum
+  accumulated, Gaussian noise (multiplier 1) added once, division by the expected batch
+  size, ``optax.sgd``; called with ``apply_update=True`` and an all-``True`` mask;
+* ``dp_jax-sgd``: the optax-style path, ``dp_jax.per_example_grads`` then
+  ``dp_jax.dp_sgd`` (clip + noise + sgd in one transformation), ``mask`` all ``True``;
+* ``optax-contrib``: ``vmap(grad)`` then ``optax.contrib.differentially_private_aggregate``
+  chained with ``optax.sgd`` (optax 0.2.8's own DP-SGD; ``optax.contrib.dpsgd`` is the
+  same chain but takes only a deprecated integer seed).
+
+The DP modes differentiate the same per-example loss (``dp_jax.linen_loss``: the model on
+one example with a batch axis of one) and use the same clipping bound and noise
+multiplier. Each step is compiled ahead of time (``jax.jit(...).lower(...).compile()``,
+the compile time is reported) and then called on one fixed batch of exactly the stated
+size that lives on the device, its new state fed back into the next call; batch sampling
+is not timed.
+
+Time: the modes of one model are stepped in interleaved rounds (one step of each per
+round, the order rotating) so that load from other processes affects them alike; the
+figure is the median over ``--steps`` rounds after ``--warmup`` rounds, each step timed
+with ``time.perf_counter`` around the call and ``jax.block_until_ready`` on its outputs.
+A mode so slow that its rounds would exceed ``--mode-budget`` seconds (default 30) skips
+the warm-up rounds (its first, checked call after compiling already ran it once) and is
+timed over ``floor(budget / first step)`` rounds, at least 3; ``step_ms`` in the JSON
+lists every timed step.
+Memory: XLA's own estimate of each compiled step's temporary buffers
+(``compiled.memory_analysis().temp_size_in_bytes``; parameters, inputs and outputs not
+included), where the backend reports it.
+
+``--profile`` adds component timings per model (same rounds), to see where a DP step's
+time goes: ``forward`` (batched forward + loss), ``grad`` (the non-private gradient
+without the optimizer), ``pe-grad-sum`` (per-example gradients by ``vmap(grad)``, summed
+unclipped), ``pe-norms`` (per-example gradients and their L2 norms only),
+``clipped-sum`` (``dp_jax.clipped_grad``: per-example gradients, clip and sum; no noise,
+no optimizer), ``noise`` (drawing and adding the Gaussian noise alone) and, with
+``--microbatch K``, ``dp_jax-mb`` (the engine step with ``microbatch_size=K``).
+
+Sizes (batch = reference batch x ``--batch-scale``, at least 2; sequence lengths x
+``--seq-scale``), the same as ``benchmarks/torch_step.py``'s so the two can be compared:
+
+=============  ====  ===  ====  ===========  ===============================================
+setting        mlp   cnn  lstm  transformer  notes
+=============  ====  ===  ====  ===========  ===============================================
+gpu default    1024  512  256   64           reference sizes; 20 steps, 3 warm-up rounds
+cpu default    256   128  64    16           ``--batch-scale 0.25``; 10 steps, 3 warm-up
+``--quick``    128   64   32    8            ``--batch-scale 0.125``; 7 steps, 2 warm-up
+``--smoke``    2     2    2     2            seq lstm 4, transformer 8; 1 step, no warm-up
+=============  ====  ===  ====  ===========  ===============================================
+
+Sequence lengths are the reference ones (LSTM 64, transformer 128) except with
+``--smoke``. The device is whatever JAX picks (``jax.devices()[0]``: a GPU when JAX sees
+one, else the CPU).
+
+Known issue (seen 2026-11-28 with JAX 0.11.2 on an H200, not a bug of this script): the
+``dp_jax`` and ``dp_jax-sgd`` MLP steps at batch 1024 crashed XLA's GPU autotuner with
+``CUDA_ERROR_MISALIGNED_ADDRESS`` (which also poisons the process for the later modes);
+``XLA_FLAGS=--xla_gpu_autotune_level=0`` avoided it, ``--xla_gpu_enable_triton_gemm=false``
+did not.
+
+Examples::
+
+    python benchmarks/jax_step.py --quick --json jax_step.json        # CPU, ~5 min on 2 cores
+    python benchmarks/jax_step.py --quick --profile --models mlp,transformer
+    python benchmarks/jax_step.py --json jax_step_gpu.json             # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import optax.contrib  # noqa: E402
+
+import dp_jax  # noqa: E402
+from benchmarks.models_flax import (  # noqa: E402
+    MODEL_NAMES,
+    SPECS,
+    build_model,
+    count_parameters,
+    init_params,
+    make_batch,
+)
+
+__all__ = [
+    "COMPONENTS",
+    "MODES",
+    "Config",
+    "Runner",
+    "build_runner",
+    "main",
+    "markdown_table",
+    "rounds_for",
+    "time_interleaved",
+]
+
+MODES: tuple[str, ...] = ("nonprivate", "dp_jax", "dp_jax-sgd", "optax-contrib")
+COMPONENTS: tuple[str, ...] = (
+    "forward", "grad", "pe-grad-sum", "pe-norms", "clipped-sum", "noise", "dp_jax-mb",
+)
+_LR = 1e-3
+_NOISE = 1.0
+_CLIP = 1.0
+_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One measured configuration.
+
+    Attributes:
+        model: A name from :data:`benchmarks.models_flax.MODEL_NAMES`.
+        mode: One of :data:`MODES` or :data:`COMPONENTS`.
+        batch: Fixed batch size of the timed steps.
+        seq_len: Sequence length for token models, else ``None``.
+        microbatch: ``microbatch_size`` of the ``dp_jax-mb`` component, else ``None``.
+    """
+
+    model: str
+    mode: str
+    batch: int
+    seq_len: Optional[int]
+    microbatch: Optional[int] = None
+
+
+class Runner:
+    """A compiled step and its carried state: call it to run (and wait for) one step.
+
+    Attributes:
+        compiled: The ahead-of-time compiled function ``f(carry, *args)``.
+        carry: The first argument; replaced by the step's new state when ``threaded``.
+        args: The other (fixed) arguments, already on the device.
+        threaded: Whether ``f`` returns ``(new_carry, extra)`` to feed back.
+        compile_s: Seconds spent lowering and compiling.
+        temp_mib: XLA's temporary-buffer estimate in MiB, or ``None``.
+    """
+
+    def __init__(self, fn: Callable[..., Any], carry: Any, args: tuple[Any, ...], *,
+                 threaded: bool) -> None:
+        """Compile ``fn`` for ``(carry, *args)``.
+
+        Args:
+            fn: A jittable function, or an already ``jax.jit``-wrapped one.
+            carry: First argument (the training state, or the parameters).
+            args: Remaining arguments.
+            threaded: ``fn`` returns ``(new_carry, extra)`` and the carry is fed back.
+        """
+        jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+        start = time.perf_counter()
+        self.compiled = jitted.lower(carry, *args).compile()
+        self.compile_s = time.perf_counter() - start
+        self.carry = carry
+        self.args = args
+        self.threaded = threaded
+        self.temp_mib = _temp_mib(self.compiled)
+
+    def __call__(self) -> None:
+        """Run one step and block until its outputs are ready."""
+        out = self.compiled(self.carry, *self.args)
+        jax.block_until_ready(out)
+        if self.threaded:
+            self.carry = out[0]
+
+
+def _temp_mib(compiled: Any) -> Optional[float]:
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001  (not every backend implements it)
+        return None
+    size = getattr(analysis, "temp_size_in_bytes", None)
+    return None if size is None else size / 2**20
+
+
+# ---------------------------------------------------------------------- the steps
+
+
+def _batched_loss(module: Any) -> Callable[[Any, Any, Any], jax.Array]:
+    def loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        logits = module.apply({"params": params}, x)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    return loss
+
+
+def _nonprivate(module: Any, params: Any, x: Any, y: Any) -> Runner:
+    loss = _batched_loss(module)
+    tx = optax.sgd(_LR)
+
+    def step(state, x, y):
+        params, opt_state = state
+        grads = jax.grad(loss)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), None
+
+    return Runner(step, (params, tx.init(params)), (x, y), threaded=True)
+
+
+def _dp_engine(module: Any, params: Any, x: Any, y: Any, microbatch: Optional[int]) -> Runner:
+    engine = dp_jax.PrivacyEngine(accountant="rdp")
+    private = engine.make_private(
+        loss_fn=dp_jax.linen_loss(module), params=params, optimizer=optax.sgd(_LR),
+        data={"x": np.asarray(x), "y": np.asarray(y)}, sample_rate=1.0,
+        noise_multiplier=_NOISE, max_grad_norm=_CLIP, seed=_SEED, microbatch_size=microbatch,
+    )
+    mask = jnp.ones((x.shape[0],), bool)
+    apply = jnp.asarray(True)
+    return Runner(private.step, private.state, ({"x": x, "y": y}, mask, apply), threaded=True)
+
+
+def _dp_transform(module: Any, params: Any, x: Any, y: Any) -> Runner:
+    loss_fn = dp_jax.linen_loss(module)
+    tx = dp_jax.dp_sgd(_LR, _NOISE, _CLIP, int(x.shape[0]), jax.random.key(_SEED))
+
+    def step(state, batch, mask):
+        params, opt_state = state
+        grads = dp_jax.per_example_grads(loss_fn, params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params, mask=mask)
+        return (optax.apply_updates(params, updates), opt_state), None
+
+    mask = jnp.ones((x.shape[0],), bool)
+    return Runner(step, (params, tx.init(params)), ({"x": x, "y": y}, mask), threaded=True)
+
+
+def _optax_contrib(module: Any, params: Any, x: Any, y: Any) -> Runner:
+    loss_fn = dp_jax.linen_loss(module)
+    tx = optax.chain(
+        optax.contrib.differentially_private_aggregate(_CLIP, _NOISE, key=jax.random.key(_SEED)),
+        optax.sgd(_LR),
+    )
+
+    def step(state, batch):
+        params, opt_state = state
+        grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), None
+
+    return Runner(step, (params, tx.init(params)), ({"x": x, "y": y},), threaded=True)
+
+
+def _component(name: str, module: Any, params: Any, x: Any, y: Any) -> Runner:
+    """A non-threaded function of ``(params, *args)`` that isolates one part of a DP step."""
+    loss = _batched_loss(module)
+    loss_fn = dp_jax.linen_loss(module)
+    batch = {"x": x, "y": y}
+    vgrad = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
+    if name == "forward":
+        return Runner(loss, params, (x, y), threaded=False)
+    if name == "grad":
+        return Runner(jax.grad(loss), params, (x, y), threaded=False)
+    if name == "pe-grad-sum":
+        def pe_sum(params, batch):
+            return jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), vgrad(params, batch))
+
+        return Runner(pe_sum, params, (batch,), threaded=False)
+    if name == "pe-norms":
+        def pe_norms(params, batch):
+            leaves = jax.tree_util.tree_leaves(vgrad(params, batch))
+            return jnp.sqrt(sum(jnp.sum(jnp.reshape(g, (g.shape[0], -1)) ** 2, axis=1)
+                                for g in leaves))
+
+        return Runner(pe_norms, params, (batch,), threaded=False)
+    if name == "clipped-sum":
+        grad_fn = dp_jax.clipped_grad(loss_fn, _CLIP)
+        return Runner(lambda p, b: grad_fn(p, b)[0], params, (batch,), threaded=False)
+    if name == "noise":
+        def noised(params, key):
+            leaves, treedef = jax.tree_util.tree_flatten(params)
+            keys = jax.random.split(key, len(leaves))
+            out = [p + _NOISE * _CLIP * jax.random.normal(k, p.shape, p.dtype)
+                   for p, k in zip(leaves, keys)]
+            return jax.tree_util.tree_unflatten(treedef, out)
+
+        return Runner(noised, params, (jax.random.key(_SEED),), threaded=False)
+    raise ValueError(f"component must be one of {list(COMPONENTS)}, got {name!r}.")
+
+
+def build_runner(config: Config) -> Runner:
+    """Build and compile the step of ``config`` on JAX's default device.
+
+    Weights and the batch are seeded identically for every mode.
+
+    Args:
+        config: The configuration.
+
+    Returns:
+        The compiled :class:`Runner`.
+
+    Raises:
+        ValueError: If ``config.mode`` is unknown, or ``dp_jax-mb`` has no microbatch.
+    """
+    if config.mode not in MODES + COMPONENTS:
+        raise ValueError(f"mode must be one of {list(MODES + COMPONENTS)}, got {config.mode!r}.")
+    if config.mode == "dp_jax-mb" and config.microbatch is None:
+        raise ValueError("mode 'dp_jax-mb' needs Config.microbatch; pass --microbatch K.")
+    module = build_model(config.model, seq_len=config.seq_len)
+    params = jax.device_put(init_params(config.model, seq_len=config.seq_len, seed=_SEED))
+    inputs, labels = make_batch(config.model, config.batch, seq_len=config.seq_len, seed=_SEED)
+    x, y = jax.device_put(inputs), jax.device_put(labels)
+    if config.mode == "nonprivate":
+        return _nonprivate(module, params, x, y)
+    if config.mode == "dp_jax":
+        return _dp_engine(module, params, x, y, None)
+    if config.mode == "dp_jax-mb":
+        return _dp_engine(module, params, x, y, config.microbatch)
+    if config.mode == "dp_jax-sgd":
+        return _dp_transform(module, params, x, y)
+    if config.mode == "optax-contrib":
+        return _optax_contrib(module, params, x, y)
+    return _component(config.mode, module, params, x, y)
+
+
+def _timed(runner: Runner) -> float:
+    start = time.perf_counter()
+    runner()
+    return time.perf_counter() - start
+
+
+def rounds_for(first_s: float, *, steps: int, warmup: int, budget_s: float) -> tuple[int, int]:
+    """``(warmup, steps)`` for a mode whose first (checked) step took ``first_s`` seconds.
+
+    A mode whose ``warmup + steps`` rounds would take longer than ``budget_s`` skips the
+    warm-up (the checked first call already compiled and ran it) and gets
+    ``floor(budget_s / first_s)`` timed rounds, but never fewer than 3 (nor more than
+    ``steps``), so that one pathologically slow mode cannot stretch the whole run.
+
+    Args:
+        first_s: Duration of the mode's first call after compiling.
+        steps: Timed rounds asked for.
+        warmup: Untimed rounds asked for.
+        budget_s: Seconds a mode may take in the timed loop (``inf``: no limit).
+
+    Returns:
+        The warm-up and timed rounds for this mode.
+    """
+    if first_s * (warmup + steps) <= budget_s:
+        return warmup, steps
+    return 0, min(steps, max(3, int(budget_s // max(first_s, 1e-9))))
+
+
+def time_interleaved(
+    runners: dict[str, Runner], *, steps: int, warmup: int,
+    rounds: Optional[dict[str, tuple[int, int]]] = None,
+) -> dict[str, list[float]]:
+    """Step every configuration in rotating rounds; return each one's step times (s).
+
+    Args:
+        runners: Compiled configurations by mode.
+        steps: Timed rounds.
+        warmup: Untimed rounds first.
+        rounds: Optional per-mode ``(warmup, steps)`` overriding the two above (see
+            :func:`rounds_for`); a mode takes part in a round only while it has rounds
+            left.
+
+    Returns:
+        The measured durations of each mode, in seconds (``steps`` of them, or the
+        mode's own count from ``rounds``).
+    """
+    names = list(runners)
+    plan = {name: (rounds or {}).get(name, (warmup, steps)) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    total = max((w + n for w, n in plan.values()), default=0)
+    for round_index in range(total):
+        shift = round_index % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            mode_warmup, mode_steps = plan[name]
+            if round_index >= mode_warmup + mode_steps:
+                continue
+            elapsed = _timed(runners[name])
+            if round_index >= mode_warmup:
+                times[name].append(elapsed)
+    return times
+
+
+# ---------------------------------------------------------------------- driver
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    batch_scale: float
+    seq_scale: float
+    steps: int
+    warmup: int
+
+
+def _on_accelerator() -> bool:
+    return jax.default_backend() != "cpu"
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+    if args.smoke:  # the check call after compiling is the only warm-up
+        return _Plan(batch_scale=0.0, seq_scale=1 / 16, steps=1, warmup=0)
+    if args.quick:
+        return _Plan(batch_scale=args.batch_scale or 0.125, seq_scale=args.seq_scale or 1.0,
+                     steps=args.steps or 7, warmup=args.warmup or 2)
+    accelerator = _on_accelerator()
+    return _Plan(batch_scale=args.batch_scale or (1.0 if accelerator else 0.25),
+                 seq_scale=args.seq_scale or 1.0,
+                 steps=args.steps or (20 if accelerator else 10), warmup=args.warmup or 3)
+
+
+def _sizes(model: str, plan: _Plan) -> tuple[int, Optional[int]]:
+    spec = SPECS[model]
+    batch = max(2, round(spec.batch * plan.batch_scale))
+    seq = None if spec.seq_len is None else max(2, round(spec.seq_len * plan.seq_scale))
+    return batch, seq
+
+
+def _error_text(error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}"[:200]
+
+
+def _bench_model(model: str, modes: Sequence[str], plan: _Plan, args: argparse.Namespace,
+                 log: Callable[[str], None]) -> list[dict[str, Any]]:
+    batch, seq = _sizes(model, plan)
+    num_params = count_parameters(jax.eval_shape(lambda: init_params(model, seq_len=seq)))
+    rows: dict[str, dict[str, Any]] = {}
+    runners: dict[str, Runner] = {}
+    rounds: dict[str, tuple[int, int]] = {}
+    for mode in modes:
+        config = Config(model, mode, batch, seq, args.microbatch if mode == "dp_jax-mb" else None)
+        rows[mode] = {**dataclasses.asdict(config), "title": SPECS[model].title}
+        try:
+            runner = build_runner(config)
+            first_s = _timed(runner)  # fail here, not in the middle of a round
+        except Exception as error:  # noqa: BLE001  (a failing configuration is a result)
+            rows[mode]["error"] = _error_text(error)
+            log(f"  {model:12s} {mode:14s} FAILED: {rows[mode]['error']}")
+            if args.verbose:
+                traceback.print_exc()
+            continue
+        runners[mode] = runner
+        rounds[mode] = rounds_for(first_s, steps=plan.steps, warmup=plan.warmup,
+                                  budget_s=args.mode_budget)
+        rows[mode]["first_ms"] = 1e3 * first_s
+        rows[mode]["compile_s"] = runner.compile_s
+        rows[mode]["temp_mib"] = runner.temp_mib
+        if mode in MODES:
+            rows[mode]["params"] = num_params
+    times = time_interleaved(runners, steps=plan.steps, warmup=plan.warmup, rounds=rounds)
+    del runners
+    for mode, durations in times.items():
+        rows[mode]["step_ms"] = [1e3 * t for t in durations]
+        rows[mode]["median_ms"] = 1e3 * statistics.median(durations)
+    for mode in modes:
+        log(_row_log(rows[mode]))
+    _add_ratios(rows)
+    return [rows[mode] for mode in modes]
+
+
+def _row_log(row: dict[str, Any]) -> str:
+    if "median_ms" not in row:
+        return f"  {row['model']:12s} {row['mode']:14s} failed"
+    temp = "-" if row.get("temp_mib") is None else f"{row['temp_mib']:.0f} MiB"
+    return (f"  {row['model']:12s} {row['mode']:14s} {row['median_ms']:9.2f} ms  "
+            f"compile {row['compile_s']:5.1f} s  temp {temp}")
+
+
+def _add_ratios(rows: dict[str, dict[str, Any]]) -> None:
+    base = rows.get("nonprivate", {}).get("median_ms")
+    contrib = rows.get("optax-contrib", {}).get("median_ms")
+    for mode, row in rows.items():
+        if "median_ms" not in row:
+            continue
+        if base:
+            row["vs_nonprivate"] = row["median_ms"] / base
+        if contrib and mode.startswith("dp_jax"):
+            row["vs_optax_contrib"] = row["median_ms"] / contrib
+
+
+def _cell(row: Optional[dict[str, Any]], ratio: bool) -> str:
+    if row is None:
+        return "-"
+    if "median_ms" not in row:
+        return "fails" if "error" in row else "-"
+    text = f"{row['median_ms']:.2f} ms"
+    if ratio and "vs_nonprivate" in row:
+        text += f" ({row['vs_nonprivate']:.1f}x)"
+    return text
+
+
+def markdown_table(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
+    """The step-time table in markdown: median ms, ratio to non-private, dp_jax/optax.
+
+    Args:
+        results: Rows as produced by this script (one per model and mode).
+        modes: Column order (modes and components).
+
+    Returns:
+        One markdown table, one line per model.
+    """
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in results:
+        by_model.setdefault(row["model"], {})[row["mode"]] = row
+    ours = [m for m in modes if m in ("dp_jax", "dp_jax-sgd")] if "optax-contrib" in modes else []
+    head = ["model", "batch"] + list(modes) + [f"{m} / optax-contrib" for m in ours]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rows in by_model.values():
+        any_row = next(iter(rows.values()))
+        title = any_row["title"]
+        if any_row["seq_len"] is not None:
+            title += f", seq {any_row['seq_len']}"
+        cells = [title, str(any_row["batch"])]
+        cells += [_cell(rows.get(m), ratio=m != "nonprivate") for m in modes]
+        cells += [f"{rows[m]['vs_optax_contrib']:.2f}" if "vs_optax_contrib" in rows.get(m, {})
+                  else "-" for m in ours]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def _csv(choices: Sequence[str], flag: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        bad = [item for item in items if item not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{flag} got {text!r}; use a comma-separated subset of {','.join(choices)}")
+        return items
+
+    return parse
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring).
+
+    Args:
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The parsed options.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=_csv(MODEL_NAMES, "--models"), default=list(MODEL_NAMES))
+    parser.add_argument("--modes", type=_csv(MODES, "--modes"), default=list(MODES))
+    parser.add_argument("--batch-scale", type=_positive(float), default=None,
+                        help="reference batch x this (default 1 on an accelerator, 0.25 on "
+                        "the CPU, 0.125 with --quick)")
+    parser.add_argument("--seq-scale", type=_positive(float), default=None,
+                        help="reference sequence lengths x this (default 1)")
+    parser.add_argument("--steps", type=_positive(int), default=None, help="timed rounds")
+    parser.add_argument("--warmup", type=_positive(int), default=None, help="untimed rounds")
+    parser.add_argument("--quick", action="store_true", help="CPU sizes for a ~5 minute run")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 step: a rot check")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time the components of a DP step (see the docstring)")
+    parser.add_argument("--microbatch", type=_positive(int), default=None,
+                        help="with --profile: also time the engine step with this "
+                        "microbatch_size")
+    parser.add_argument("--mode-budget", type=_positive(float), default=30.0,
+                        help="seconds one mode may spend in the timed rounds (default 30); a "
+                        "slower mode drops its warm-up and gets fewer (>= 3) rounds")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    args = parser.parse_args(argv)
+    if args.microbatch is not None and not args.profile:
+        parser.error(f"--microbatch {args.microbatch} needs --profile (it adds the "
+                     "dp_jax-mb component); add --profile or drop --microbatch.")
+    return args
+
+
+def _environment(plan: _Plan) -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
+        "jax": jax.__version__, "optax": optax.__version__, "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(), "steps": plan.steps,
+        "warmup": plan.warmup, "batch_scale": plan.batch_scale, "seq_scale": plan.seq_scale,
+        "optimizer": f"sgd(lr={_LR})", "noise_multiplier": _NOISE, "max_grad_norm": _CLIP,
+        "x64": bool(jax.config.jax_enable_x64),
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the benchmark, print the markdown table, optionally write JSON.
+
+    Args:
+        argv: Command-line arguments; ``None`` reads ``sys.argv``.
+
+    Returns:
+        ``{"environment": {...}, "results": [row, ...], "table": str}``.
+    """
+    args = parse_args(argv)
+    plan = _plan(args)
+    modes = list(args.modes)
+    if args.profile:
+        modes += [c for c in COMPONENTS if c != "dp_jax-mb" or args.microbatch is not None]
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    environment = _environment(plan)
+    log(f"JAX {environment['jax']} on {environment['backend']} ({environment['device']})")
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for model in args.models:
+        batch, seq = _sizes(model, plan)
+        log(f"{model}: batch {batch}, seq {seq}")
+        results += _bench_model(model, modes, plan, args, log)
+    table = markdown_table(results, modes)
+    environment["wall_s"] = time.perf_counter() - started
+    print(table, flush=True)
+    output = {"environment": environment, "results": results, "table": table}
+    if args.json is not None:
+        args.json.write_text(json.dumps(output, indent=2) + "\n", encoding="utf-8")
+    return output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""The four benchmark models in ``flax.linen``: twins of :mod:`benchmarks.models`.
+
+Same layers, same parameter shapes and counts as the PyTorch models, with JAX's
+conventions: images are NHWC (``[B, 32, 32, 3]``) instead of NCHW, dense kernels are
+``[in, out]`` (the transpose of ``torch.nn.Linear.weight``), convolution kernels are
+``[k, k, in, out]``. Initialisations follow flax's defaults (the LSTM's follow PyTorch's
+uniform rule); they do not affect the step time. Nothing here imports torch.
+
+Models (``build_model(name)``; parameters from ``init_params``, inputs from
+``make_batch``):
+
+* ``mlp`` (669,706 parameters): ``Dense 512``, ReLU, ``Dense 512``, ReLU, ``Dense 10``;
+  input ``float32 [B, 784]``.
+* ``cnn`` (390,986): four 3x3 ``Conv`` (stride 1, ``SAME`` padding = PyTorch's padding 1)
+  with 32, 64, 128, 256 channels, each followed by ReLU, a 2x2 max pool after the first
+  three, mean over the remaining 4x4 positions, ``Dense 10``; input ``float32
+  [B, 32, 32, 3]``.
+* ``lstm`` (1,419,778): ``Embed(8000, 128)``, one LSTM layer 128 -> 256 (zero initial
+  state, PyTorch's gate order input, forget, cell, output, separate input and hidden
+  biases), final hidden state, ``Dense 2``; input ``int32 [B, 64]``.
+* ``transformer`` (5,240,834 with sequence length 128): ``Embed(8000, 256)`` plus a
+  learned position ``Embed(T_max, 256)``, 4 pre-LN blocks (d 256, 4 heads, MLP 1024,
+  exact GELU, LayerNorm epsilon 1e-5), final ``LayerNorm``, mean over positions,
+  ``Dense 2``; input ``int32 [B, T]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "CNN",
+    "LSTM",
+    "LSTMClassifier",
+    "MLP",
+    "MODEL_NAMES",
+    "ModelSpec",
+    "SPECS",
+    "TransformerBlock",
+    "TransformerClassifier",
+    "build_model",
+    "count_parameters",
+    "init_params",
+    "make_batch",
+]
+
+_LN_EPSILON = 1e-5  # PyTorch's LayerNorm default (flax's is 1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Reference shapes of one benchmark model (the values of :mod:`benchmarks.models`).
+
+    Attributes:
+        name: Key used by :func:`build_model`.
+        title: Human-readable description for reports (without the sequence length).
+        batch: Batch size of REFERENCE.md's table (the GPU batch).
+        seq_len: Sequence length for token models, else ``None``.
+        vocab: Vocabulary size for token models, else ``None``.
+        num_classes: Number of output classes.
+    """
+
+    name: str
+    title: str
+    batch: int
+    seq_len: Optional[int]
+    vocab: Optional[int]
+    num_classes: int
+
+
+SPECS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec("mlp", "MLP 784-512-512-10", 1024, None, None, 10),
+    "cnn": ModelSpec("cnn", "4-conv CNN, 32x32x3", 512, None, None, 10),
+    "lstm": ModelSpec("lstm", "embedding + LSTM(256), vocab 8000", 256, 64, 8000, 2),
+    "transformer": ModelSpec("transformer", "transformer, d 256, 4 layers", 64, 128, 8000, 2),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(SPECS)
+
+
+class MLP(nn.Module):
+    """MLP 784 -> 512 -> 512 -> 10 with ReLU between the dense layers (``fc1..fc3``)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits ``[B, 10]`` for ``x`` of shape ``[B, 784]``."""
+        x = nn.relu(nn.Dense(512, name="fc1")(x))
+        x = nn.relu(nn.Dense(512, name="fc2")(x))
+        return nn.Dense(10, name="fc3")(x)
+
+
+class CNN(nn.Module):
+    """Four 3x3 convolutions on 32x32x3 NHWC images, then a dense classifier.
+
+    ``conv1`` (32 channels), ReLU, 2x2 max pool -> 16x16; ``conv2`` (64), ReLU, pool ->
+    8x8; ``conv3`` (128), ReLU, pool -> 4x4; ``conv4`` (256), ReLU, mean over the 4x4
+    positions; ``fc = Dense 10``. No normalisation layers.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits ``[B, 10]`` for images ``x`` of shape ``[B, 32, 32, 3]``."""
+        for i, width in enumerate((32, 64, 128)):
+            x = nn.relu(nn.Conv(width, (3, 3), padding="SAME", name=f"conv{i + 1}")(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(nn.Conv(256, (3, 3), padding="SAME", name="conv4")(x))
+        return nn.Dense(10, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+
+class LSTM(nn.Module):
+    """One LSTM layer over ``[B, T, d_in]`` with PyTorch's parametrisation; returns ``h_T``.
+
+    Parameters: ``kernel_ih [d_in, 4H]``, ``bias_ih [4H]``, ``kernel_hh [H, 4H]``,
+    ``bias_hh [4H]``, the ``4H`` axis split into the input, forget, cell and output
+    gates in that order; all drawn from ``U(-1/sqrt(H), 1/sqrt(H))`` as PyTorch does.
+    The input projection is computed for all steps at once; ``jax.lax.scan`` runs the
+    recurrence from a zero state.
+
+    Attributes:
+        hidden: Hidden size ``H``.
+    """
+
+    hidden: int = 256
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Final hidden state ``[B, H]`` for inputs ``x`` of shape ``[B, T, d_in]``."""
+        width = 4 * self.hidden
+        bound = 1.0 / math.sqrt(self.hidden)
+
+        def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        kernel_ih = self.param("kernel_ih", init, (x.shape[-1], width))
+        bias_ih = self.param("bias_ih", init, (width,))
+        kernel_hh = self.param("kernel_hh", init, (self.hidden, width))
+        bias_hh = self.param("bias_hh", init, (width,))
+        inputs = jnp.einsum("btd,dg->tbg", x, kernel_ih) + bias_ih  # time-major for the scan
+
+        def cell(carry: tuple[jax.Array, jax.Array], projected: jax.Array):
+            h, c = carry
+            gates = projected + h @ kernel_hh + bias_hh
+            i, f, g, o = jnp.split(gates, 4, axis=-1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (h, c), None
+
+        zeros = jnp.zeros((x.shape[0], self.hidden), x.dtype)
+        (h, _), _ = jax.lax.scan(cell, (zeros, zeros), inputs)
+        return h
+
+
+class LSTMClassifier(nn.Module):
+    """``Embed(vocab, 128)``, :class:`LSTM` (256), ``Dense(num_classes)`` on ``h_T``.
+
+    Attributes:
+        vocab: Vocabulary size.
+        embed_dim: Embedding width.
+        hidden: LSTM hidden size.
+        num_classes: Output classes.
+    """
+
+    vocab: int = 8000
+    embed_dim: int = 128
+    hidden: int = 256
+    num_classes: int = 2
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits ``[B, num_classes]`` for token ids ``tokens`` of shape ``[B, T]``."""
+        x = nn.Embed(self.vocab, self.embed_dim, name="embedding")(tokens)
+        return nn.Dense(self.num_classes, name="fc")(LSTM(self.hidden, name="lstm")(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm encoder block (no dropout, no mask), as :mod:`benchmarks.models`'.
+
+    ``x = x + proj(attention(qkv(ln1(x))))`` then ``x = x + fc2(gelu(fc1(ln2(x))))``;
+    ``qkv`` splits into queries, keys, values (in that order), each into ``heads``
+    heads; softmax attention scaled by ``1 / sqrt(d / heads)``; exact (erf) GELU.
+
+    Attributes:
+        d_model: Model width ``d``.
+        heads: Attention heads (must divide ``d_model``).
+    """
+
+    d_model: int = 256
+    heads: int = 4
+
+    def _attention(self, x: jax.Array) -> jax.Array:
+        batch, length, width = x.shape
+        head_dim = width // self.heads
+        q, k, v = jnp.split(nn.Dense(3 * width, name="qkv")(x), 3, axis=-1)
+
+        def split_heads(t: jax.Array) -> jax.Array:
+            return jnp.reshape(t, (batch, length, self.heads, head_dim))
+
+        q, k, v = split_heads(q), split_heads(k), split_heads(v)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        return nn.Dense(width, name="proj")(jnp.reshape(mixed, (batch, length, width)))
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the block to ``x`` of shape ``[B, T, d]``."""
+        if self.d_model % self.heads:
+            raise ValueError(
+                f"heads must divide d_model, got heads={self.heads} and d_model={self.d_model}; "
+                "pick a divisor."
+            )
+        x = x + self._attention(nn.LayerNorm(_LN_EPSILON, name="ln1")(x))
+        hidden = nn.Dense(4 * self.d_model, name="fc1")(nn.LayerNorm(_LN_EPSILON, name="ln2")(x))
+        return x + nn.Dense(self.d_model, name="fc2")(nn.gelu(hidden, approximate=False))
+
+
+class TransformerClassifier(nn.Module):
+    """Token and position embeddings, pre-LN blocks, final LayerNorm, mean pool, dense head.
+
+    Attributes:
+        vocab: Vocabulary size.
+        seq_len: Longest sequence (size of the position table).
+        d_model: Model width.
+        layers: Number of blocks.
+        heads: Attention heads per block.
+        num_classes: Output classes.
+    """
+
+    vocab: int = 8000
+    seq_len: int = 128
+    d_model: int = 256
+    layers: int = 4
+    heads: int = 4
+    num_classes: int = 2
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits ``[B, num_classes]`` for token ids ``tokens`` of shape ``[B, T]``."""
+        length = tokens.shape[1]
+        positions = nn.Embed(self.seq_len, self.d_model, name="positions")(jnp.arange(length))
+        x = nn.Embed(self.vocab, self.d_model, name="tokens")(tokens) + positions[None]
+        for i in range(self.layers):
+            x = TransformerBlock(self.d_model, self.heads, name=f"block{i}")(x)
+        x = jnp.mean(nn.LayerNorm(_LN_EPSILON, name="ln")(x), axis=1)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+def _check_name(name: Any) -> None:
+    if name not in SPECS:
+        raise ValueError(f"name must be one of {list(MODEL_NAMES)}, got {name!r}.")
+
+
+def build_model(name: str, *, seq_len: Optional[int] = None) -> nn.Module:
+    """The flax module of benchmark model ``name``.
+
+    Args:
+        name: One of :data:`MODEL_NAMES`.
+        seq_len: Size of the transformer's position table (default: the reference 128);
+            ignored by the other models.
+
+    Returns:
+        The (unbound) linen module.
+
+    Raises:
+        ValueError: If ``name`` is unknown.
+    """
+    _check_name(name)
+    if name == "mlp":
+        return MLP()
+    if name == "cnn":
+        return CNN()
+    if name == "lstm":
+        return LSTMClassifier()
+    return TransformerClassifier(seq_len=seq_len or SPECS[name].seq_len)
+
+
+def make_batch(
+    name: str, batch: int, *, seq_len: Optional[int] = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic inputs and integer labels of the right shape and dtype for model ``name``.
+
+    Args:
+        name: One of :data:`MODEL_NAMES`.
+        batch: Number of examples.
+        seq_len: Sequence length for token models (default: the reference length).
+        seed: Seed of the numpy generator.
+
+    Returns:
+        ``(inputs, labels)`` as numpy arrays (``float32`` images or ``int32`` tokens;
+        ``int32`` labels).
+
+    Raises:
+        ValueError: If ``name`` is unknown or ``batch`` / ``seq_len`` is not positive.
+    """
+    _check_name(name)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}.")
+    spec = SPECS[name]
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, spec.num_classes, size=(batch,), dtype=np.int32)
+    if name == "mlp":
+        return rng.standard_normal((batch, 784), dtype=np.float32), labels
+    if name == "cnn":
+        return rng.standard_normal((batch, 32, 32, 3), dtype=np.float32), labels
+    length = spec.seq_len if seq_len is None else seq_len
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}.")
+    assert spec.vocab is not None
+    return rng.integers(0, spec.vocab, size=(batch, length), dtype=np.int32), labels
+
+
+def init_params(name: str, *, seq_len: Optional[int] = None, seed: int = 0) -> Any:
+    """Freshly initialised float32 parameters of model ``name``.
+
+    Args:
+        name: One of :data:`MODEL_NAMES`.
+        seq_len: As in :func:`build_model` (and the dummy input's length).
+        seed: Seed of the initialisation key.
+
+    Returns:
+        The ``params`` collection (a nested dict of arrays).
+    """
+    model = build_model(name, seq_len=seq_len)
+    length = seq_len or SPECS[name].seq_len
+    dummy, _ = make_batch(name, 1, seq_len=length)
+    return model.init(jax.random.key(seed), jnp.asarray(dummy))["params"]
+
+
+def count_parameters(params: Any) -> int:
+    """Number of scalars in the parameter pytree ``params``."""
+    return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
