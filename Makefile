@@ -12,7 +12,7 @@ venv:
 
 demo: venv
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[torch]"
+	$(PY) -m pip install --quiet -e ".[torch,jax]"
 	$(PY) examples/demo.py
 
 test: venv
