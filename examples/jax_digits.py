@@ -194,7 +194,9 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
         target_delta=args.delta,
         epochs=args.epochs,
         max_grad_norm=args.max_grad_norm,
-        batch_size=args.batch_size,
+        # Opacus' rule, as dp_torch applies it to torch_digits' DataLoader: q = 1 / len(loader),
+        # so both examples train the same private model (same q, steps and noise multiplier).
+        sample_rate=1.0 / math.ceil((NUM_IMAGES - TEST_SIZE) / args.batch_size),
         seed=args.seed,
     )
     state = private.state
