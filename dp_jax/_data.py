@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from dpcore._checks import check_int
 from dpcore import sampling as core_sampling
 
 __all__ = ["PhysicalChunk", "PoissonBatches", "ShuffledBatches", "poisson_batches"]
@@ -165,12 +166,12 @@ class PoissonBatches:
             self.num_samples, sample_rate, steps=steps, seed=seed, secure_mode=secure_mode
         )
         if max_physical_batch_size is not None:
-            core_sampling._check_int(max_physical_batch_size, "max_physical_batch_size", 1)
+            check_int(max_physical_batch_size, "max_physical_batch_size", 1)
         if buckets is None:
             m = max(1, int(self.num_samples * sampler.sample_rate))
             sizes = core_sampling.bucket_sizes(m, max_physical_batch_size=max_physical_batch_size)
         else:
-            sizes = core_sampling._check_buckets(buckets)
+            sizes = core_sampling.check_buckets(buckets)
             _check_bucket_cap(sizes, max_physical_batch_size)
         self.data = data
         self.sampler = sampler
@@ -277,7 +278,7 @@ class ShuffledBatches(PoissonBatches):
         sampler = core_sampling.ShuffledBatchSampler(self.num_samples, batch_size, seed=seed)
         top = batch_size
         if max_physical_batch_size is not None:
-            top = min(batch_size, core_sampling._check_int(
+            top = min(batch_size, check_int(
                 max_physical_batch_size, "max_physical_batch_size", 1))
         self.sampler = sampler  # type: ignore[assignment]
         self.sample_rate = batch_size / self.num_samples

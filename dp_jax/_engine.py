@@ -50,7 +50,7 @@ from dp_jax import _checkpoint
 from dp_jax import _transforms
 from dp_jax._data import PhysicalChunk, PoissonBatches, ShuffledBatches
 from dp_jax._grads import per_example_grads
-from dpcore._checks import check_bool, check_choice
+from dpcore._checks import check_bool, check_choice, check_int
 from dpcore import clipping as core_clipping
 from dpcore import noise as core_noise
 from dpcore import sampling as core_sampling
@@ -357,7 +357,7 @@ class PrivacyEngine:
                 "assumes Poisson batches, and shuffled batches come from a seedable generator."
             )
         if seed is not None:
-            core_sampling._check_int(seed, "seed", 0)
+            check_int(seed, "seed", 0)
         if clipping == "adaptive" and max_physical_batch_size is not None:
             raise ValueError(
                 'clipping="adaptive" cannot split a logical batch into physical chunks (the '

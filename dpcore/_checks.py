@@ -16,6 +16,7 @@ from typing import Any
 __all__ = [
     "check_bool",
     "check_choice",
+    "check_int",
     "check_delta",
     "check_noise_multiplier",
     "check_num_steps",
@@ -114,3 +115,15 @@ def check_choice(value: Any, name: str, choices: Sequence[str], hint: str = "") 
         allowed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}.{hint}")
     return value
+
+
+def check_int(value: Any, name: str, minimum: int = 0) -> int:
+    """Validate a Python integer ``>= minimum`` (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an integer >= {minimum}, got {value!r} of type "
+            f"{type(value).__name__}; pass a Python int."
+        )
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)

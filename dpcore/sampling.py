@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dpcore._checks import check_num_steps, check_sample_rate
+from dpcore._checks import check_int, check_num_steps, check_sample_rate
 
 __all__ = [
     "DistributedPoissonSampler",
@@ -37,6 +37,7 @@ __all__ = [
     "ShuffledBatchSampler",
     "UniformWithReplacementSampler",
     "bucket_sizes",
+    "check_buckets",
     "expected_batch_size",
     "pad_to_buckets",
     "poisson_batches",
@@ -51,17 +52,6 @@ _STATE_VERSION = 1
 # --------------------------------------------------------------------------- checks
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an integer >= {minimum}, got {value!r} of type "
-            f"{type(value).__name__}; pass a Python int."
-        )
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
-
-
 def _check_seed(seed: Any, secure_mode: Any) -> int | None:
     if not isinstance(secure_mode, bool):
         raise TypeError(f"secure_mode must be a bool, got {secure_mode!r}.")
@@ -73,7 +63,7 @@ def _check_seed(seed: Any, secure_mode: Any) -> int | None:
             f"entropy and cannot be seeded. Pass seed=None, or secure_mode=False for a "
             f"reproducible (not secure) plan."
         )
-    return _check_int(seed, "seed", 0)
+    return check_int(seed, "seed", 0)
 
 
 # --------------------------------------------------------------------------- randomness
@@ -141,7 +131,7 @@ def expected_batch_size(num_samples: int, sample_rate: float) -> int:
     Raises:
         ValueError: If the product truncates to 0.
     """
-    n = _check_int(num_samples, "num_samples", 1)
+    n = check_int(num_samples, "num_samples", 1)
     q = check_sample_rate(sample_rate)
     size = int(n * q)
     if size == 0:
@@ -211,7 +201,7 @@ class PoissonSampler:
         seed: int | None = None,
         secure_mode: bool = False,
     ) -> None:
-        self.num_samples = _check_int(num_samples, "num_samples", 1)
+        self.num_samples = check_int(num_samples, "num_samples", 1)
         self.sample_rate = check_sample_rate(sample_rate)
         self.steps = steps_per_epoch(self.sample_rate) if steps is None else check_num_steps(
             steps, "steps"
@@ -288,7 +278,7 @@ class PoissonSampler:
                 f"secure_mode={self.secure_mode!r}; a secure sampler cannot take a seeded "
                 f"stream (it would become predictable) and vice versa."
             )
-        drawn = _check_int(state_dict["batches_drawn"], "state_dict['batches_drawn']", 0)
+        drawn = check_int(state_dict["batches_drawn"], "state_dict['batches_drawn']", 0)
         if drawn > self.steps:
             raise ValueError(
                 f"state_dict['batches_drawn']={drawn} exceeds steps={self.steps}."
@@ -368,8 +358,8 @@ class DistributedPoissonSampler(PoissonSampler):
         seed: int | None = None,
         secure_mode: bool = False,
     ) -> None:
-        self.world_size = _check_int(world_size, "world_size", 1)
-        self.rank = _check_int(rank, "rank", 0)
+        self.world_size = check_int(world_size, "world_size", 1)
+        self.rank = check_int(rank, "rank", 0)
         if self.rank >= self.world_size:
             raise ValueError(
                 f"rank must satisfy 0 <= rank < world_size={self.world_size}, got {rank!r}."
@@ -401,8 +391,8 @@ def shard_plan(
     Returns:
         One ``int64`` array per batch with this rank's indices, order preserved.
     """
-    world_size = _check_int(world_size, "world_size", 1)
-    rank = _check_int(rank, "rank", 0)
+    world_size = check_int(world_size, "world_size", 1)
+    rank = check_int(rank, "rank", 0)
     if rank >= world_size:
         raise ValueError(f"rank must satisfy 0 <= rank < world_size={world_size}, got {rank}.")
     out = []
@@ -444,8 +434,8 @@ class ShuffledBatchSampler:
         seed: int | None = None,
         drop_last: bool = False,
     ) -> None:
-        self.num_samples = _check_int(num_samples, "num_samples", 1)
-        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        self.num_samples = check_int(num_samples, "num_samples", 1)
+        self.batch_size = check_int(batch_size, "batch_size", 1)
         if not isinstance(drop_last, bool):
             raise TypeError(f"drop_last must be a bool, got {drop_last!r}.")
         self.drop_last = drop_last
@@ -499,7 +489,7 @@ class ShuffledBatchSampler:
                 f"got {state_dict!r}."
             )
         bit_state = _validated_bit_generator_state(state_dict.get("bit_generator_state"))
-        drawn = _check_int(state_dict.get("batches_drawn"), "state_dict['batches_drawn']", 0)
+        drawn = check_int(state_dict.get("batches_drawn"), "state_dict['batches_drawn']", 0)
         if drawn > len(self):
             raise ValueError(f"state_dict['batches_drawn']={drawn} exceeds len={len(self)}.")
         started = bool(state_dict.get("epoch_started"))
@@ -537,11 +527,11 @@ def bucket_sizes(
     Returns:
         Strictly increasing positive bucket sizes.
     """
-    m = _check_int(expected_batch_size, "expected_batch_size", 1)
-    k = 4 if num_buckets is None else _check_int(num_buckets, "num_buckets", 1)
+    m = check_int(expected_batch_size, "expected_batch_size", 1)
+    k = 4 if num_buckets is None else check_int(num_buckets, "num_buckets", 1)
     top = math.ceil(m + 6.0 * math.sqrt(m))
     if max_physical_batch_size is not None:
-        top = min(top, _check_int(max_physical_batch_size, "max_physical_batch_size", 1))
+        top = min(top, check_int(max_physical_batch_size, "max_physical_batch_size", 1))
     low = min(top, max(1, math.floor(m - 3.0 * math.sqrt(m))))
     if k == 1 or low == top:
         return (top,)
@@ -550,14 +540,15 @@ def bucket_sizes(
     return tuple(sorted(sizes))
 
 
-def _check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
+def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
+    """Validate bucket sizes: a non-empty, strictly increasing sequence of ints >= 1."""
     try:
         values = tuple(buckets)
     except TypeError:
         raise TypeError(f"buckets must be a sequence of ints, got {buckets!r}.") from None
     if not values:
         raise ValueError("buckets must not be empty; use bucket_sizes(...) to make them.")
-    checked = tuple(_check_int(b, "buckets[i]", 1) for b in values)
+    checked = tuple(check_int(b, "buckets[i]", 1) for b in values)
     if any(a >= b for a, b in zip(checked, checked[1:])):
         raise ValueError(f"buckets must be strictly increasing, got {values!r}.")
     return checked
@@ -585,7 +576,7 @@ def pad_to_buckets(
         A list of ``(padded_indices int64, mask bool)`` pairs; the concatenation of
         ``padded_indices[mask]`` over chunks equals ``indices``.
     """
-    sizes = _check_buckets(buckets)
+    sizes = check_buckets(buckets)
     idx = np.asarray(indices)
     if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
         raise ValueError(
