@@ -7,16 +7,16 @@ from typing import Any
 
 from dp_torch.optimizers.perlayeroptimizer import DPPerLayerOptimizer
 from dp_torch.schedulers.noise_scheduler import (
-    _check_last_epoch,
     _check_positive_int,
     _check_positive_real,
+    _EpochScheduler,
     _state_without,
 )
 
 __all__ = ["ExponentialGradClip", "LambdaGradClip", "StepGradClip", "_GradClipScheduler"]
 
 
-class _GradClipScheduler:
+class _GradClipScheduler(_EpochScheduler):
     """Base class: changes ``optimizer.max_grad_norm`` once per :meth:`step` (epoch).
 
     The noise std is ``noise_multiplier * max_grad_norm``, so the noise follows
@@ -31,42 +31,24 @@ class _GradClipScheduler:
         last_epoch: Index of the last epoch (``-1`` to start).
     """
 
-    def __init__(self, optimizer: Any, *, last_epoch: int = -1) -> None:
-        if not hasattr(optimizer, "max_grad_norm"):
-            raise ValueError(
-                "GradClipSchedulers require your optimizer to have a .max_grad_norm attr; got "
-                f"{type(optimizer).__name__}. Wrap it in a dp_torch DPOptimizer."
-            )
+    _attribute = "max_grad_norm"
+    _kind = "GradClipSchedulers"
+    _hint = "Wrap it in a dp_torch DPOptimizer."
+
+    def _check_optimizer(self, optimizer: Any) -> None:
         if isinstance(optimizer, DPPerLayerOptimizer):
             raise ValueError(
                 "GradClipSchedulers do not support per-layer clipping (DPPerLayerOptimizer): "
                 "its max_grad_norm is sqrt(sum C_i**2) over one bound per parameter. Scale "
                 "optimizer.max_grad_norms yourself, or use flat clipping."
             )
-        self.optimizer = optimizer
-        self.last_epoch = _check_last_epoch(last_epoch)
-        self.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Every attribute but the optimizer (and, for lambdas, the function)."""
-        return _state_without(self, "optimizer")
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore attributes from :meth:`state_dict`.
-
-        Args:
-            state_dict: A dict returned by :meth:`state_dict`.
-        """
-        self.__dict__.update(state_dict)
 
     def get_max_grad_norm(self) -> float:
         """The bound for epoch ``self.last_epoch`` (implemented by subclasses)."""
         raise NotImplementedError
 
-    def step(self) -> None:
-        """Advance one epoch and set the optimizer's ``max_grad_norm``."""
-        self.last_epoch += 1
-        self.optimizer.max_grad_norm = self.get_max_grad_norm()
+    def _next_value(self) -> float:
+        return self.get_max_grad_norm()
 
 
 class ExponentialGradClip(_GradClipScheduler):

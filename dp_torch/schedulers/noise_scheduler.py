@@ -31,30 +31,32 @@ def _state_without(obj: object, *excluded: str) -> dict[str, Any]:
     return {k: v for k, v in obj.__dict__.items() if k not in excluded}
 
 
-class _NoiseScheduler:
-    """Base class: changes ``optimizer.noise_multiplier`` once per :meth:`step` (epoch).
+class _EpochScheduler:
+    """Shared base: sets one optimizer attribute once per :meth:`step` (epoch).
 
-    Works with any optimizer that has a ``noise_multiplier`` attribute (every
-    ``DPOptimizer``). The accountant reads the multiplier at each optimizer step,
-    so a schedule is accounted exactly. As with torch LR schedulers the
-    constructor calls :meth:`step` once (``last_epoch`` becomes 0 and the
-    multiplier is left as it is).
-
-    Args:
-        optimizer: The DP optimizer.
-        last_epoch: Index of the last epoch (``-1`` to start).
+    Subclasses name the attribute (``_attribute``), say what they are in errors
+    (``_kind``, ``_hint``) and compute the next value in :meth:`_next_value`. As
+    with torch LR schedulers the constructor calls :meth:`step` once
+    (``last_epoch`` becomes 0 and the value is left as it is).
     """
 
+    _attribute: str = ""
+    _kind: str = ""
+    _hint: str = ""
+
     def __init__(self, optimizer: Any, *, last_epoch: int = -1) -> None:
-        if not hasattr(optimizer, "noise_multiplier"):
+        if not hasattr(optimizer, self._attribute):
             raise ValueError(
-                "NoiseSchedulers require your optimizer to have a .noise_multiplier attr; got "
-                f"{type(optimizer).__name__}. Wrap it in a dp_torch DPOptimizer (make_private "
-                "does this for you)."
+                f"{self._kind} require your optimizer to have a .{self._attribute} attr; got "
+                f"{type(optimizer).__name__}. {self._hint}"
             )
+        self._check_optimizer(optimizer)
         self.optimizer = optimizer
         self.last_epoch = _check_last_epoch(last_epoch)
         self.step()
+
+    def _check_optimizer(self, optimizer: Any) -> None:
+        """Refuse optimizers the schedule cannot serve (none by default)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Every attribute but the optimizer (and, for lambdas, the function)."""
@@ -68,14 +70,39 @@ class _NoiseScheduler:
         """
         self.__dict__.update(state_dict)
 
+    def _next_value(self) -> float:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """Advance one epoch and set the scheduled optimizer attribute."""
+        self.last_epoch += 1
+        setattr(self.optimizer, self._attribute, self._next_value())
+
+
+class _NoiseScheduler(_EpochScheduler):
+    """Base class: changes ``optimizer.noise_multiplier`` once per :meth:`step` (epoch).
+
+    Works with any optimizer that has a ``noise_multiplier`` attribute (every
+    ``DPOptimizer``). The accountant reads the multiplier at each optimizer step,
+    so a schedule is accounted exactly. As with torch LR schedulers the
+    constructor calls :meth:`step` once (``last_epoch`` becomes 0 and the
+    multiplier is left as it is).
+
+    Args:
+        optimizer: The DP optimizer.
+        last_epoch: Index of the last epoch (``-1`` to start).
+    """
+
+    _attribute = "noise_multiplier"
+    _kind = "NoiseSchedulers"
+    _hint = "Wrap it in a dp_torch DPOptimizer (make_private does this for you)."
+
     def get_noise_multiplier(self) -> float:
         """The multiplier for epoch ``self.last_epoch`` (implemented by subclasses)."""
         raise NotImplementedError
 
-    def step(self) -> None:
-        """Advance one epoch and set the optimizer's ``noise_multiplier``."""
-        self.last_epoch += 1
-        self.optimizer.noise_multiplier = self.get_noise_multiplier()
+    def _next_value(self) -> float:
+        return self.get_noise_multiplier()
 
 
 class ExponentialNoise(_NoiseScheduler):
