@@ -635,7 +635,7 @@ class DPOptimizer(Optimizer):
         """
         if not self.params:
             return True
-        self.clip_and_accumulate()
+        self._accumulate_batch()
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
@@ -645,6 +645,10 @@ class DPOptimizer(Optimizer):
             self.step_hook(self)
         self._is_last_step_skipped = False
         return True
+
+    def _accumulate_batch(self) -> None:
+        """The first phase of :meth:`pre_step`: fold this batch into ``summed_grad``."""
+        self.clip_and_accumulate()
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Run ``closure`` (if given, with grad enabled), the DP phases, then the wrapped step.

@@ -7,7 +7,7 @@ only accumulates it, adds the noise once per logical step, scales and steps.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -108,21 +108,6 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
                 p.summed_grad = None
         self.original_optimizer.zero_grad(set_to_none)
 
-    def pre_step(self, closure: Optional[Callable[[], float]] = None) -> bool:
-        """Accumulate; unless skipped, add noise, scale and call the step hook.
-
-        Returns:
-            Whether the wrapped optimizer should step.
-        """
-        if not self.params:
-            return True
+    def _accumulate_batch(self) -> None:
+        """The first phase of ``pre_step``: ``p.grad`` is already clipped, so only accumulate."""
         self.accumulate()
-        if self._check_skip_next_step():
-            self._is_last_step_skipped = True
-            return False
-        self.add_noise()
-        self.scale_grad()
-        if self.step_hook is not None:
-            self.step_hook(self)
-        self._is_last_step_skipped = False
-        return True
