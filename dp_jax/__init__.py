@@ -3,20 +3,29 @@
 Per-example gradients by ``jax.vmap(jax.grad(...))``, DP aggregation as optax
 gradient transformations, Poisson batches padded to a few fixed shapes for
 ``jax.jit``, a ``PrivacyEngine`` with the accountants of :mod:`dpcore`, flax
-(linen and nnx) helpers, model validation and checkpoints.
+(linen and nnx) helpers, model validation, checkpoints, and data-parallel
+training over a ``jax.sharding`` mesh (one host or many).
 """
 
 from dp_jax._checkpoint import load_checkpoint
 from dp_jax._checkpoint import load_pytree
 from dp_jax._checkpoint import save_checkpoint
 from dp_jax._checkpoint import save_pytree
-from dp_jax._engine import PrivacyEngine
-from dp_jax._engine import PrivateTraining
-from dp_jax._engine import TrainState
 from dp_jax._data import PhysicalChunk
 from dp_jax._data import PoissonBatches
 from dp_jax._data import ShuffledBatches
 from dp_jax._data import poisson_batches
+from dp_jax._distributed import ShardedBatches
+from dp_jax._distributed import data_mesh
+from dp_jax._distributed import make_sharded_step
+from dp_jax._distributed import pad_to_multiple
+from dp_jax._distributed import psum_clipped
+from dp_jax._distributed import replicate
+from dp_jax._distributed import shard_batch
+from dp_jax._distributed import sharded_clipped_grad
+from dp_jax._engine import PrivacyEngine
+from dp_jax._engine import PrivateTraining
+from dp_jax._engine import TrainState
 from dp_jax._flax import linen_loss
 from dp_jax._flax import nnx_loss
 from dp_jax._flax import nnx_merge
@@ -27,6 +36,7 @@ from dp_jax._grads import clipped_grad
 from dp_jax._grads import per_example_grads
 from dp_jax._transforms import AdaptiveClipState
 from dp_jax._transforms import ClipAggregateState
+from dp_jax._transforms import DPAccumulateAdaptiveState
 from dp_jax._transforms import DPAccumulateState
 from dp_jax._transforms import DPAggregateState
 from dp_jax._transforms import DPMultiStepsState
@@ -36,6 +46,8 @@ from dp_jax._transforms import add_gaussian_noise
 from dp_jax._transforms import clip_and_aggregate
 from dp_jax._transforms import current_hyperparams
 from dp_jax._transforms import dp_accumulate
+from dp_jax._transforms import dp_accumulate_sums
+from dp_jax._transforms import dp_accumulate_sums_adaptive
 from dp_jax._transforms import dp_adam
 from dp_jax._transforms import dp_aggregate
 from dp_jax._transforms import dp_aggregate_adaptive
@@ -52,6 +64,7 @@ __all__ = [
     "AdaptiveClipState",
     "ClipAggregateState",
     "ClipAux",
+    "DPAccumulateAdaptiveState",
     "DPAccumulateState",
     "DPAggregateState",
     "DPMultiStepsState",
@@ -61,6 +74,7 @@ __all__ = [
     "PoissonBatches",
     "PrivacyEngine",
     "PrivateTraining",
+    "ShardedBatches",
     "ShuffledBatches",
     "TrainState",
     "UnsupportedModuleError",
@@ -70,7 +84,10 @@ __all__ = [
     "clip_per_example",
     "clipped_grad",
     "current_hyperparams",
+    "data_mesh",
     "dp_accumulate",
+    "dp_accumulate_sums",
+    "dp_accumulate_sums_adaptive",
     "dp_adam",
     "dp_aggregate",
     "dp_aggregate_adaptive",
@@ -81,13 +98,19 @@ __all__ = [
     "linen_loss",
     "load_checkpoint",
     "load_pytree",
+    "make_sharded_step",
     "nnx_loss",
     "nnx_merge",
     "nnx_split_params",
     "noise_from_normals",
+    "pad_to_multiple",
     "per_example_grads",
     "poisson_batches",
+    "psum_clipped",
+    "replicate",
     "save_checkpoint",
     "save_pytree",
+    "shard_batch",
+    "sharded_clipped_grad",
     "validate",
 ]

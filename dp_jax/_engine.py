@@ -15,20 +15,43 @@ of the physical chunks of one logical batch are accumulated, Gaussian noise
 the realised batch size), the result goes through the user's optax optimizer,
 and the accountant records one step with the logical sample rate ``q``.
 
+How a step is built. Clipping happens before the optax transformation, in a
+*gradient function* with the contract of :func:`dp_jax.clipped_grad`:
+``grad_fn(params, batch, mask, *, max_grad_norm) -> (clipped_sum, ClipAux)``
+(``grad_sample_mode="vmap"``: :func:`dp_jax.clipped_grad`; ``"ghost"``: ghost
+clipping, which never forms per-example gradients). The bound passed in is read
+from the optimizer state (the injected ``max_grad_norm``, or the adaptive
+bound), so changing it between logical steps changes both the clipping and the
+noise. With ``mesh=`` the gradient function is :func:`dp_jax.sharded_clipped_grad`:
+each device clips its rows and the sums and counts are ``psum``-ed. Then
+:func:`dp_jax.dp_accumulate_sums` (or its adaptive twin) accumulates, noises
+once and feeds the optimizer. The loss metric is :attr:`ClipAux.loss`: the
+forward pass runs once per step.
+
 Guarantee: if every update comes from ``train_logical_step`` (or ``step`` with
 ``apply_update=True`` exactly on each logical batch's last chunk, followed by
 :meth:`PrivacyEngine.record_step`) on batches of the returned Poisson iterator,
 the parameters are ``(engine.get_epsilon(delta), delta)``-DP with respect to adding
 or removing one example of ``data``.
 
-Secure mode. ``PrivacyEngine(secure_mode=True)`` draws the Poisson batches from
-OS entropy (through :mod:`dpcore`) and seeds the noise PRNG key from
-:mod:`secrets`; it refuses every seed and key. Be aware that JAX's PRNG
-(threefry / rbg) is a counter-based generator, *not* a cryptographically secure
-one, and its Gaussian sampler is not hardened against floating-point attacks
-(Mironov 2012) the way :func:`dpcore.noise.NoiseSource` is in secure mode: the
-secret key makes the noise unpredictable to someone who does not know it, which
-is the practical guarantee, but it is weaker than dp_torch's secure mode.
+Secure mode. ``PrivacyEngine(secure_mode=True)`` refuses every seed and key.
+The Poisson batches come from OS entropy (``dpcore.sampling`` in secure mode),
+and so does the noise: the optax transformation is built without a PRNG key
+(``key=None``), and on the chunk that ends each logical batch ``step`` draws the
+Gaussian noise on the host from :class:`dpcore.noise.NoiseSource` in secure mode
+(OS entropy, the sum of four inverse-CDF normals, hardened against the
+floating-point attacks of Mironov 2012; see its docstring for the limits) with
+standard deviation ``sigma * C`` for the current multiplier and bound, and feeds
+it to the jitted step through the transformation's ``noise=`` argument. The
+noise is drawn once per LOGICAL step; the other chunks get a cached all-zero
+tree that the accumulator ignores, so there is still one compile per bucket.
+Cost: every logical step draws ``4 * P`` OS-entropy normals on the host
+(``P`` = number of parameters; about 0.2 s per million parameters on a 2-core
+CPU) and copies a params-sized array to the device, and ``step`` becomes a
+Python wrapper that needs a concrete ``apply_update``.
+The noise is cast to each parameter's dtype before the copy (rounding to
+float32 is not hardened). Nothing secret is kept in the state, so a secure
+checkpoint holds no key.
 """
 
 from __future__ import annotations
@@ -45,11 +68,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dp_jax import _checkpoint
+from dp_jax import _distributed
 from dp_jax import _transforms
 from dp_jax._data import PhysicalChunk, PoissonBatches, ShuffledBatches
-from dp_jax._grads import per_example_grads
+from dp_jax._grads import ClipAux, clipped_grad
+from dp_jax._step import make_step_fn
 from dpcore._checks import check_bool, check_choice, check_int
 from dpcore import clipping as core_clipping
 from dpcore import noise as core_noise
@@ -61,6 +88,7 @@ __all__ = ["PrivacyEngine", "PrivateTraining", "TrainState"]
 logger = logging.getLogger(__name__)
 
 _CLIPPINGS = ("flat", "per_layer", "adaptive")
+_GRAD_SAMPLE_MODES = ("vmap", "ghost")
 _LOSS_REDUCTIONS = ("mean", "sum")
 _ADAPTIVE_KWARGS = (
     "target_unclipped_quantile",
@@ -95,9 +123,13 @@ class PrivateTraining:
         step: Jitted ``step(state, batch, mask, apply_update) -> (state, metrics)``;
             compiled once per bucket shape (``apply_update`` is a traced bool). It
             clips and accumulates one physical chunk and, when ``apply_update`` is
-            true, adds the noise once and applies the optimizer update. It does not
-            touch the accountant: call :meth:`PrivacyEngine.record_step` after each
-            logical batch, or use :attr:`train_logical_step`.
+            true, adds the noise once and applies the optimizer update.
+            ``metrics``: ``"loss"`` (mean loss over the chunk's unmasked rows) and
+            ``"applied"``. It does not touch the accountant: call
+            :meth:`PrivacyEngine.record_step` after each logical batch, or use
+            :attr:`train_logical_step`. In secure mode it is a host wrapper around
+            the jitted step that draws the noise when ``apply_update`` is true
+            (so ``apply_update`` must be a concrete bool there).
         batches: The Poisson :class:`~dp_jax.PoissonBatches` iterator.
         train_logical_step: ``(state, logical_batch) -> (state, metrics)``: runs the
             chunks of one logical batch and records one accountant step.
@@ -246,9 +278,9 @@ def _steps_for_epochs(epochs: Any, steps_per_epoch: int) -> int:
     return max(1, int(steps))
 
 
-def _noise_key(key: Any, seed: Optional[int], secure_mode: bool) -> jax.Array:
+def _noise_key(key: Any, seed: Optional[int], secure_mode: bool) -> Optional[jax.Array]:
     if secure_mode:
-        return jax.random.key(secrets.randbits(63))
+        return None  # key-free transformation: the noise comes from the host (OS entropy)
     if key is not None:
         return key
     if seed is not None:
@@ -286,9 +318,9 @@ class PrivacyEngine:
     Attributes:
         accountant: The :mod:`dpcore` accountant (``"rdp"`` by default); its history
             is the privacy ledger.
-        secure_mode: Whether sampling uses OS entropy and the noise key comes from
-            :mod:`secrets` (see the module docstring for what that does and does not
-            guarantee with JAX's PRNG).
+        secure_mode: Whether sampling and noise come from OS entropy (the noise
+            from :class:`dpcore.noise.NoiseSource`, hardened; see the module
+            docstring for the guarantee and its cost).
     """
 
     def __init__(self, *, accountant: str = "rdp", secure_mode: bool = False) -> None:
@@ -297,8 +329,8 @@ class PrivacyEngine:
         Args:
             accountant: Registered accountant kind: ``"rdp"`` (default), ``"prv"``,
                 ``"pld"``, ``"gdp"``.
-            secure_mode: OS-entropy sampling and a :mod:`secrets`-seeded noise key;
-                refuses every seed and key.
+            secure_mode: OS-entropy sampling and hardened OS-entropy noise drawn on
+                the host; refuses every seed and key.
 
         Raises:
             ValueError: If ``accountant`` is not registered.
@@ -309,9 +341,9 @@ class PrivacyEngine:
         self.secure_mode = secure_mode
         self.data: Any = None
         self._batches: Any = None
+        self._mesh: Any = None
         self._sample_rate: Optional[float] = None
         self._noise_multiplier_of: Callable[[Any], float] | None = None
-        self._adaptive = False
 
     # ------------------------------------------------------------------ planning
 
@@ -329,7 +361,8 @@ class PrivacyEngine:
         self, *, loss_fn: Any, params: Any, optimizer: Any, data: Any, noise_multiplier: Any,
         max_grad_norm: Any, sample_rate: Any, batch_size: Any, steps: Any, clipping: Any,
         poisson_sampling: Any, max_physical_batch_size: Any, loss_reduction: Any, key: Any,
-        seed: Any, microbatch_size: Any, adaptive_kwargs: Mapping[str, Any],
+        seed: Any, microbatch_size: Any, grad_sample_mode: Any,
+        adaptive_kwargs: Mapping[str, Any],
     ) -> _Plan:
         """Validate every argument of :meth:`make_private`; change nothing."""
         if not callable(loss_fn):
@@ -342,9 +375,18 @@ class PrivacyEngine:
         check_choice(loss_reduction, "loss_reduction", _LOSS_REDUCTIONS,
                       ' "mean" divides the noised sum by the expected batch size.')
         check_choice(clipping, "clipping", _CLIPPINGS)
+        check_choice(grad_sample_mode, "grad_sample_mode", _GRAD_SAMPLE_MODES,
+                     ' "vmap" clips vmapped per-example gradients; "ghost" uses ghost clipping.')
         _check_int_or_none(steps, "steps")
         _check_int_or_none(max_physical_batch_size, "max_physical_batch_size")
         _check_int_or_none(microbatch_size, "microbatch_size")
+        if grad_sample_mode == "ghost" and microbatch_size is not None:
+            raise ValueError(
+                f'grad_sample_mode="ghost" does not take microbatch_size (got '
+                f"{microbatch_size!r}): ghost clipping never stores per-example gradients. Pass "
+                "microbatch_size=None, "
+                'or grad_sample_mode="vmap" to bound vmap\'s memory with microbatches.'
+            )
         if self.secure_mode and (seed is not None or key is not None):
             raise ValueError(
                 f"Passing a seed or key is prohibited in secure mode: got seed={seed!r}, "
@@ -358,12 +400,6 @@ class PrivacyEngine:
             )
         if seed is not None:
             check_int(seed, "seed", 0)
-        if clipping == "adaptive" and max_physical_batch_size is not None:
-            raise ValueError(
-                'clipping="adaptive" cannot split a logical batch into physical chunks (the '
-                "bound moves once per logical batch), got max_physical_batch_size="
-                f"{max_physical_batch_size!r}; pass None, or use clipping=\"flat\"."
-            )
         core_noise.noise_std(noise_multiplier, 1.0)
         _check_max_grad_norm(max_grad_norm, clipping, params)
         num_samples = _data_size(data)
@@ -396,6 +432,9 @@ class PrivacyEngine:
         key: Any = None,
         seed: Optional[int] = None,
         microbatch_size: Optional[int] = None,
+        grad_sample_mode: str = "vmap",
+        mesh: Any = None,
+        axis_name: str = "data",
         **adaptive_kwargs: Any,
     ) -> PrivateTraining:
         """Build the private training step, state and Poisson batches.
@@ -421,14 +460,30 @@ class PrivacyEngine:
                 shuffled fixed-size batches of ``int(N * q)``; the accountant still
                 records ``q``, which is then only an approximation.
             max_physical_batch_size: Largest physical chunk; bigger logical batches
-                are split (virtual steps), never truncated.
+                are split (virtual steps), never truncated. Works with every clipping
+                mode (adaptive clipping clips all chunks of a logical batch with the
+                same bound and moves it once per logical batch).
             loss_reduction: ``"mean"`` (divide by ``int(N * q)``) or ``"sum"``.
             key: JAX PRNG key for the noise (default: derived from ``seed``, else
                 fresh entropy). Refused in secure mode.
             seed: Seed of the Poisson sampler (and of the noise key when ``key`` is
                 ``None``). Refused in secure mode.
             microbatch_size: Compute per-example gradients in chunks of this size
-                (memory only; the result is identical).
+                (memory only; the result is identical). ``"vmap"`` mode only.
+            grad_sample_mode: How the clipped sum is computed: ``"vmap"``
+                (:func:`dp_jax.clipped_grad`, per-example gradients by
+                ``jax.vmap``) or ``"ghost"`` (ghost clipping,
+                ``dp_jax._ghost.ghost_clipped_grad``: norms without per-example
+                gradients). Same semantics, same privacy.
+            mesh: A ``jax.sharding.Mesh`` (:func:`dp_jax.data_mesh`) for data-parallel
+                training: every chunk is sharded along ``axis_name``, each device
+                clips its own rows, the clipped sums and counts are ``psum``-ed, the
+                noise is added once to the global sum from the replicated state, and
+                the returned state, step and batches are placed on the mesh
+                (replicated state, :class:`dp_jax.ShardedBatches`). Works across
+                processes after ``jax.distributed.initialize`` (secure-mode noise is
+                then drawn by process 0 and broadcast). ``None``: one device.
+            axis_name: The data axis of ``mesh``.
             **adaptive_kwargs: For ``clipping="adaptive"`` only:
                 ``target_unclipped_quantile``, ``clipbound_learning_rate``,
                 ``max_clipbound``, ``min_clipbound``, ``unclipped_num_std``.
@@ -447,44 +502,52 @@ class PrivacyEngine:
             sample_rate=sample_rate, batch_size=batch_size, steps=steps, clipping=clipping,
             poisson_sampling=poisson_sampling, max_physical_batch_size=max_physical_batch_size,
             loss_reduction=loss_reduction, key=key, seed=seed, microbatch_size=microbatch_size,
-            adaptive_kwargs=adaptive_kwargs,
+            grad_sample_mode=grad_sample_mode, adaptive_kwargs=adaptive_kwargs,
         )
+        if mesh is not None:
+            _distributed._check_axis(mesh, axis_name)
+        bound = _clip_bound(max_grad_norm, clipping, params)
+        grad_fn = _make_grad_fn(loss_fn, clipping, bound, microbatch_size, grad_sample_mode)
         if poisson_sampling:
-            buckets = None
-            if clipping == "adaptive":  # one chunk per logical batch: add N as a last bucket
-                buckets = core_sampling.bucket_sizes(max(1, int(plan.num_samples * plan.sample_rate)))
-                buckets = buckets + ((plan.num_samples,) if plan.num_samples > buckets[-1] else ())
             batches: Any = PoissonBatches(
                 data, plan.sample_rate, steps=steps,
                 seed=None if self.secure_mode else seed, secure_mode=self.secure_mode,
-                max_physical_batch_size=max_physical_batch_size, buckets=buckets,
+                max_physical_batch_size=max_physical_batch_size,
             )
         else:
             batches = ShuffledBatches(
                 data, plan.expected_batch_size, seed=seed,
                 max_physical_batch_size=max_physical_batch_size,
             )
-        noise_key = _noise_key(key, seed, self.secure_mode)
-        tx, read_nm = _build_optimizer(
-            optimizer=optimizer, params=params, clipping=clipping, max_grad_norm=max_grad_norm,
+        parts = _build_optimizer(
+            optimizer=optimizer, params=params, clipping=clipping, max_grad_norm=bound,
             noise_multiplier=float(noise_multiplier), expected_batch_size=plan.expected_batch_size,
-            loss_reduction=loss_reduction, key=noise_key, adaptive_kwargs=adaptive_kwargs,
+            loss_reduction=loss_reduction, key=_noise_key(key, seed, self.secure_mode),
+            adaptive_kwargs=adaptive_kwargs,
         )
-        step = _build_step(loss_fn, tx, clipping, max_grad_norm, microbatch_size)
-        state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+        host_noise = _HostNoise(params, parts, mesh) if self.secure_mode else None
+        state = TrainState(
+            params=params, opt_state=parts.tx.init(params), step=jnp.zeros((), jnp.int32)
+        )
+        if mesh is not None:
+            grad_fn = _distributed.sharded_clipped_grad(grad_fn, mesh, axis_name=axis_name)
+            batches = _distributed.ShardedBatches(batches, mesh, axis_name=axis_name)
+            state = _distributed.replicate(state, mesh)
+        step = _build_step(grad_fn, parts.tx, parts.bound_of, host_noise, mesh)
         q = plan.sample_rate
+        read_nm = parts.noise_multiplier_of
 
         def train_logical_step(state: TrainState, logical_batch: Sequence[Any]):
             return self._run_logical(step, state, logical_batch, q, read_nm)
 
         self.data = data
         self._batches = batches
+        self._mesh = mesh
         self._sample_rate = q
         self._noise_multiplier_of = read_nm
-        self._adaptive = clipping == "adaptive"
         return PrivateTraining(
             state=state, step=step, batches=batches, train_logical_step=train_logical_step,
-            optimizer=tx, sample_rate=q, expected_batch_size=plan.expected_batch_size,
+            optimizer=parts.tx, sample_rate=q, expected_batch_size=plan.expected_batch_size,
             noise_multiplier=float(noise_multiplier), max_grad_norm=max_grad_norm,
         )
 
@@ -497,11 +560,6 @@ class PrivacyEngine:
             raise ValueError(
                 "logical_batch has no chunks; an empty Poisson batch is one all-masked chunk "
                 "(as PoissonBatches yields it), so that the noise is still added."
-            )
-        if self._adaptive and len(chunks) != 1:
-            raise ValueError(
-                f'clipping="adaptive" needs each logical batch in one chunk, got {len(chunks)} '
-                "chunks; use the batches returned by make_private."
             )
         metrics: dict[str, Any] = {}
         last = len(chunks) - 1
@@ -670,51 +728,123 @@ class PrivacyEngine:
         Returns:
             ``(state, checkpoint_dict)``.
         """
-        return _checkpoint.load_checkpoint(
+        state, extra = _checkpoint.load_checkpoint(
             path, template, batches=batches if batches is not None else self._batches,
             accountant=self.accountant,
         )
+        if self._mesh is not None:
+            state = _distributed.replicate(state, self._mesh)
+        return state, extra
 
 
 # --------------------------------------------------------------------------- building blocks
 
 
+def _clip_bound(max_grad_norm: Any, clipping: str, params: Any) -> Any:
+    """The (validated) bound as the gradient function and the transformation take it."""
+    if clipping != "per_layer":
+        return float(max_grad_norm)
+    if jax.tree_util.tree_structure(max_grad_norm) == jax.tree_util.tree_structure(params):
+        return max_grad_norm
+    return list(max_grad_norm)
+
+
+def _make_grad_fn(
+    loss_fn: Callable, clipping: str, bound: Any, microbatch_size: Optional[int],
+    grad_sample_mode: str,
+) -> Callable[..., tuple[Any, ClipAux]]:
+    """``grad_fn(params, batch, mask, *, max_grad_norm) -> (clipped_sum, ClipAux)``."""
+    kind = "flat" if clipping == "adaptive" else clipping
+    if grad_sample_mode == "vmap":
+        return clipped_grad(loss_fn, bound, clipping=kind, microbatch_size=microbatch_size)
+    try:
+        from dp_jax import _ghost  # pylint: disable=import-outside-toplevel
+    except ImportError as err:
+        raise ImportError(
+            f'grad_sample_mode="ghost" needs dp_jax._ghost (ghost clipping), which could not '
+            f'be imported ({err}); use grad_sample_mode="vmap".'
+        ) from err
+    return _ghost.ghost_clipped_grad(loss_fn, bound, clipping=kind)
+
+
+class _DPParts(NamedTuple):
+    """The DP transformation and how to read its current settings from its state.
+
+    Attributes:
+        tx: ``dp_multi_steps(dp accumulator, optimizer)``; takes clipped sums.
+        noise_multiplier_of: Host: the multiplier the accountant records.
+        bound_of: Traced: the bound to clip the next chunk with (what the
+            transformation adds noise for).
+        noise_std_of: Host: ``sigma * C`` on the sum for the next release.
+        count_std: Adaptive clipping's count-noise std (``None`` otherwise).
+    """
+
+    tx: optax.GradientTransformation
+    noise_multiplier_of: Callable[[Any], float]
+    bound_of: Callable[[Any], Any]
+    noise_std_of: Callable[[Any], float]
+    count_std: Optional[float]
+
+
 def _build_optimizer(
     *, optimizer: Any, params: Any, clipping: str, max_grad_norm: Any, noise_multiplier: float,
-    expected_batch_size: Optional[int], loss_reduction: str, key: jax.Array,
+    expected_batch_size: Optional[int], loss_reduction: str, key: Optional[jax.Array],
     adaptive_kwargs: Mapping[str, Any],
-) -> tuple[optax.GradientTransformation, Callable[[Any], float]]:
-    """The DP accumulator (noise multiplier injected) gated in front of ``optimizer``."""
+) -> _DPParts:
+    """The clipped-sum accumulator (hyperparameters injected) gated in front of ``optimizer``."""
     m = 1 if expected_batch_size is None else expected_batch_size  # "sum" never divides
     if clipping == "adaptive":
-        dp_part = _transforms.dp_aggregate_adaptive(
-            noise_multiplier, float(max_grad_norm), m, key,
-            loss_reduction=loss_reduction, **adaptive_kwargs,
-        )
-
-        def read_fixed(opt_state: Any) -> float:
-            del opt_state
-            return noise_multiplier
-
-        return _transforms.dp_multi_steps(dp_part, optimizer), read_fixed
-    bound = max_grad_norm
-    if clipping == "per_layer" and not (
-        jax.tree_util.tree_structure(max_grad_norm) == jax.tree_util.tree_structure(params)
-    ):
-        bound = list(max_grad_norm)
-    dp_part = optax.inject_hyperparams(
-        _transforms.dp_accumulate,
-        static_args=("max_grad_norm", "expected_batch_size", "key", "loss_reduction", "clipping"),
-    )(
-        max_grad_norm=bound, noise_multiplier=noise_multiplier, expected_batch_size=m, key=key,
-        loss_reduction=loss_reduction, clipping=clipping,
+        return _build_adaptive(optimizer, max_grad_norm, noise_multiplier, m, loss_reduction,
+                               key, adaptive_kwargs)
+    static = ("expected_batch_size", "key", "loss_reduction", "clipping")
+    if clipping == "per_layer":  # a list or pytree of bounds cannot be injected
+        static += ("max_grad_norm",)
+    dp_part = optax.inject_hyperparams(_transforms.dp_accumulate_sums, static_args=static)(
+        max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, expected_batch_size=m,
+        key=key, loss_reduction=loss_reduction, clipping=clipping,
     )
 
     def read_injected(opt_state: Any) -> float:
         value = _transforms.current_hyperparams(opt_state)["noise_multiplier"]
         return _host_float(value, requested=noise_multiplier)
 
-    return _transforms.dp_multi_steps(dp_part, optimizer), read_injected
+    def bound_of(opt_state: Any) -> Any:
+        if clipping == "per_layer":
+            return max_grad_norm
+        return opt_state.dp_state.hyperparams["max_grad_norm"]
+
+    def noise_std_of(opt_state: Any) -> float:
+        sigma = float(np.asarray(opt_state.dp_state.hyperparams["noise_multiplier"]))
+        if clipping == "per_layer":
+            return sigma * _noise_norm(max_grad_norm, clipping, params)
+        return sigma * float(np.asarray(bound_of(opt_state)))
+
+    tx = _transforms.dp_multi_steps(dp_part, optimizer)
+    return _DPParts(tx, read_injected, bound_of, noise_std_of, None)
+
+
+def _build_adaptive(
+    optimizer: Any, max_grad_norm: float, noise_multiplier: float, m: int, loss_reduction: str,
+    key: Optional[jax.Array], adaptive_kwargs: Mapping[str, Any],
+) -> _DPParts:
+    spec = core_clipping.AdaptiveClipping(initial_max_grad_norm=max_grad_norm, **adaptive_kwargs)
+    dp_part = _transforms.dp_accumulate_sums_adaptive(
+        noise_multiplier, spec, m, key, loss_reduction=loss_reduction
+    )
+    z_grad = spec.gradient_noise_multiplier(noise_multiplier, m)
+
+    def read_fixed(opt_state: Any) -> float:
+        del opt_state
+        return noise_multiplier
+
+    def bound_of(opt_state: Any) -> Any:
+        return opt_state.dp_state.max_grad_norm
+
+    def noise_std_of(opt_state: Any) -> float:
+        return z_grad * float(np.asarray(bound_of(opt_state)))
+
+    tx = _transforms.dp_multi_steps(dp_part, optimizer)
+    return _DPParts(tx, read_fixed, bound_of, noise_std_of, spec.count_noise_std(m))
 
 
 def _host_float(value: Any, *, requested: float) -> float:
@@ -734,29 +864,80 @@ def _host_float(value: Any, *, requested: float) -> float:
     return float(str(np.float32(array)))
 
 
-def _build_step(
-    loss_fn: Callable, tx: optax.GradientTransformation, clipping: str, max_grad_norm: Any,
-    microbatch_size: Optional[int],
-) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
-    """``jit(step)(state, batch, mask, apply_update)``; ``apply_update`` is traced."""
-    del clipping, max_grad_norm  # the DP transformation clips
+class _HostNoise:
+    """Secure-mode noise, drawn on the host from :class:`dpcore.noise.NoiseSource` (OS entropy).
+
+    Float64 draws in JAX leaf order with std ``sigma * C`` read from the state,
+    cast to each leaf's dtype and copied to the device (a params-sized transfer
+    per logical step); then the adaptive count noise, if any.
+    """
+
+    def __init__(self, params: Any, parts: _DPParts, mesh: Any = None) -> None:
+        leaves, self._treedef = jax.tree_util.tree_flatten(params)
+        self._specs = [(tuple(np.shape(x)), jnp.result_type(x)) for x in leaves]
+        self._count_dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+        self._std_of = parts.noise_std_of
+        self._count_std = parts.count_std
+        self._source = core_noise.NoiseSource(secure_mode=True)
+        self._mesh = mesh
+        self._zeros: Any = None
+
+    def draw(self, opt_state: Any) -> tuple[Any, Any]:
+        """Fresh noise for the release that ends the current logical batch."""
+        std = self._std_of(opt_state)
+        noise = [np.asarray(self._source.normal(shape, std), dtype) for shape, dtype in self._specs]
+        count = None
+        if self._count_std is not None:
+            count = np.asarray(self._source.normal((), self._count_std), self._count_dtype)
+        return self._place((self._treedef.unflatten(noise), count))
+
+    def _place(self, tree: Any) -> Any:
+        """On the device, or replicated on the mesh with process 0's draw everywhere."""
+        if self._mesh is None:
+            return jax.device_put(tree)
+        if jax.process_count() > 1:  # one draw for all processes: process 0's
+            tree = multihost_utils.broadcast_one_to_all(tree)
+        return _distributed.replicate(tree, self._mesh)
+
+    def zeros(self) -> tuple[Any, Any]:
+        """Placeholder for chunks that only accumulate (ignored; cached on the device)."""
+        if self._zeros is None:
+            noise = [jnp.zeros(shape, dtype) for shape, dtype in self._specs]
+            count = None if self._count_std is None else jnp.zeros((), self._count_dtype)
+            self._zeros = (self._treedef.unflatten(noise), count)
+            if self._mesh is not None:
+                self._zeros = _distributed.replicate(self._zeros, self._mesh)
+        return self._zeros
+
+
+def _with_host_noise(jitted: Callable, host_noise: _HostNoise) -> Callable:
+    """``step(state, batch, mask, apply_update)`` that feeds host noise to ``jitted``."""
 
     def step(state: TrainState, batch: Any, mask: Any, apply_update: Any):
-        mask = jnp.asarray(mask, dtype=bool)
-        grads = per_example_grads(loss_fn, state.params, batch, microbatch_size=microbatch_size)
-        losses = jax.vmap(loss_fn, in_axes=(None, 0))(state.params, batch)
-        apply = jnp.asarray(apply_update, dtype=bool)
-        updates, opt_state = tx.update(
-            grads, state.opt_state, state.params, mask=mask, apply_update=apply
-        )
-        params = optax.apply_updates(state.params, updates)
-        count = jnp.sum(mask)
-        masked = jnp.where(mask, losses, jnp.zeros((), losses.dtype))
-        metrics = {
-            "loss": jnp.sum(masked) / jnp.maximum(count, 1).astype(losses.dtype),
-            "applied": apply,
-        }
-        new_step = state.step + apply.astype(state.step.dtype)
-        return TrainState(params=params, opt_state=opt_state, step=new_step), metrics
+        if isinstance(apply_update, jax.core.Tracer):
+            raise TypeError(
+                "In secure mode step needs a concrete apply_update (a Python or numpy bool): the "
+                "noise is drawn on the host when it is true. Call it outside jax.jit."
+            )
+        apply = bool(np.asarray(apply_update))
+        noise, count_noise = host_noise.draw(state.opt_state) if apply else host_noise.zeros()
+        return jitted(state, batch, mask, apply, noise, count_noise)
 
-    return jax.jit(step)
+    return step
+
+
+def _build_step(
+    grad_fn: Callable[..., tuple[Any, ClipAux]], tx: optax.GradientTransformation,
+    bound_of: Callable[[Any], Any], host_noise: Optional[_HostNoise] = None, mesh: Any = None,
+) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
+    """``jit(step)(state, batch, mask, apply_update)``; ``apply_update`` is traced.
+
+    With ``host_noise`` (secure mode) the jitted step is wrapped so the noise
+    comes from the host on the chunk that applies the update.
+    """
+    body = make_step_fn(grad_fn, tx, bound_of)
+    if mesh is None:
+        jitted = jax.jit(body)
+    else:  # the new state and the metrics are the same on every device
+        jitted = jax.jit(body, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return jitted if host_noise is None else _with_host_noise(jitted, host_noise)

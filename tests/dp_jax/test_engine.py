@@ -255,7 +255,8 @@ def test_secure_mode_runs_and_refuses_seeds():
         ({"optimizer": "sgd"}, TypeError, "optax GradientTransformation"),
         ({"clipping": "per_layer", "max_grad_norm": [1.0]}, ValueError, "per_layer"),
         ({"target_unclipped_quantile": 0.5}, TypeError, "unexpected keyword"),
-        ({"clipping": "adaptive", "max_physical_batch_size": 4}, ValueError, "adaptive"),
+        ({"grad_sample_mode": "hooks"}, ValueError, "grad_sample_mode"),
+        ({"grad_sample_mode": "ghost", "microbatch_size": 4}, ValueError, "microbatch_size"),
         ({"poisson_sampling": "yes"}, TypeError, "poisson_sampling"),
     ],
 )
@@ -280,3 +281,91 @@ def test_other_dataset_after_spending_budget_is_refused():
     _run(private, engine, private.state, 1)
     with pytest.raises(ValueError, match="already spent privacy budget"):
         _private(engine, data=_data(seed=5))
+
+
+# --------------------------------------------------------------------------- step structure
+
+
+def test_loss_metric_is_mean_masked_loss_and_forward_traced_once():
+    calls = {"n": 0}
+
+    def counting_loss(params, example):
+        calls["n"] += 1
+        return _loss(params, example)
+
+    params = {"w": jnp.asarray([0.3, -0.2, 0.1]), "b": jnp.asarray(0.05)}
+    _, private = _private(loss_fn=counting_loss, params=params, noise_multiplier=0.0)
+    chunk = next(iter(private.batches))[0]
+    assert not chunk.mask.all()  # padded rows are in the chunk
+    _, metrics = private.step(private.state, chunk.batch, chunk.mask, True)
+    assert calls["n"] == 1  # one trace of the forward (value and grad together)
+    rows = np.flatnonzero(chunk.mask)
+    x, y = chunk.batch["x"][rows], chunk.batch["y"][rows]
+    want = np.mean((x @ np.asarray(params["w"]) + float(params["b"]) - y) ** 2)
+    assert_close(metrics["loss"], want, rtol=1e-12)
+    assert bool(metrics["applied"])
+
+
+def _stand_in_ghost(record):
+    """A module object whose ghost_clipped_grad records its arguments and clips by vmap."""
+    import types
+
+    from dp_jax import clipped_grad
+
+    def ghost_clipped_grad(loss_fn, max_grad_norm, *, clipping="flat"):
+        record.append((max_grad_norm, clipping))
+        return clipped_grad(loss_fn, max_grad_norm, clipping=clipping)
+
+    return types.SimpleNamespace(ghost_clipped_grad=ghost_clipped_grad)
+
+
+def test_ghost_mode_uses_ghost_clipped_grad(monkeypatch):
+    import sys
+
+    import dp_jax
+
+    record = []
+    stand_in = _stand_in_ghost(record)
+    monkeypatch.setitem(sys.modules, "dp_jax._ghost", stand_in)
+    monkeypatch.setattr(dp_jax, "_ghost", stand_in, raising=False)
+    engine, ghost = _private(grad_sample_mode="ghost", clipping="adaptive",
+                             unclipped_num_std=2.0, max_grad_norm=0.7)
+    assert record == [(0.7, "flat")]  # adaptive clipping is flat clipping with a moving bound
+    _run(ghost, engine, ghost.state, 1)
+    assert len(engine.accountant) == 1
+
+
+def test_ghost_and_vmap_engines_agree_on_a_linen_mlp():
+    flax_linen = pytest.importorskip("flax.linen")
+
+    class MLP(flax_linen.Module):
+        @flax_linen.compact
+        def __call__(self, x):
+            h = jnp.tanh(flax_linen.Dense(4, param_dtype=jnp.float64)(x))
+            return flax_linen.Dense(1, param_dtype=jnp.float64)(h)[..., 0]
+
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+
+    def loss(p, example):
+        return (model.apply({"params": p}, example["x"][None])[0] - example["y"]) ** 2
+
+    states = {}
+    for mode in ("vmap", "ghost"):
+        engine, private = _private(loss_fn=loss, params=params, grad_sample_mode=mode,
+                                   max_physical_batch_size=6, max_grad_norm=0.3)
+        states[mode] = _run(private, engine, private.state, 3)
+    assert_close(states["ghost"].params, states["vmap"].params, rtol=1e-10)
+
+
+def test_ghost_mode_without_the_module_fails_clearly(monkeypatch):
+    import sys
+
+    import dp_jax
+
+    monkeypatch.setitem(sys.modules, "dp_jax._ghost", None)
+    monkeypatch.delattr(dp_jax, "_ghost", raising=False)
+    engine = PrivacyEngine()
+    with pytest.raises(ImportError, match='grad_sample_mode="ghost"'):
+        _private(engine, grad_sample_mode="ghost")
+    assert engine.data is None

@@ -17,7 +17,7 @@ import optax
 import pytest
 from scipy import stats
 
-from dp_jax._grads import per_example_grads
+from dp_jax._grads import clip_per_example, per_example_grads
 from dp_jax._transforms import (
     AdaptiveClipState,
     DPAggregateState,
@@ -26,6 +26,7 @@ from dp_jax._transforms import (
     clip_and_aggregate,
     current_hyperparams,
     dp_accumulate,
+    dp_accumulate_sums,
     dp_adam,
     dp_aggregate,
     dp_aggregate_adaptive,
@@ -305,6 +306,50 @@ def test_dp_multi_steps_with_adamw_matches_one_big_batch():
     u_ref, _ = plain.update(g, plain.init(params), params)
     assert_close(_leaves(u), _leaves(u_ref), rtol=1e-12)
     assert int(optax.tree_utils.tree_get(state.inner_state, "count")) == 1
+
+
+def test_accumulate_sums_takes_clipped_sums_like_dp_accumulate():
+    """The clipped-sum accumulator: ``(sum of chunk sums + noise) / m`` against dpcore,
+    and exactly what the per-example ``dp_accumulate`` gives on the same chunks."""
+    params, batch = _setup(batch=7)
+    g = per_example_grads(_loss, params, batch)
+    c, m, sigma = 0.6, 7, 0.8
+    parts = [jax.tree_util.tree_map(lambda a, s=s: a[s], g) for s in (slice(0, 3), slice(3, 7))]
+    sums = dp_accumulate_sums(c, sigma, m, KEY)
+    per_example = dp_accumulate(c, sigma, m, KEY)
+    s_state, p_state = sums.init(params), per_example.init(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    noise = treedef.unflatten([np.random.default_rng(2).normal(size=x.shape) for x in leaves])
+    update_sums, update_pe = jax.jit(sums.update), jax.jit(per_example.update)
+    for i, part in enumerate(parts):
+        clipped, aux = clip_per_example(part, c)
+        apply = i == 1
+        out_s, s_state = update_sums(clipped, s_state, clip_aux=aux, apply_update=apply,
+                                     noise=noise)
+        out_p, p_state = update_pe(part, p_state, apply_update=apply, noise=noise)
+        assert_close(_leaves(out_s), _leaves(out_p), rtol=1e-13)
+    want = [(x + n) / m for x, n in
+            zip(core.clip_and_sum(_leaves(g), c), jax.tree_util.tree_leaves(noise))]
+    assert_close(_leaves(out_s), want, rtol=1e-13)
+    assert int(s_state.last.num_examples) == 7 and int(s_state.num_chunks) == 0
+    assert int(s_state.last.num_unclipped) == int(p_state.last.num_unclipped)
+
+
+def test_key_free_transformations_need_host_noise():
+    params, batch = _setup(batch=4)
+    g = per_example_grads(_loss, params, batch)
+    tx = dp_aggregate(1.0, 0.5, 4, None)
+    state = tx.init(params)
+    assert not any(jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+                   for x in jax.tree_util.tree_leaves(state))
+    with pytest.raises(ValueError, match="noise=None"):
+        tx.update(g, state)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    out, _ = jax.jit(tx.update)(g, state, noise=zero)
+    assert_close(_leaves(out), [x / 4 for x in core.clip_and_sum(_leaves(g), 0.5)], rtol=1e-13)
+    adaptive = dp_aggregate_adaptive(1.0, 0.5, 4, None, unclipped_num_std=1.0)
+    with pytest.raises(ValueError, match="count_noise=None"):
+        adaptive.update(g, adaptive.init(params), noise=zero)
 
 
 # --------------------------------------------------------------------------- hyperparams
