@@ -45,9 +45,21 @@ Differences from Opacus 1.6, each deliberate (Opacus is unsafe or surprising the
   ``load_checkpoint`` is all-or-nothing and returns only the user's own keys;
   ``torch.load`` runs with ``weights_only=True`` unless ``torch_load_kwargs`` says
   otherwise;
-* a distributed model (``DPDDP``, ``DistributedDataParallel``, FSDP) is refused
-  with ``NotImplementedError`` until the distributed DP optimizers exist (see
-  :mod:`dp_torch.distributed`).
+* a ``DistributedDataParallel`` model has its gradient synchronisation switched
+  off (plus a local-only communication hook), so DDP never all-reduces unclipped
+  gradients (Opacus lets DDP average them in hooks mode, then overwrites them) and
+  runs no collective of its own; DDP settings that would still communicate are
+  refused (see :func:`dp_torch.distributed.check_ddp`); FSDP is refused with
+  ``NotImplementedError``.
+
+Distributed training (``DPDDP`` or ``DistributedDataParallel`` model, see
+:mod:`dp_torch.distributed`): every rank calls ``make_private`` with a loader over
+the *whole* data set; the sample rate ``q = 1 / len(data_loader)`` is global, each
+rank Poisson-samples its shard with it, ``expected_batch_size = int(N * q)`` is
+global, the optimizer is the distributed variant (noise once, on rank 0, then one
+all-reduce per logical step), and every rank's accountant records the same steps.
+``save_checkpoint`` writes on rank 0 only; ``load_checkpoint`` works on any world
+size, including one process without a process group.
 """
 
 from __future__ import annotations
@@ -68,10 +80,10 @@ from torch import nn, optim
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset
 
-from dp_torch import optimizers as dp_optimizers
 from dp_torch.accountants import create_accountant
 from dp_torch.accountants.utils import get_noise_multiplier
 from dp_torch.data_loader import DPDataLoader
+from dp_torch import distributed as dp_distributed
 from dp_torch.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from dp_torch.grad_sample import (
     AbstractGradSampleHooks,
@@ -110,12 +122,6 @@ _ADAPTIVE_KWARGS = (
     "max_clipbound",
     "min_clipbound",
     "unclipped_num_std",
-)
-_DISTRIBUTED_NOT_YET = (
-    "make_private got a distributed model ({kind}), but dp_torch has no distributed DP "
-    "optimizer yet (Opacus' DistributedDPOptimizer family: all-reduce of the clipped, noised "
-    "sums across ranks); it is a later issue of dp-parity, see dp_torch.distributed. Train "
-    "without DPDDP/DDP for now (one process), or wait for that issue."
 )
 
 #: Checkpoint keys written by :meth:`PrivacyEngine.save_checkpoint`; user keys may not use them.
@@ -206,13 +212,43 @@ def _distributed_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _check_distributed(module: nn.Module, clipping: str, grad_sample_mode: str) -> bool:
+def _torch_ddp(module: nn.Module) -> Optional[DDP]:
+    """The ``torch`` ``DistributedDataParallel`` wrapper of ``module`` (or inside its GSM), if any."""
+    inner = module._module if isinstance(module, AbstractGradSampleModule) else module
+    for candidate in (module, inner):
+        if isinstance(candidate, DDP):
+            return candidate
+    return None
+
+
+def _check_distributed(
+    module: nn.Module, clipping: str, grad_sample_mode: str, data_loader: DataLoader
+) -> bool:
+    """Whether ``module`` is data-parallel; raise for a combination that cannot be private."""
     kind = _distributed_kind(module)
     if kind is None:
         return False
-    if not hasattr(dp_optimizers, "DistributedDPOptimizer"):
-        raise NotImplementedError(_DISTRIBUTED_NOT_YET.format(kind=kind))
+    if kind == "FSDP":
+        raise NotImplementedError(
+            "make_private got an FSDP model; dp_torch supports data parallelism through DPDDP or "
+            "torch DistributedDataParallel only (Opacus' ghost_fsdp mode is not provided)."
+        )
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(
+            f"make_private got a {kind} model but no process group is initialised; call "
+            "torch.distributed.init_process_group(...) on every rank first."
+        )
     get_optimizer_class(clipping=clipping, distributed=True, grad_sample_mode=grad_sample_mode)
+    ddp = _torch_ddp(module)
+    if ddp is not None:
+        dp_distributed.check_ddp(ddp)
+    if isinstance(data_loader, DPDataLoader) and not data_loader.distributed:
+        raise ValueError(
+            f"make_private got a {kind} model with a non-distributed DPDataLoader: every rank "
+            "would sample the whole data set, so an example could be used by several ranks in "
+            "one step and the accounting would be wrong. Pass the plain DataLoader (make_private "
+            "builds the distributed one) or DPDataLoader(..., distributed=True)."
+        )
     return True
 
 
@@ -427,6 +463,40 @@ def _stateful_sampler(data_loader: Optional[DataLoader]) -> Any:
             return sampler
         sampler = getattr(sampler, "sampler", None)
     return None
+
+
+def _process_rank() -> int:
+    """This process's rank (0 without an initialised process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _toggle_ddp_prefix(key: str) -> str:
+    """``key`` with the ``module.`` of a DDP wrapper added or removed (after a GSM's ``_module.``)."""
+    head = "_module." if key.startswith("_module.") else ""
+    rest = key[len(head):]
+    if rest.startswith("module."):
+        return head + rest[len("module."):]
+    return head + "module." + rest
+
+
+def _match_ddp_prefix(saved: Any, module: nn.Module) -> Any:
+    """``saved`` re-keyed across a DDP wrapper's ``module.`` prefix when that makes the keys match.
+
+    A checkpoint of ``GradSampleModule(DPDDP(net))`` has keys ``_module.module.*``, one of
+    ``GradSampleModule(net)`` has ``_module.*``; either loads into the other. Anything else
+    is returned unchanged (and ``load_state_dict`` reports the mismatch as usual).
+    """
+    if not isinstance(saved, Mapping):
+        return saved
+    target = set(module.state_dict().keys())
+    if set(saved) == target:
+        return saved
+    toggled = {_toggle_ddp_prefix(k): v for k, v in saved.items()}
+    if len(toggled) == len(saved) and set(toggled) == target:
+        return type(saved)(toggled) if isinstance(saved, dict) else toggled
+    return saved
 
 
 def _module_snapshot(module: nn.Module) -> dict[str, Any]:
@@ -713,7 +783,7 @@ class PrivacyEngine:
         core_noise.noise_std(noise_multiplier, 1.0)  # validates noise_multiplier
         _check_max_grad_norm(max_grad_norm, clipping, base_optimizer)
         _check_parameters(module, base_optimizer)
-        distributed = _check_distributed(module, clipping, grad_sample_mode)
+        distributed = _check_distributed(module, clipping, grad_sample_mode, data_loader)
         if isinstance(data_loader.dataset, IterableDataset) and poisson_sampling:
             raise ValueError(
                 "Poisson sampling needs a map-style dataset; data_loader.dataset is an "
@@ -831,8 +901,17 @@ class PrivacyEngine:
                 parameters that are not the module's, a seed or generator in secure
                 mode, or a different data set after budget was spent.
             UnsupportedModuleError: If the model has layers unfit for DP training.
-            NotImplementedError: For a distributed model (no distributed DP
-                optimizer yet; see :mod:`dp_torch.distributed`).
+            NotImplementedError: For an FSDP model.
+
+        Distributed models (``DPDDP`` or ``DistributedDataParallel``; see
+        :mod:`dp_torch.distributed`): call ``make_private`` on every rank with a
+        loader over the whole data set whose ``batch_size`` is the *global*
+        expected batch; the loader becomes a distributed Poisson loader (each rank
+        samples its shard with the global rate), the optimizer the distributed
+        variant of the one chosen by ``clipping``/``grad_sample_mode``
+        (``"adaptive"`` is refused), and a DDP model stops synchronising gradients
+        (:func:`dp_torch.distributed.disable_gradient_sync`), so that unclipped
+        gradients never leave a rank.
         """
         plan = self._plan(
             module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
@@ -871,6 +950,9 @@ class PrivacyEngine:
                     module=wrapped, optimizer=dp_optimizer, criterion=plan.criterion,
                     loss_reduction=loss_reduction,
                 )
+            ddp = _torch_ddp(module)
+            if ddp is not None:
+                dp_distributed.disable_gradient_sync(ddp)  # last: a DDP hook cannot be removed
         except BaseException:
             if pre_wrapped:
                 if accumulation_was_allowed:
@@ -1026,6 +1108,14 @@ class PrivacyEngine:
             data_loader: Loader whose sampler position to save; default: the loader
                 returned by this engine's last ``make_private``.
 
+        Distributed models (``DPDDP`` / ``DistributedDataParallel``): only rank 0
+        writes; on the other ranks the call returns at once without a collective, so
+        calling it on every rank and calling it on rank 0 only both work (add a
+        ``torch.distributed.barrier()`` before other ranks read the file). The
+        ranks hold identical parameters, optimizer states and ledgers; the noise
+        generator saved is rank 0's (the only one that adds noise) and the sampler
+        position is rank 0's (see :meth:`load_checkpoint`).
+
         Raises:
             ValueError: On a user key that clashes with an engine key, or when called
                 in the middle of a logical batch (``BatchMemoryManager`` chunks).
@@ -1043,6 +1133,8 @@ class PrivacyEngine:
                 "clipped gradients of skipped BatchMemoryManager chunks, which a checkpoint does not "
                 "keep); save after the optimizer step that adds the noise."
             )
+        if _distributed_kind(module) is not None and _process_rank() != 0:
+            return  # rank 0 writes; the ranks hold the same module, optimizer and ledger
         checkpoint = dict(user)
         checkpoint["dp_torch_checkpoint_version"] = _CHECKPOINT_VERSION
         checkpoint["module_state_dict"] = module.state_dict(**(module_state_dict_kwargs or {}))
@@ -1092,6 +1184,23 @@ class PrivacyEngine:
             data_loader: Loader whose sampler position to restore; default: the
                 loader returned by this engine's last ``make_private``.
 
+        Any world size: a checkpoint written by rank 0 of a ``W``-process run loads
+        on every rank of a run with any number of processes, and into a single
+        process without a process group. The module keys are matched across the
+        ``module.`` prefix that ``DPDDP``/``DistributedDataParallel`` adds. Every
+        rank takes rank 0's noise-generator state (only rank 0 adds noise). The
+        Poisson sampler keeps its position in the epoch and, when it is seeded, its
+        random stream: a seeded sampler draws the full-length uniform vector each
+        step whatever the world size, so with a seed shared by all ranks the
+        resumed run's global batches (the union over ranks) are exactly those the
+        saved run would have drawn next, for any new world size with the same
+        sampler kind (the distributed sampler's ``shuffle`` relabelling depends on
+        the epoch, not on the world size; a single-process sampler has none, so its
+        batches differ while following the same distribution). A sampler seeded
+        per rank from fresh entropy takes rank 0's stream on every rank (each
+        example is still included independently with the global rate); a secure
+        sampler keeps drawing from OS entropy and only resumes its position.
+
         Returns:
             The user's entries (the ``checkpoint_dict`` given to ``save_checkpoint``).
 
@@ -1136,9 +1245,10 @@ class PrivacyEngine:
             raise ValueError("the checkpoint's privacy_accountant_state_dict has no 'history'.")
         validate_history(accountant_state["history"])
         acc = self.accountant
+        module_state = _match_ddp_prefix(checkpoint["module_state_dict"], module)
         steps: list = [
             (lambda: _module_snapshot(module),
-             lambda: module.load_state_dict(checkpoint["module_state_dict"], **module_kwargs),
+             lambda: module.load_state_dict(module_state, **module_kwargs),
              module.load_state_dict),
             (acc.state_dict, lambda: acc.load_state_dict(accountant_state), acc.load_state_dict),
         ]

@@ -3,7 +3,10 @@
 Mirrors ``opacus.optimizers``: :class:`DPOptimizer` (flat clipping),
 :class:`DPPerLayerOptimizer` (one bound per parameter), :class:`AdaClipDPOptimizer`
 (adaptive clipping), :class:`DPOptimizerFastGradientClipping` (ghost clipping),
-and :func:`get_optimizer_class`, which picks one from Opacus-style options.
+their data-parallel variants :class:`DistributedDPOptimizer`,
+:class:`SimpleDistributedPerLayerOptimizer` (alias :class:`DistributedPerLayerOptimizer`)
+and :class:`DistributedDPOptimizerFastGradientClipping`, and
+:func:`get_optimizer_class`, which picks one from Opacus-style options.
 """
 
 from __future__ import annotations
@@ -11,6 +14,12 @@ from __future__ import annotations
 from typing import Optional
 
 from dp_torch.optimizers.adaclipoptimizer import AdaClipDPOptimizer
+from dp_torch.optimizers.ddp_perlayeroptimizer import DistributedPerLayerOptimizer
+from dp_torch.optimizers.ddp_perlayeroptimizer import SimpleDistributedPerLayerOptimizer
+from dp_torch.optimizers.ddpoptimizer import DistributedDPOptimizer
+from dp_torch.optimizers.ddpoptimizer_fast_gradient_clipping import (
+    DistributedDPOptimizerFastGradientClipping,
+)
 from dp_torch.optimizers.optimizer import DPOptimizer
 from dp_torch.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from dp_torch.optimizers.perlayeroptimizer import DPPerLayerOptimizer
@@ -20,14 +29,12 @@ __all__ = [
     "DPOptimizer",
     "DPOptimizerFastGradientClipping",
     "DPPerLayerOptimizer",
+    "DistributedDPOptimizer",
+    "DistributedDPOptimizerFastGradientClipping",
+    "DistributedPerLayerOptimizer",
+    "SimpleDistributedPerLayerOptimizer",
     "get_optimizer_class",
 ]
-
-_DISTRIBUTED_NOT_YET = (
-    "distributed=True: the distributed DP optimizers (DistributedDPOptimizer, "
-    "SimpleDistributedPerLayerOptimizer, DistributedDPOptimizerFastGradientClipping) are "
-    "not implemented yet; they will live with dp_torch.distributed. Use distributed=False."
-)
 
 
 def get_optimizer_class(
@@ -43,13 +50,17 @@ def get_optimizer_class(
             the choice.
 
     Returns:
-        ``DPOptimizerFastGradientClipping`` for ghost mode with flat clipping,
-        else ``DPOptimizer``, ``DPPerLayerOptimizer`` or ``AdaClipDPOptimizer``.
+        For ``distributed=False``: ``DPOptimizerFastGradientClipping`` (ghost mode,
+        flat clipping), else ``DPOptimizer``, ``DPPerLayerOptimizer`` or
+        ``AdaClipDPOptimizer``. For ``distributed=True``:
+        ``DistributedDPOptimizerFastGradientClipping``, ``DistributedDPOptimizer``
+        or ``SimpleDistributedPerLayerOptimizer``.
 
     Raises:
-        ValueError: For an unsupported combination (ghost mode needs flat
-            clipping; ``"ghost_fsdp"`` and every ``distributed=True`` optimizer are
-            not implemented yet).
+        ValueError: For an unsupported combination: ghost mode needs flat
+            clipping, ``"ghost_fsdp"`` is not provided, and adaptive clipping is
+            not available with ``distributed=True`` (its noised unclipped count
+            would need a distributed mechanism of its own; Opacus has none either).
     """
     if clipping not in ("flat", "per_layer", "adaptive"):
         raise ValueError(
@@ -65,10 +76,18 @@ def get_optimizer_class(
                 'clipping supports only clipping="flat" (and FSDP is not supported).'
             )
         if distributed:
-            raise ValueError(_DISTRIBUTED_NOT_YET)
+            return DistributedDPOptimizerFastGradientClipping
         return DPOptimizerFastGradientClipping
     if distributed:
-        raise ValueError(_DISTRIBUTED_NOT_YET)
+        if clipping == "adaptive":
+            raise ValueError(
+                'Unsupported combination of parameters: clipping="adaptive" with '
+                "distributed=True (the adaptive bound's noised unclipped count has no "
+                'distributed implementation); use clipping="flat" or "per_layer".'
+            )
+        return {"flat": DistributedDPOptimizer, "per_layer": SimpleDistributedPerLayerOptimizer}[
+            clipping
+        ]
     return {
         "flat": DPOptimizer,
         "per_layer": DPPerLayerOptimizer,

@@ -6,6 +6,16 @@ examples. The optimizer is told to skip every chunk but the last
 ``p.summed_grad``, and noise is added once, at the end of the logical batch; the
 step hook (the accountant) fires once per logical batch with the logical sample
 rate. An empty logical batch yields one empty chunk, so the step still happens.
+
+Under data parallelism (``DPDDP`` or ``DistributedDataParallel`` with a distributed
+DP optimizer) each rank splits *its own* share of the logical batch, so ranks whose
+Poisson shares differ in size take different numbers of physical chunks. That is
+safe without extra communication: skipped chunks communicate nothing, and the only
+collective of a logical step is the distributed optimizer's all-reduce at the last
+chunk, which every rank reaches exactly once per logical batch (an empty share
+still yields one chunk). A rank with fewer chunks waits in that all-reduce; every
+rank's accountant steps once. (``make_private`` refuses DDP settings that would run
+a collective per physical chunk; see :func:`dp_torch.distributed.check_ddp`.)
 """
 
 from __future__ import annotations

@@ -159,8 +159,41 @@ class UniformWithReplacementSampler(Sampler[list[int]]):
         return self._plan.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (validated by dpcore before any change)."""
-        self._plan.load_state_dict(state_dict)
+        """Resume from :meth:`state_dict` (validated by dpcore before any change).
+
+        Also accepts the state of a :class:`DistributedUniformWithReplacementSampler`
+        over the same data set, rate and steps (a checkpoint of a distributed run
+        resumed in one process): the position in the epoch and, for a seeded
+        sampler, the random stream carry over (see
+        :func:`_plan_state_for`).
+        """
+        self._plan.load_state_dict(_plan_state_for(self._plan, state_dict))
+
+
+_WORLD_KEYS = ("rank", "world_size")
+
+
+def _plan_state_for(plan: core_sampling.PoissonSampler, state_dict: Any) -> Any:
+    """A plan state re-targeted to ``plan``'s rank and world size (else returned unchanged).
+
+    A seeded Poisson plan draws the full length-``N`` uniform vector each step
+    whatever the sharding (:class:`dpcore.sampling.DistributedPoissonSampler`), so
+    its stream position and ``batches_drawn`` mean the same for every rank and
+    world size; only the ``rank``/``world_size`` entries of the config differ.
+    They are replaced by ``plan``'s own when the rest of the config (data set
+    size, rate, steps) agrees; dpcore then validates the state as usual. The
+    distributed wrapper ``{"plan": ..., "epoch": ...}`` is unwrapped.
+    """
+    if isinstance(state_dict, Mapping) and set(state_dict) == {"plan", "epoch"}:
+        state_dict = state_dict["plan"]
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("config"), Mapping):
+        return state_dict
+    own = dict(plan.state_dict()["config"])
+    saved = dict(state_dict["config"])
+    shared = {k: v for k, v in saved.items() if k not in _WORLD_KEYS}
+    if shared != {k: v for k, v in own.items() if k not in _WORLD_KEYS}:
+        return state_dict  # dpcore reports the mismatch
+    return {**state_dict, "config": own}
 
 
 def _distributed_rank_and_size(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -330,14 +363,27 @@ class DistributedUniformWithReplacementSampler(Sampler[list[int]]):
         return {"plan": self._plan.state_dict(), "epoch": self.epoch}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (validated before any change)."""
-        if not isinstance(state_dict, Mapping) or set(state_dict) != {"plan", "epoch"}:
+        """Resume from :meth:`state_dict` (validated before any change).
+
+        Any world size: the state of a sampler with another ``rank`` or
+        ``world_size`` (e.g. rank 0's, from a checkpoint of a run with a different
+        number of processes) over the same data set, rate and steps is accepted,
+        and so is a single-process :class:`UniformWithReplacementSampler` state
+        (the epoch is then kept). The position in the epoch and, for a seeded
+        sampler, the random stream carry over; with a seed shared by all ranks the
+        union of the ranks' batches continues exactly as the saved run's would
+        have. In secure mode only the position carries over.
+        """
+        if isinstance(state_dict, Mapping) and set(state_dict) == {"plan", "epoch"}:
+            plan, epoch = state_dict["plan"], state_dict["epoch"]
+        elif isinstance(state_dict, Mapping) and "config" in state_dict:
+            plan, epoch = state_dict, self.epoch
+        else:
             raise ValueError(
-                f"state_dict must come from DistributedUniformWithReplacementSampler.state_dict(), "
-                f"got {state_dict!r}."
+                f"state_dict must come from DistributedUniformWithReplacementSampler.state_dict() "
+                f"(or UniformWithReplacementSampler.state_dict()), got {state_dict!r}."
             )
-        epoch = state_dict["epoch"]
         if isinstance(epoch, bool) or not isinstance(epoch, int):
             raise ValueError(f"state_dict['epoch'] must be an int, got {epoch!r}.")
-        self._plan.load_state_dict(state_dict["plan"])
+        self._plan.load_state_dict(_plan_state_for(self._plan, plan))
         self.epoch = epoch

@@ -251,14 +251,16 @@ def test_distributed():
         assert all(torch.equal(v, expected[k]) for k, v in net.state_dict().items())
         x = torch.randn(5, 16)
         assert torch.equal(model(x), net(x))
-        # The distributed DP optimizer is a later issue: make_private says so clearly.
-        with pytest.raises(NotImplementedError, match="no distributed DP optimizer yet"):
-            PrivacyEngine().make_private(
-                module=model, optimizer=SGD(model.parameters(), lr=0.05),
-                data_loader=torch.utils.data.DataLoader(make_dataset(64), batch_size=16),
-                noise_multiplier=1.0, max_grad_norm=1.0,
-            )
-        assert not hasattr(model, "autograd_grad_sample_hooks")
+        # "Nothing has changed here": make_private takes the DPDDP model as it is.
+        privacy_engine = PrivacyEngine()
+        model, optimizer, data_loader = privacy_engine.make_private(
+            module=model, optimizer=SGD(model.parameters(), lr=0.05),
+            data_loader=torch.utils.data.DataLoader(make_dataset(64), batch_size=16),
+            noise_multiplier=1.0, max_grad_norm=1.0,
+        )
+        assert type(optimizer).__name__ == "DistributedDPOptimizer"
+        train_one_epoch(model, optimizer, data_loader)
+        assert len(privacy_engine.accountant) == 4
     finally:
         torch.distributed.destroy_process_group()
 

@@ -650,7 +650,7 @@ def test_get_optimizer_class():
     with pytest.raises(ValueError, match="ghost"):
         get_optimizer_class("per_layer", False, "ghost")
     with pytest.raises(ValueError, match="distributed"):
-        get_optimizer_class("flat", True)
+        get_optimizer_class("adaptive", True)
     with pytest.raises(ValueError, match="clipping"):
         get_optimizer_class("bogus", False)
 

@@ -1,0 +1,343 @@
+"""Data-parallel DP training throughput (examples/s) on 1, 2 and 4 processes (gloo, CPU).
+
+For every world size ``W`` and mode, ``W`` processes are started (``spawn``), join a gloo
+process group on loopback (``FileStore``), and train the ``--model`` of
+:mod:`benchmarks.models` on synthetic data with one intra-op thread each:
+
+* ``dp_torch-hooks`` / ``dp_torch-ghost``: ``DPDDP(model)`` through
+  ``PrivacyEngine().make_private(..., grad_sample_mode=...)``: distributed Poisson
+  sampling with the *global* expected batch ``--batch`` (each rank samples its shard),
+  per-rank clipping, noise once on rank 0, one all-reduce per step;
+* ``nonprivate``: ``torch`` ``DistributedDataParallel`` with a ``DistributedSampler``
+  and a fixed per-rank batch ``--batch / W`` (the usual data-parallel baseline).
+
+The data set has ``--batch * 16`` examples (sample rate 1/16). After ``--warmup`` steps,
+``--steps`` steps are timed between two barriers; the figure is the number of examples
+all ranks processed (data loading, forward, backward, clipping, noise, all-reduce and
+update included) divided by the wall time, and the speed-up is relative to ``W = 1`` of
+the same mode. Processes beyond the number of idle cores share them, so on a 2-core
+machine ``W = 4`` measures oversubscription, not scaling. To tell the machine's share
+from the code's, the script ends with the *effective cores* that ``W`` concurrent
+one-thread processes get for a pure matrix-multiply kernel (``W`` on an idle machine
+with ``W`` cores).
+
+``--backend jax`` is reserved for ``dp_jax``'s data-parallel training; its function
+(:func:`run_jax`) is not written yet and raises ``NotImplementedError``.
+
+Examples::
+
+    python benchmarks/distributed.py                        # torch, W = 1, 2, 4
+    python benchmarks/distributed.py --world-sizes 1 2 --json distributed.json
+    python benchmarks/distributed.py --smoke                # seconds, for a rot check
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any, Optional
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+__all__ = ["BenchConfig", "format_table", "main", "run_jax", "run_torch"]
+
+TORCH_MODES = ("dp_torch-hooks", "dp_torch-ghost", "nonprivate")
+SAMPLE_RATE_INVERSE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark setting (shared by every world size and mode)."""
+
+    model: str = "mlp"
+    batch: int = 256
+    steps: int = 30
+    warmup: int = 3
+    timeout_s: float = 600.0
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def _torch_objects(mode: str, cfg: BenchConfig, rank: int, world: int) -> tuple[Any, Any, Any, Any]:
+    """Model, optimizer, criterion and loader for ``mode`` in this process group."""
+    from torch import nn
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from benchmarks.models import build_model, make_batch
+    from dp_torch import PrivacyEngine
+    from dp_torch.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+
+    torch.manual_seed(0)
+    inputs, labels = make_batch(cfg.model, cfg.batch * SAMPLE_RATE_INVERSE,
+                                generator=torch.Generator().manual_seed(0))
+    dataset = TensorDataset(inputs, labels)
+    criterion = nn.CrossEntropyLoss()
+    net = build_model(cfg.model)
+    if mode == "nonprivate":
+        model = nn.parallel.DistributedDataParallel(net)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=0)
+        loader = DataLoader(dataset, batch_size=max(1, cfg.batch // world), sampler=sampler)
+        return model, torch.optim.SGD(model.parameters(), lr=0.01), criterion, loader
+    model = DPDDP(net)
+    out = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        data_loader=DataLoader(dataset, batch_size=cfg.batch), noise_multiplier=1.0,
+        max_grad_norm=1.0, grad_sample_mode=mode.split("-")[1], criterion=criterion,
+    )
+    if len(out) == 4:
+        model, optimizer, criterion, loader = out
+    else:
+        model, optimizer, loader = out
+    return model, optimizer, criterion, loader
+
+
+def _batches(loader: Any) -> Any:
+    epoch = 0
+    while True:
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _torch_step(model: Any, optimizer: Any, criterion: Any, x: torch.Tensor, y: torch.Tensor,
+                private: bool) -> None:
+    optimizer.zero_grad()
+    out = model(x)
+    loss = out.sum() * 0.0 if (len(y) == 0 and private and isinstance(criterion, torch.nn.Module)) \
+        else criterion(out, y)
+    loss.backward()
+    optimizer.step()
+
+
+def _torch_worker(rank: int, world: int, store: str, mode: str, cfg: BenchConfig,
+                  out_dir: str) -> None:
+    """One rank: build, warm up, time ``cfg.steps`` steps between barriers, write the row."""
+    out = pathlib.Path(out_dir)
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        model, optimizer, criterion, loader = _torch_objects(mode, cfg, rank, world)
+        private = mode != "nonprivate"
+        batches = _batches(loader)
+        for _ in range(cfg.warmup):
+            x, y = next(batches)
+            _torch_step(model, optimizer, criterion, x, y, private)
+        seen = 0
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(cfg.steps):
+            x, y = next(batches)
+            _torch_step(model, optimizer, criterion, x, y, private)
+            seen += len(y)
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        total = torch.tensor([float(seen)], dtype=torch.float64)
+        dist.all_reduce(total)
+        if rank == 0:
+            row = {"backend": "torch", "mode": mode, "world_size": world, "model": cfg.model,
+                   "batch": cfg.batch, "steps": cfg.steps, "examples": int(total.item()),
+                   "seconds": seconds, "examples_per_s": float(total.item()) / seconds,
+                   "step_ms": 1000.0 * seconds / cfg.steps}
+            (out / "row.json").write_text(json.dumps(row), encoding="utf-8")
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        (out / f"error_{rank}.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        raise
+
+
+def _run_torch_group(mode: str, world: int, cfg: BenchConfig) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_torch_worker,
+                             args=(r, world, f"{tmp}/store", mode, cfg, tmp)) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + cfg.timeout_s
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        errors = sorted(pathlib.Path(tmp).glob("error_*.txt"))
+        row_file = pathlib.Path(tmp) / "row.json"
+        if errors or not row_file.exists():
+            detail = errors[0].read_text(encoding="utf-8")[-2000:] if errors else "timeout"
+            return {"backend": "torch", "mode": mode, "world_size": world, "error": detail}
+        return json.loads(row_file.read_text(encoding="utf-8"))
+
+
+def run_torch(world_sizes: Sequence[int], modes: Sequence[str], cfg: BenchConfig
+              ) -> list[dict[str, Any]]:
+    """Throughput rows for ``dp_torch`` (and the non-private DDP baseline).
+
+    Args:
+        world_sizes: Numbers of processes to measure.
+        modes: Subset of :data:`TORCH_MODES`.
+        cfg: Model, batch and step counts.
+
+    Returns:
+        One row per ``(mode, world size)``: ``examples_per_s``, ``step_ms``,
+        ``speedup`` (vs the mode's first world size), or ``error``.
+    """
+    rows = []
+    for mode in modes:
+        base = None
+        for world in world_sizes:
+            row = _run_torch_group(mode, world, cfg)
+            if "error" not in row:
+                base = base or row["examples_per_s"]
+                row["speedup"] = row["examples_per_s"] / base
+            rows.append(row)
+            print(_row_line(row), flush=True)
+    return rows
+
+
+def _matmul_worker(seconds_out: Any, reps: int) -> None:
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    seconds_out.put(time.perf_counter() - start)
+
+
+def machine_parallelism(world_sizes: Sequence[int], reps: int = 400) -> dict[int, float]:
+    """How much compute ``W`` concurrent one-thread processes get, relative to one alone.
+
+    Each process multiplies two 256 x 256 matrices ``reps`` times; the figure for ``W``
+    is ``W * t_1 / mean(t_W)`` (``W`` on a machine with ``W`` idle cores, about 1 on a
+    machine that gives the group one core). It tells how much of a throughput change
+    comes from the machine rather than from the training code.
+
+    Args:
+        world_sizes: Numbers of concurrent processes.
+        reps: Multiplications per process.
+
+    Returns:
+        ``{W: effective number of cores}``.
+    """
+    ctx = mp.get_context("spawn")
+    times: dict[int, float] = {}
+    for world in sorted(set(world_sizes) | {1}):
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_matmul_worker, args=(queue, reps)) for _ in range(world)]
+        for p in procs:
+            p.start()
+        times[world] = sum(queue.get(timeout=600) for _ in procs) / world
+        for p in procs:
+            p.join()
+    return {w: w * times[1] / times[w] for w in world_sizes}
+
+
+# --------------------------------------------------------------------------- jax
+
+
+def run_jax(world_sizes: Sequence[int], modes: Sequence[str], cfg: BenchConfig
+            ) -> list[dict[str, Any]]:
+    """Throughput rows for ``dp_jax`` data-parallel training (not written yet).
+
+    Raises:
+        NotImplementedError: Always: ``dp_jax``'s data-parallel API (device mesh,
+            ``psum`` of clipped sums, multi-process through ``jax.distributed``) is
+            being added in parallel; this function is left for it.
+    """
+    raise NotImplementedError(
+        "benchmarks/distributed.py --backend jax is not written yet: it needs dp_jax's "
+        "data-parallel training API (issue 6, JAX half). Add run_jax() here with the same row "
+        "format as run_torch() (examples_per_s, step_ms, speedup per world size)."
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['backend']} {row['mode']} W={row['world_size']}: ERROR {row['error'][-300:]}"
+    return (f"{row['backend']} {row['mode']} W={row['world_size']}: "
+            f"{row['examples_per_s']:.0f} examples/s, {row['step_ms']:.1f} ms/step, "
+            f"x{row['speedup']:.2f}")
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of the rows (errors shown in the throughput column)."""
+    lines = ["| backend | mode | processes | examples/s | ms/step | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['backend']} | {row['mode']} | {row['world_size']} | error | | |")
+        else:
+            lines.append(
+                f"| {row['backend']} | {row['mode']} | {row['world_size']} | "
+                f"{row['examples_per_s']:.0f} | {row['step_ms']:.1f} | {row['speedup']:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("torch", "jax"), default="torch")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--modes", nargs="+", default=list(TORCH_MODES),
+                        help=f"torch modes, from {list(TORCH_MODES)}")
+    parser.add_argument("--model", default="mlp", help="a benchmarks.models name (default mlp)")
+    parser.add_argument("--batch", type=int, default=256, help="global (expected) batch")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per group")
+    parser.add_argument("--smoke", action="store_true", help="W = 1, 2; batch 8; 2 steps")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="write rows here")
+    args = parser.parse_args(argv)
+    bad = [m for m in args.modes if m not in TORCH_MODES]
+    if args.backend == "torch" and bad:
+        parser.error(f"--modes got {bad}; choose from {list(TORCH_MODES)}.")
+    if min(args.world_sizes) < 1 or args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--world-sizes, --batch and --steps must be >= 1 and --warmup >= 0.")
+    if args.smoke:
+        args.world_sizes, args.batch, args.steps, args.warmup = [1, 2], 8, 2, 1
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+    """Run the benchmark, print the table, optionally write JSON; return the rows."""
+    args = parse_args(argv)
+    cfg = BenchConfig(model=args.model, batch=args.batch, steps=args.steps,
+                      warmup=args.warmup, timeout_s=args.timeout)
+    runner = run_torch if args.backend == "torch" else run_jax
+    rows = runner(args.world_sizes, args.modes, cfg)
+    table = format_table(rows)
+    cores = machine_parallelism(args.world_sizes, reps=40 if args.smoke else 400)
+    table += "\n\nEffective cores for W one-thread processes (concurrent 256x256 matmuls): " + \
+        ", ".join(f"W={w}: {c:.2f}" for w, c in cores.items())
+    print(table, flush=True)
+    if args.json is not None:
+        meta = {"platform": platform.platform(), "torch": torch.__version__,
+                "cpus": torch.multiprocessing.cpu_count(), "config": dataclasses.asdict(cfg),
+                "effective_cores": {str(w): c for w, c in cores.items()}}
+        args.json.write_text(json.dumps({"meta": meta, "results": rows, "table": table},
+                                        indent=2), encoding="utf-8")
+    if any("error" in row for row in rows):
+        raise SystemExit(1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
