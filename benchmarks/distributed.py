@@ -21,14 +21,17 @@ from the code's, the script ends with the *effective cores* that ``W`` concurren
 one-thread processes get for a pure matrix-multiply kernel (``W`` on an idle machine
 with ``W`` cores).
 
-``--backend jax`` is reserved for ``dp_jax``'s data-parallel training; its function
-(:func:`run_jax`) is not written yet and raises ``NotImplementedError``.
+``--backend jax`` measures ``dp_jax`` the same way (:func:`run_jax`): ``W`` processes
+joined by ``jax.distributed.initialize`` (one CPU device and one thread each, gloo
+collectives), the engine with ``mesh=dp_jax.data_mesh()`` in ``vmap`` and ``ghost``
+modes, and non-private ``jax.jit`` SGD on a sharded fixed batch.
 
 Examples::
 
     python benchmarks/distributed.py                        # torch, W = 1, 2, 4
     python benchmarks/distributed.py --world-sizes 1 2 --json distributed.json
     python benchmarks/distributed.py --smoke                # seconds, for a rot check
+    python benchmarks/distributed.py --backend jax          # dp_jax, W = 1, 2, 4
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-__all__ = ["BenchConfig", "format_table", "main", "run_jax", "run_torch"]
+__all__ = ["BenchConfig", "JAX_MODES", "TORCH_MODES", "format_table", "main", "run_jax", "run_torch"]
 
 TORCH_MODES = ("dp_torch-hooks", "dp_torch-ghost", "nonprivate")
 SAMPLE_RATE_INVERSE = 16
@@ -250,20 +253,177 @@ def machine_parallelism(world_sizes: Sequence[int], reps: int = 400) -> dict[int
 # --------------------------------------------------------------------------- jax
 
 
+JAX_MODES = ("dp_jax-vmap", "dp_jax-ghost", "nonprivate")
+
+
+def _jax_setup(mode: str, cfg: BenchConfig) -> tuple[Any, Any]:
+    """``(run, state)``: ``run(state) -> (state, examples)`` trains one logical step."""
+    import optax  # pylint: disable=import-outside-toplevel
+
+    import dp_jax  # pylint: disable=import-outside-toplevel
+    from benchmarks import models_flax  # pylint: disable=import-outside-toplevel
+
+    module = models_flax.build_model(cfg.model)
+    params = models_flax.init_params(cfg.model)
+    x, y = models_flax.make_batch(cfg.model, cfg.batch * SAMPLE_RATE_INVERSE, seed=1)
+    mesh = dp_jax.data_mesh()
+    loss_fn = dp_jax.linen_loss(module)
+    if mode == "nonprivate":
+        return _jax_nonprivate(loss_fn, params, {"x": x, "y": y}, mesh, cfg)
+    private = dp_jax.PrivacyEngine().make_private(
+        loss_fn=loss_fn, params=params, optimizer=optax.sgd(0.01), data={"x": x, "y": y},
+        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0 / SAMPLE_RATE_INVERSE,
+        seed=0, mesh=mesh, grad_sample_mode=mode.removeprefix("dp_jax-"),
+        steps=10 ** 6,  # one long "epoch": the iterator never ends inside the benchmark
+    )
+    batches = iter(private.batches)
+
+    def run(state: Any) -> tuple[Any, int]:
+        # The mask is a global array spread over the processes: count the expected
+        # batch (the mean of the realised Poisson sizes) rather than gather it.
+        state, _ = private.train_logical_step(state, next(batches))
+        return state, private.expected_batch_size
+
+    return run, private.state
+
+
+def _jax_nonprivate(loss_fn: Any, params: Any, data: dict, mesh: Any, cfg: BenchConfig
+                    ) -> tuple[Any, Any]:
+    """Plain data-parallel SGD: a fixed global batch sharded over the mesh, jit does the rest."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import optax  # pylint: disable=import-outside-toplevel
+
+    import dp_jax  # pylint: disable=import-outside-toplevel
+
+    tx = optax.sgd(0.01)
+    rows = cfg.batch - cfg.batch % mesh.devices.size or mesh.devices.size
+
+    @jax.jit
+    def step(state: Any, batch: Any) -> Any:
+        p, opt = state
+        grads = jax.grad(lambda q: jax.numpy.mean(jax.vmap(loss_fn, (None, 0))(q, batch)))(p)
+        updates, opt = tx.update(grads, opt, p)
+        return optax.apply_updates(p, updates), opt
+
+    rng = np.random.default_rng(0)
+    n = len(data["y"])
+
+    def run(state: Any) -> tuple[Any, int]:
+        idx = rng.integers(0, n, rows)
+        batch, _ = dp_jax.shard_batch({k: v[idx] for k, v in data.items()}, None, mesh)
+        return step(state, batch), rows
+
+    return run, dp_jax.replicate((params, tx.init(params)), mesh)
+
+
+def _jax_worker(args: argparse.Namespace) -> None:
+    """One JAX process of a group (started by :func:`_run_jax_group` with ``--jax-worker``)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    if args.world > 1:
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.world, process_id=args.rank)
+    cfg = BenchConfig(model=args.model, batch=args.batch, steps=args.steps, warmup=args.warmup)
+    run, state = _jax_setup(args.jax_mode, cfg)
+    for _ in range(cfg.warmup):
+        state, _ = run(state)
+    jax.block_until_ready(state)
+    multihost_utils.sync_global_devices("start")
+    start, seen = time.perf_counter(), 0
+    for _ in range(cfg.steps):
+        state, rows = run(state)
+        seen += rows
+    jax.block_until_ready(state)
+    multihost_utils.sync_global_devices("stop")
+    seconds = time.perf_counter() - start
+    if jax.process_index() == 0:
+        row = {"backend": "jax", "mode": args.jax_mode, "world_size": args.world,
+               "model": cfg.model, "batch": cfg.batch, "steps": cfg.steps, "examples": seen,
+               "seconds": seconds, "examples_per_s": seen / seconds,
+               "step_ms": 1000.0 * seconds / cfg.steps}
+        pathlib.Path(args.out).write_text(json.dumps(row), encoding="utf-8")
+
+
+def _free_port() -> int:
+    import socket  # pylint: disable=import-outside-toplevel
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run_jax_group(mode: str, world: int, cfg: BenchConfig) -> dict[str, Any]:
+    import os  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    # One CPU device and one compute thread per process, as the torch ranks have.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+                         "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/row.json"
+        coordinator = f"127.0.0.1:{_free_port()}"
+        procs = [subprocess.Popen(  # noqa: S603 - our own script
+            [sys.executable, "-m", "benchmarks.distributed", "--jax-worker", "--jax-mode", mode,
+             "--world", str(world), "--rank", str(rank), "--coordinator", coordinator,
+             "--model", cfg.model, "--batch", str(cfg.batch), "--steps", str(cfg.steps),
+             "--warmup", str(cfg.warmup), "--out", out],
+            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        ) for rank in range(world)]
+        errors = _wait_all(procs, cfg.timeout_s)
+        if errors or not pathlib.Path(out).exists():
+            return {"backend": "jax", "mode": mode, "world_size": world,
+                    "error": errors[0] if errors else "no result"}
+        return json.loads(pathlib.Path(out).read_text(encoding="utf-8"))
+
+
+def _wait_all(procs: Sequence[Any], timeout_s: float) -> list[str]:
+    """Wait for every process (kill all at the deadline); the stderr tails of the failures."""
+    deadline, errors = time.monotonic() + timeout_s, []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - a timeout: kill the whole group
+            for other in procs:
+                other.kill()
+            return ["timeout"]
+        if proc.returncode != 0:
+            errors.append(err[-2000:])
+    return errors
+
+
 def run_jax(world_sizes: Sequence[int], modes: Sequence[str], cfg: BenchConfig
             ) -> list[dict[str, Any]]:
-    """Throughput rows for ``dp_jax`` data-parallel training (not written yet).
+    """Throughput rows for ``dp_jax`` on a mesh of ``W`` processes (one CPU device each).
 
-    Raises:
-        NotImplementedError: Always: ``dp_jax``'s data-parallel API (device mesh,
-            ``psum`` of clipped sums, multi-process through ``jax.distributed``) is
-            being added in parallel; this function is left for it.
+    Every process runs ``jax.distributed.initialize`` (gloo collectives on loopback) and
+    the engine with ``mesh=dp_jax.data_mesh()``: the global Poisson batch (expected size
+    ``cfg.batch``) is sharded over the processes, each clips its rows, the clipped sums
+    are ``psum``-ed and the noise is added once. ``nonprivate`` is ``jax.jit`` SGD on a
+    fixed global batch sharded the same way.
+
+    Args:
+        world_sizes: Numbers of processes to measure.
+        modes: Subset of :data:`JAX_MODES`.
+        cfg: Model, batch and step counts.
+
+    Returns:
+        Rows as :func:`run_torch` returns them.
     """
-    raise NotImplementedError(
-        "benchmarks/distributed.py --backend jax is not written yet: it needs dp_jax's "
-        "data-parallel training API (issue 6, JAX half). Add run_jax() here with the same row "
-        "format as run_torch() (examples_per_s, step_ms, speedup per world size)."
-    )
+    rows = []
+    for mode in modes:
+        base = None
+        for world in world_sizes:
+            row = _run_jax_group(mode, world, cfg)
+            if "error" not in row:
+                base = base or row["examples_per_s"]
+                row["speedup"] = row["examples_per_s"] / base
+            rows.append(row)
+            print(_row_line(row), flush=True)
+    return rows
 
 
 # --------------------------------------------------------------------------- report
@@ -297,18 +457,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("torch", "jax"), default="torch")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--modes", nargs="+", default=list(TORCH_MODES),
-                        help=f"torch modes, from {list(TORCH_MODES)}")
+                        help=f"torch modes {list(TORCH_MODES)} or jax modes {list(JAX_MODES)}")
     parser.add_argument("--model", default="mlp", help="a benchmarks.models name (default mlp)")
     parser.add_argument("--batch", type=int, default=256, help="global (expected) batch")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="untimed steps first (JAX compiles one step per bucket size)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per group")
     parser.add_argument("--smoke", action="store_true", help="W = 1, 2; batch 8; 2 steps")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write rows here")
+    for hidden in ("--world", "--rank", "--coordinator", "--jax-mode", "--out"):  # worker only
+        parser.add_argument(hidden, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--jax-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    bad = [m for m in args.modes if m not in TORCH_MODES]
-    if args.backend == "torch" and bad:
-        parser.error(f"--modes got {bad}; choose from {list(TORCH_MODES)}.")
+    if args.jax_worker:
+        args.world, args.rank = int(args.world), int(args.rank)
+        return args
+    known = TORCH_MODES if args.backend == "torch" else JAX_MODES
+    if args.modes == list(TORCH_MODES):
+        args.modes = list(known)
+    bad = [m for m in args.modes if m not in known]
+    if bad:
+        parser.error(f"--modes got {bad}; choose from {list(known)} for --backend {args.backend}.")
     if min(args.world_sizes) < 1 or args.batch < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--world-sizes, --batch and --steps must be >= 1 and --warmup >= 0.")
     if args.smoke:
@@ -319,6 +489,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     """Run the benchmark, print the table, optionally write JSON; return the rows."""
     args = parse_args(argv)
+    if args.jax_worker:
+        _jax_worker(args)
+        return []
     cfg = BenchConfig(model=args.model, batch=args.batch, steps=args.steps,
                       warmup=args.warmup, timeout_s=args.timeout)
     runner = run_torch if args.backend == "torch" else run_jax

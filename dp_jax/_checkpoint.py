@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dp_jax import _tree
 from dpcore.accounting import Accountant
 from dpcore.ledger import Ledger
 
@@ -44,8 +45,8 @@ def _is_key(leaf: Any) -> bool:
 
 def _leaf_to_numpy(leaf: Any) -> tuple[np.ndarray, str | None]:
     if _is_key(leaf):
-        return np.asarray(jax.random.key_data(leaf)), str(jax.random.key_impl(leaf))
-    return np.asarray(leaf), None
+        return _tree.host_array(jax.random.key_data(leaf)), str(jax.random.key_impl(leaf))
+    return _tree.host_array(leaf), None
 
 
 def _flatten(tree: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -74,6 +74,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dp_jax import _checkpoint
 from dp_jax import _distributed
 from dp_jax import _transforms
+from dp_jax import _tree
 from dp_jax._data import PhysicalChunk, PoissonBatches, ShuffledBatches
 from dp_jax._grads import ClipAux, clipped_grad
 from dp_jax._step import make_step_fn
@@ -696,7 +697,9 @@ class PrivacyEngine:
     ) -> None:
         """Save parameters, optimizer state (PRNG key included), sampler position and ledger.
 
-        Save between logical steps. See :func:`dp_jax.save_checkpoint`.
+        Save between logical steps. See :func:`dp_jax.save_checkpoint`. With several
+        JAX processes (``jax.distributed``) call it on every process: only process 0
+        writes (its sampler position is the one all processes follow).
 
         Args:
             path: File path or binary file object (``.npz`` content).
@@ -705,6 +708,8 @@ class PrivacyEngine:
                 ``make_private``'s).
             checkpoint_dict: Extra JSON-serialisable entries.
         """
+        if jax.process_index() != 0:
+            return
         _checkpoint.save_checkpoint(
             path, state, batches=batches if batches is not None else self._batches,
             accountant=self.accountant, checkpoint_dict=checkpoint_dict,
@@ -814,10 +819,10 @@ def _build_optimizer(
         return opt_state.dp_state.hyperparams["max_grad_norm"]
 
     def noise_std_of(opt_state: Any) -> float:
-        sigma = float(np.asarray(opt_state.dp_state.hyperparams["noise_multiplier"]))
+        sigma = float(_tree.host_array(opt_state.dp_state.hyperparams["noise_multiplier"]))
         if clipping == "per_layer":
             return sigma * _noise_norm(max_grad_norm, clipping, params)
-        return sigma * float(np.asarray(bound_of(opt_state)))
+        return sigma * float(_tree.host_array(bound_of(opt_state)))
 
     tx = _transforms.dp_multi_steps(dp_part, optimizer)
     return _DPParts(tx, read_injected, bound_of, noise_std_of, None)
@@ -841,7 +846,7 @@ def _build_adaptive(
         return opt_state.dp_state.max_grad_norm
 
     def noise_std_of(opt_state: Any) -> float:
-        return z_grad * float(np.asarray(bound_of(opt_state)))
+        return z_grad * float(_tree.host_array(bound_of(opt_state)))
 
     tx = _transforms.dp_multi_steps(dp_part, optimizer)
     return _DPParts(tx, read_fixed, bound_of, noise_std_of, spec.count_noise_std(m))
@@ -856,7 +861,7 @@ def _host_float(value: Any, *, requested: float) -> float:
     state still holds it, else the shortest decimal that rounds to the same
     float32 (what a user who set ``0.77`` in the state wrote).
     """
-    array = np.asarray(value)
+    array = _tree.host_array(value)
     if array.dtype != np.float32:
         return float(array)
     if np.float32(requested) == np.float32(array):

@@ -39,6 +39,17 @@ def batch_size_of(tree: Any, name: str = "batch") -> int:
     return int(sizes.pop())
 
 
+def host_array(value: Any) -> np.ndarray:
+    """A numpy copy of ``value``; for a replicated global array, this process's copy.
+
+    ``np.asarray`` refuses a ``jax.Array`` that spans devices of other processes (a
+    multi-process mesh); every copy of a replicated array holds the same value.
+    """
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        value = value.addressable_data(0)
+    return np.asarray(value)
+
+
 def concrete_or_none(value: Any) -> np.ndarray | None:
     """``value`` as a numpy array if it is concrete, ``None`` if it is a tracer."""
     try:

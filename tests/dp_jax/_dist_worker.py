@@ -92,6 +92,45 @@ def main() -> None:
         _save(args, k, common.shards(state), float(metrics["loss"].addressable_data(0)),
               dataset.read, [d.id for d in jax.local_devices()], jax.device_count())
         dataset.read = []
+    if args.die_at is None:
+        _engine_runs(args)
+
+
+def _engine_runs(args: argparse.Namespace) -> None:
+    """PrivacyEngine(mesh=...) across the processes: a seeded virtual-step run with a
+    checkpoint round trip, and a secure run; ``p{I}-engine.npz`` holds the results."""
+    import optax
+    from jax.experimental import multihost_utils
+
+    import dp_jax
+    from dp_jax import _distributed as dist
+    from tests.dp_jax import _dist_checks as checks
+    from tests.dp_jax import _dist_common as common
+
+    mesh = dist.data_mesh()
+    _, kwargs = checks.ENGINE_CASES[0]
+    state, eps, _ = checks._engine_run(mesh, kwargs)
+    out = {f"seeded|{k}": v for k, v in common.shards(state.params).items()}
+    out["eps"] = np.asarray(eps)
+    engine = dp_jax.PrivacyEngine()
+    private = engine.make_private(
+        loss_fn=common.loss_fn, params=common.init_params(), optimizer=optax.adam(0.1),
+        data=common.make_data(), noise_multiplier=common.SIGMA, max_grad_norm=common.C_FLAT,
+        sample_rate=common.Q, steps=common.STEPS, seed=common.SEED, mesh=mesh,
+    )
+    first = next(iter(private.batches))
+    stepped, metrics = private.train_logical_step(private.state, first)
+    out["loss"] = np.asarray(float(metrics["loss"].addressable_data(0)))
+    path = args.out / "engine-ckpt.npz"
+    engine.save_checkpoint(path, stepped)  # only process 0 writes
+    multihost_utils.sync_global_devices("checkpoint written")
+    restored, _ = engine.load_checkpoint(path, private.state)
+    out.update({f"restored|{k}": v for k, v in common.shards(restored.params).items()})
+    out.update({f"stepped|{k}": v for k, v in common.shards(stepped.params).items()})
+    out["ckpt_steps"] = np.asarray(len(engine.accountant))
+    secure, _, _ = checks._engine_run(mesh, {"clipping": "flat"}, secure=True)
+    out.update({f"secure|{k}": v for k, v in common.shards(secure.params).items()})
+    np.savez(args.out / f"p{args.process_id}-engine.npz", **out)
 
 
 def _save(args: argparse.Namespace, k: int, shards: dict[str, Any], loss: float,

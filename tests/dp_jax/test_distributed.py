@@ -444,6 +444,28 @@ def test_two_processes_equal_one_device(tmp_path):
             assert stacked.shape[0] == 2
             np.testing.assert_array_equal(stacked[1], stacked[0])
             assert_close(stacked[0], expected[path], rtol=RTOL, atol=1e-15)
+    _check_engine_across_processes(tmp_path)
+
+
+def _check_engine_across_processes(out: pathlib.Path) -> None:
+    """PrivacyEngine(mesh=...) over 2 processes equals the one-device engine; its
+    checkpoint (written by process 0) restores the same state; secure noise agrees."""
+    _, kwargs = checks.ENGINE_CASES[0]
+    single, eps_single, _ = checks._engine_run(None, kwargs)
+    expected = common.flat(single.params)
+    runs = [np.load(out / f"p{pid}-engine.npz") for pid in range(2)]
+    assert float(runs[0]["eps"]) == float(runs[1]["eps"]) == eps_single
+    assert int(runs[0]["ckpt_steps"]) == 1
+    for run in runs:
+        for what in ("seeded", "restored", "stepped", "secure"):
+            for key in expected:
+                stacked = run[f"{what}|{key}"]
+                np.testing.assert_array_equal(stacked[1], stacked[0])  # both local devices
+                np.testing.assert_array_equal(stacked[0], runs[0][f"{what}|{key}"][0])
+        for key, value in expected.items():
+            assert_close(run[f"seeded|{key}"][0], value, rtol=RTOL, atol=1e-15)
+            np.testing.assert_array_equal(run[f"restored|{key}"], run[f"stepped|{key}"])
+    assert float(runs[0]["loss"]) == float(runs[1]["loss"])
 
 
 @pytest.mark.slow
