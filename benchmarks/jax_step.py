@@ -10,6 +10,11 @@ in one run, one jitted training step (plain SGD everywhere, learning rate 1e-3) 
   per-example gradients by ``vmap(grad)``, flat clipping at 1, the clipped sum
   accumulated, Gaussian noise (multiplier 1) added once, division by the expected batch
   size, ``optax.sgd``; called with ``apply_update=True`` and an all-``True`` mask;
+* ``dp_jax-ghost``: the same engine step with ``grad_sample_mode="ghost"``: the clipped
+  sum by ghost clipping (``dp_jax.ghost_clipped_grad``: per-example norms of the
+  dense and embedding layers from their inputs and output gradients, no per-example
+  weight gradients; the other layers by ``vmap(grad)``), then the same noise, division
+  and ``optax.sgd``;
 * ``dp_jax-sgd``: the optax-style path, ``dp_jax.per_example_grads`` then
   ``dp_jax.dp_sgd`` (clip + noise + sgd in one transformation), ``mask`` all ``True``;
 * ``optax-contrib``: ``vmap(grad)`` then ``optax.contrib.differentially_private_aggregate``
@@ -29,8 +34,13 @@ figure is the median over ``--steps`` rounds after ``--warmup`` rounds, each ste
 with ``time.perf_counter`` around the call and ``jax.block_until_ready`` on its outputs.
 A mode so slow that its rounds would exceed ``--mode-budget`` seconds (default 30) skips
 the warm-up rounds (its first, checked call after compiling already ran it once) and is
-timed over ``floor(budget / first step)`` rounds, at least 3; ``step_ms`` in the JSON
-lists every timed step.
+timed over ``floor(budget / first step)`` rounds, at least 3. A mode whose first step
+took less than ``--block-ms`` (default 20 ms) runs a block of ``1 + ceil(block / first
+step)`` consecutive steps (at most 25) in each round and only the block's first step is
+not timed: a step of a few milliseconds timed right after another mode's step runs with
+cold caches (after a memory-hungry mode, in freshly mapped memory) and looked up to 3x
+slower than in a training loop, which repeats one step back to back. ``step_ms`` in the
+JSON lists every timed step, ``repeats`` the block length.
 Memory: XLA's own estimate of each compiled step's temporary buffers
 (``compiled.memory_analysis().temp_size_in_bytes``; parameters, inputs and outputs not
 included), where the backend reports it.
@@ -40,7 +50,8 @@ time goes: ``forward`` (batched forward + loss), ``grad`` (the non-private gradi
 without the optimizer), ``pe-grad-sum`` (per-example gradients by ``vmap(grad)``, summed
 unclipped), ``pe-norms`` (per-example gradients and their L2 norms only),
 ``clipped-sum`` (``dp_jax.clipped_grad``: per-example gradients, clip and sum; no noise,
-no optimizer), ``noise`` (drawing and adding the Gaussian noise alone) and, with
+no optimizer), ``ghost-clipped-sum`` (the same by ghost clipping), ``noise`` (drawing and
+adding the Gaussian noise alone) and, with
 ``--microbatch K``, ``dp_jax-mb`` (the engine step with ``microbatch_size=K``).
 
 Sizes (batch = reference batch x ``--batch-scale``, at least 2; sequence lengths x
@@ -77,6 +88,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import platform
 import statistics
@@ -113,13 +125,15 @@ __all__ = [
     "build_runner",
     "main",
     "markdown_table",
+    "repeats_for",
     "rounds_for",
     "time_interleaved",
 ]
 
-MODES: tuple[str, ...] = ("nonprivate", "dp_jax", "dp_jax-sgd", "optax-contrib")
+MODES: tuple[str, ...] = ("nonprivate", "dp_jax", "dp_jax-ghost", "dp_jax-sgd", "optax-contrib")
 COMPONENTS: tuple[str, ...] = (
-    "forward", "grad", "pe-grad-sum", "pe-norms", "clipped-sum", "noise", "dp_jax-mb",
+    "forward", "grad", "pe-grad-sum", "pe-norms", "clipped-sum", "ghost-clipped-sum", "noise",
+    "dp_jax-mb",
 )
 _LR = 1e-3
 _NOISE = 1.0
@@ -218,12 +232,15 @@ def _nonprivate(module: Any, params: Any, x: Any, y: Any) -> Runner:
     return Runner(step, (params, tx.init(params)), (x, y), threaded=True)
 
 
-def _dp_engine(module: Any, params: Any, x: Any, y: Any, microbatch: Optional[int]) -> Runner:
+def _dp_engine(module: Any, params: Any, x: Any, y: Any, microbatch: Optional[int],
+               grad_sample_mode: str = "vmap") -> Runner:
     engine = dp_jax.PrivacyEngine(accountant="rdp")
+    extra = {} if grad_sample_mode == "vmap" else {"grad_sample_mode": grad_sample_mode}
     private = engine.make_private(
         loss_fn=dp_jax.linen_loss(module), params=params, optimizer=optax.sgd(_LR),
         data={"x": np.asarray(x), "y": np.asarray(y)}, sample_rate=1.0,
         noise_multiplier=_NOISE, max_grad_norm=_CLIP, seed=_SEED, microbatch_size=microbatch,
+        **extra,
     )
     mask = jnp.ones((x.shape[0],), bool)
     apply = jnp.asarray(True)
@@ -285,6 +302,9 @@ def _component(name: str, module: Any, params: Any, x: Any, y: Any) -> Runner:
     if name == "clipped-sum":
         grad_fn = dp_jax.clipped_grad(loss_fn, _CLIP)
         return Runner(lambda p, b: grad_fn(p, b)[0], params, (batch,), threaded=False)
+    if name == "ghost-clipped-sum":
+        ghost_fn = dp_jax.ghost_clipped_grad(loss_fn, _CLIP)
+        return Runner(lambda p, b: ghost_fn(p, b)[0], params, (batch,), threaded=False)
     if name == "noise":
         def noised(params, key):
             leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -325,6 +345,8 @@ def build_runner(config: Config) -> Runner:
         return _dp_engine(module, params, x, y, None)
     if config.mode == "dp_jax-mb":
         return _dp_engine(module, params, x, y, config.microbatch)
+    if config.mode == "dp_jax-ghost":
+        return _dp_engine(module, params, x, y, None, grad_sample_mode="ghost")
     if config.mode == "dp_jax-sgd":
         return _dp_transform(module, params, x, y)
     if config.mode == "optax-contrib":
@@ -360,9 +382,27 @@ def rounds_for(first_s: float, *, steps: int, warmup: int, budget_s: float) -> t
     return 0, min(steps, max(3, int(budget_s // max(first_s, 1e-9))))
 
 
+def repeats_for(first_s: float, *, block_s: float, max_repeats: int = 25) -> int:
+    """Consecutive steps per round for a mode whose first (checked) step took ``first_s``.
+
+    Args:
+        first_s: Duration of the mode's first call after compiling.
+        block_s: Modes faster than this run ``1 + ceil(block_s / first_s)`` steps per
+            round, the first of them untimed; ``<= 0`` turns blocks off.
+        max_repeats: Longest block.
+
+    Returns:
+        The block length (1: a single, timed step per round).
+    """
+    if block_s <= 0 or first_s >= block_s:
+        return 1
+    return min(max_repeats, 1 + math.ceil(block_s / max(first_s, 1e-9)))
+
+
 def time_interleaved(
     runners: dict[str, Runner], *, steps: int, warmup: int,
     rounds: Optional[dict[str, tuple[int, int]]] = None,
+    repeats: Optional[dict[str, int]] = None,
 ) -> dict[str, list[float]]:
     """Step every configuration in rotating rounds; return each one's step times (s).
 
@@ -373,10 +413,13 @@ def time_interleaved(
         rounds: Optional per-mode ``(warmup, steps)`` overriding the two above (see
             :func:`rounds_for`); a mode takes part in a round only while it has rounds
             left.
+        repeats: Optional per-mode block length (see :func:`repeats_for`, default 1):
+            a mode with ``r > 1`` runs ``r`` consecutive steps per round and the last
+            ``r - 1`` of them are timed.
 
     Returns:
-        The measured durations of each mode, in seconds (``steps`` of them, or the
-        mode's own count from ``rounds``).
+        The measured durations of each mode, in seconds (``steps`` rounds, or the mode's
+        own count from ``rounds``, times ``r - 1`` timed steps per block when ``r > 1``).
     """
     names = list(runners)
     plan = {name: (rounds or {}).get(name, (warmup, steps)) for name in names}
@@ -388,9 +431,11 @@ def time_interleaved(
             mode_warmup, mode_steps = plan[name]
             if round_index >= mode_warmup + mode_steps:
                 continue
-            elapsed = _timed(runners[name])
-            if round_index >= mode_warmup:
-                times[name].append(elapsed)
+            block = (repeats or {}).get(name, 1)
+            for position in range(block):
+                elapsed = _timed(runners[name])
+                if round_index >= mode_warmup and (block == 1 or position > 0):
+                    times[name].append(elapsed)
     return times
 
 
@@ -440,6 +485,8 @@ def _bench_model(model: str, modes: Sequence[str], plan: _Plan, args: argparse.N
     rows: dict[str, dict[str, Any]] = {}
     runners: dict[str, Runner] = {}
     rounds: dict[str, tuple[int, int]] = {}
+    repeats: dict[str, int] = {}
+    block_s = 0.0 if args.smoke else args.block_ms / 1e3
     for mode in modes:
         config = Config(model, mode, batch, seq, args.microbatch if mode == "dp_jax-mb" else None)
         rows[mode] = {**dataclasses.asdict(config), "title": SPECS[model].title}
@@ -455,12 +502,14 @@ def _bench_model(model: str, modes: Sequence[str], plan: _Plan, args: argparse.N
         runners[mode] = runner
         rounds[mode] = rounds_for(first_s, steps=plan.steps, warmup=plan.warmup,
                                   budget_s=args.mode_budget)
+        repeats[mode] = rows[mode]["repeats"] = repeats_for(first_s, block_s=block_s)
         rows[mode]["first_ms"] = 1e3 * first_s
         rows[mode]["compile_s"] = runner.compile_s
         rows[mode]["temp_mib"] = runner.temp_mib
         if mode in MODES:
             rows[mode]["params"] = num_params
-    times = time_interleaved(runners, steps=plan.steps, warmup=plan.warmup, rounds=rounds)
+    times = time_interleaved(runners, steps=plan.steps, warmup=plan.warmup, rounds=rounds,
+                             repeats=repeats)
     del runners
     for mode, durations in times.items():
         rows[mode]["step_ms"] = [1e3 * t for t in durations]
@@ -515,7 +564,8 @@ def markdown_table(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
     by_model: dict[str, dict[str, dict[str, Any]]] = {}
     for row in results:
         by_model.setdefault(row["model"], {})[row["mode"]] = row
-    ours = [m for m in modes if m in ("dp_jax", "dp_jax-sgd")] if "optax-contrib" in modes else []
+    ours = ([m for m in modes if m in ("dp_jax", "dp_jax-ghost", "dp_jax-sgd")]
+            if "optax-contrib" in modes else [])
     head = ["model", "batch"] + list(modes) + [f"{m} / optax-contrib" for m in ours]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rows in by_model.values():
@@ -582,6 +632,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--mode-budget", type=_positive(float), default=30.0,
                         help="seconds one mode may spend in the timed rounds (default 30); a "
                         "slower mode drops its warm-up and gets fewer (>= 3) rounds")
+    parser.add_argument("--block-ms", type=float, default=20.0,
+                        help="modes faster than this run blocks of consecutive steps per round, "
+                        "the first one untimed (default 20; 0 turns blocks off; off with "
+                        "--smoke)")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     args = parser.parse_args(argv)
@@ -619,6 +673,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         modes += [c for c in COMPONENTS if c != "dp_jax-mb" or args.microbatch is not None]
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     environment = _environment(plan)
+    environment["block_ms"] = 0.0 if args.smoke else args.block_ms
     log(f"JAX {environment['jax']} on {environment['backend']} ({environment['device']})")
     results: list[dict[str, Any]] = []
     started = time.perf_counter()

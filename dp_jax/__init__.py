@@ -1,6 +1,7 @@
 """dp_jax: differentially private training in JAX, optax-style.
 
-Per-example gradients by ``jax.vmap(jax.grad(...))``, DP aggregation as optax
+Per-example gradients by ``jax.vmap(jax.grad(...))`` or ghost clipping (norms
+from layer inputs and output gradients, no per-example gradients), DP aggregation as optax
 gradient transformations, Poisson batches padded to a few fixed shapes for
 ``jax.jit``, a ``PrivacyEngine`` with the accountants of :mod:`dpcore`, flax
 (linen and nnx) helpers, model validation, checkpoints, and data-parallel
@@ -30,6 +31,9 @@ from dp_jax._flax import linen_loss
 from dp_jax._flax import nnx_loss
 from dp_jax._flax import nnx_merge
 from dp_jax._flax import nnx_split_params
+from dp_jax._ghost import GhostPlan
+from dp_jax._ghost import ghost_clipped_grad
+from dp_jax._ghost import ghost_plan
 from dp_jax._grads import ClipAux
 from dp_jax._grads import clip_per_example
 from dp_jax._grads import clipped_grad
@@ -68,6 +72,7 @@ __all__ = [
     "DPAccumulateState",
     "DPAggregateState",
     "DPMultiStepsState",
+    "GhostPlan",
     "GroupNormLinen",
     "NoiseState",
     "PhysicalChunk",
@@ -94,6 +99,8 @@ __all__ = [
     "dp_multi_steps",
     "dp_sgd",
     "fix",
+    "ghost_clipped_grad",
+    "ghost_plan",
     "is_valid",
     "linen_loss",
     "load_checkpoint",

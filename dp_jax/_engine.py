@@ -73,6 +73,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dp_jax import _checkpoint
 from dp_jax import _distributed
+from dp_jax import _ghost
 from dp_jax import _transforms
 from dp_jax import _tree
 from dp_jax._data import PhysicalChunk, PoissonBatches, ShuffledBatches
@@ -473,9 +474,10 @@ class PrivacyEngine:
                 (memory only; the result is identical). ``"vmap"`` mode only.
             grad_sample_mode: How the clipped sum is computed: ``"vmap"``
                 (:func:`dp_jax.clipped_grad`, per-example gradients by
-                ``jax.vmap``) or ``"ghost"`` (ghost clipping,
-                ``dp_jax._ghost.ghost_clipped_grad``: norms without per-example
-                gradients). Same semantics, same privacy.
+                ``jax.vmap``) or ``"ghost"`` (:func:`dp_jax.ghost_clipped_grad`:
+                norms from layer inputs and output gradients, no per-example
+                gradients for Dense/Embed layers; other layers fall back to vmap).
+                Same semantics, same privacy.
             mesh: A ``jax.sharding.Mesh`` (:func:`dp_jax.data_mesh`) for data-parallel
                 training: every chunk is sharded along ``axis_name``, each device
                 clips its own rows, the clipped sums and counts are ``psum``-ed, the
@@ -762,13 +764,6 @@ def _make_grad_fn(
     kind = "flat" if clipping == "adaptive" else clipping
     if grad_sample_mode == "vmap":
         return clipped_grad(loss_fn, bound, clipping=kind, microbatch_size=microbatch_size)
-    try:
-        from dp_jax import _ghost  # pylint: disable=import-outside-toplevel
-    except ImportError as err:
-        raise ImportError(
-            f'grad_sample_mode="ghost" needs dp_jax._ghost (ghost clipping), which could not '
-            f'be imported ({err}); use grad_sample_mode="vmap".'
-        ) from err
     return _ghost.ghost_clipped_grad(loss_fn, bound, clipping=kind)
 
 

@@ -29,7 +29,7 @@ from tests.tolerance import assert_close  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "jax_step.py"
 MODELS = ("mlp", "cnn", "lstm", "transformer")
-MODES = ("nonprivate", "dp_jax", "dp_jax-sgd", "optax-contrib")
+MODES = ("nonprivate", "dp_jax", "dp_jax-ghost", "dp_jax-sgd", "optax-contrib")
 PARAMS = {"mlp": 669_706, "cnn": 390_986, "lstm": 1_419_778, "transformer": 5_240_834}
 
 
@@ -100,11 +100,15 @@ def test_markdown_table_shows_ratios():
          "median_ms": 4.0, "vs_nonprivate": 2.0},
         {"model": "mlp", "mode": "dp_jax-sgd", "title": "MLP", "seq_len": None, "batch": 8,
          "error": "ValueError: boom"},
+        {"model": "mlp", "mode": "dp_jax-ghost", "title": "MLP", "seq_len": None, "batch": 8,
+         "median_ms": 3.0, "vs_nonprivate": 1.5, "vs_optax_contrib": 0.75},
     ]
     table = jax_step.markdown_table(rows, MODES).splitlines()
-    assert table[0] == ("| model | batch | nonprivate | dp_jax | dp_jax-sgd | optax-contrib | "
-                        "dp_jax / optax-contrib | dp_jax-sgd / optax-contrib |")
-    assert table[2] == "| MLP | 8 | 2.00 ms | 5.00 ms (2.5x) | fails | 4.00 ms (2.0x) | 1.25 | - |"
+    assert table[0] == ("| model | batch | nonprivate | dp_jax | dp_jax-ghost | dp_jax-sgd | "
+                        "optax-contrib | dp_jax / optax-contrib | dp_jax-ghost / optax-contrib | "
+                        "dp_jax-sgd / optax-contrib |")
+    assert table[2] == ("| MLP | 8 | 2.00 ms | 5.00 ms (2.5x) | 3.00 ms (1.5x) | fails | "
+                        "4.00 ms (2.0x) | 1.25 | 0.75 | - |")
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -206,6 +210,30 @@ def test_slow_modes_get_fewer_rounds():
     # Never fewer than 3, never more than asked.
     assert jax_step.rounds_for(20.0, steps=7, warmup=2, budget_s=30.0) == (0, 3)
     assert jax_step.rounds_for(20.0, steps=1, warmup=0, budget_s=1.0) == (0, 1)
+
+
+def test_fast_modes_run_in_blocks():
+    # 4 ms < 20 ms: 1 + ceil(20 / 4) = 6 consecutive steps per round; capped at 25.
+    assert jax_step.repeats_for(0.004, block_s=0.02) == 6
+    assert jax_step.repeats_for(1e-5, block_s=0.02) == 25
+    # Slow enough, or blocks off: one step per round.
+    assert jax_step.repeats_for(0.02, block_s=0.02) == 1
+    assert jax_step.repeats_for(0.004, block_s=0.0) == 1
+
+
+def test_blocks_time_all_but_their_first_step():
+    calls: list[str] = []
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __call__(self) -> None:
+            calls.append(self.name)
+
+    runners = {"fast": Fake("fast"), "slow": Fake("slow")}
+    times = jax_step.time_interleaved(runners, steps=2, warmup=1, repeats={"fast": 3})
+    assert calls == ["fast"] * 3 + ["slow"] + ["slow"] + ["fast"] * 3 + ["fast"] * 3 + ["slow"]
+    assert len(times["fast"]) == 2 * 2 and len(times["slow"]) == 2
 
 
 def test_interleaved_rounds_follow_the_per_mode_plan():
