@@ -73,6 +73,22 @@ class BenchConfig:
     timeout_s: float = 600.0
 
 
+def _measure(run_group: Any, world_sizes: Sequence[int], modes: Sequence[str],
+             cfg: BenchConfig) -> list[dict[str, Any]]:
+    """``run_group(mode, W, cfg)`` for every mode and world size, with the speed-up column."""
+    rows = []
+    for mode in modes:
+        base = None
+        for world in world_sizes:
+            row = run_group(mode, world, cfg)
+            if "error" not in row:
+                base = base or row["examples_per_s"]
+                row["speedup"] = row["examples_per_s"] / base
+            rows.append(row)
+            print(_row_line(row), flush=True)
+    return rows
+
+
 # --------------------------------------------------------------------------- torch
 
 
@@ -200,17 +216,7 @@ def run_torch(world_sizes: Sequence[int], modes: Sequence[str], cfg: BenchConfig
         One row per ``(mode, world size)``: ``examples_per_s``, ``step_ms``,
         ``speedup`` (vs the mode's first world size), or ``error``.
     """
-    rows = []
-    for mode in modes:
-        base = None
-        for world in world_sizes:
-            row = _run_torch_group(mode, world, cfg)
-            if "error" not in row:
-                base = base or row["examples_per_s"]
-                row["speedup"] = row["examples_per_s"] / base
-            rows.append(row)
-            print(_row_line(row), flush=True)
-    return rows
+    return _measure(_run_torch_group, world_sizes, modes, cfg)
 
 
 def _matmul_worker(seconds_out: Any, reps: int) -> None:
@@ -413,17 +419,7 @@ def run_jax(world_sizes: Sequence[int], modes: Sequence[str], cfg: BenchConfig
     Returns:
         Rows as :func:`run_torch` returns them.
     """
-    rows = []
-    for mode in modes:
-        base = None
-        for world in world_sizes:
-            row = _run_jax_group(mode, world, cfg)
-            if "error" not in row:
-                base = base or row["examples_per_s"]
-                row["speedup"] = row["examples_per_s"] / base
-            rows.append(row)
-            print(_row_line(row), flush=True)
-    return rows
+    return _measure(_run_jax_group, world_sizes, modes, cfg)
 
 
 # --------------------------------------------------------------------------- report
