@@ -320,13 +320,15 @@ def sharded_clipped_grad(
     if not callable(grad_fn):
         raise TypeError(f"grad_fn must be callable, got {type(grad_fn).__name__}.")
 
+    # check_vma=False in both shard_maps below: with JAX's replication typing on, every
+    # device-invariant value that meets a per-device one inside grad_fn (the replicated
+    # parameters, or the zero probes of ghost clipping) is cast to varying, and autodiff
+    # transposes that cast into a psum -- the gradient of each example would be added to
+    # the examples in the same row of the other devices. Each device's gradients must stay
+    # its own; the only reduction is the explicit psum_clipped after clipping.
     def body(params: Any, batch: Any, mask: jax.Array, bound: Any):
-        # Mark the replicated parameters as device-varying: without it, JAX's
-        # shard_map would psum the gradient of every example with the examples in
-        # the same row of the other devices (the transpose of the implicit cast).
-        local = jax.lax.pcast(params, axis_name, to="varying")
         kwargs = {} if bound is None else {"max_grad_norm": bound}
-        clipped_sum, aux = grad_fn(local, batch, mask, **kwargs)
+        clipped_sum, aux = grad_fn(params, batch, mask, **kwargs)
         return psum_clipped(clipped_sum, aux, axis_name)
 
     def fn(params: Any, batch: Any, mask: Any, max_grad_norm: Any = None):
@@ -338,13 +340,14 @@ def sharded_clipped_grad(
         if _is_traced(max_grad_norm):  # an injected or adaptive bound: an input
             mapped = jax.shard_map(
                 body, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name), P()),
-                out_specs=(P(), _aux_specs(axis_name)),
+                out_specs=(P(), _aux_specs(axis_name)), check_vma=False,
             )
             return mapped(params, batch, mask, max_grad_norm)
         # A static bound (a float, or per-layer bounds as a list) stays a Python value.
         mapped = jax.shard_map(
             lambda p, b, m: body(p, b, m, max_grad_norm), mesh=mesh,
             in_specs=(P(), P(axis_name), P(axis_name)), out_specs=(P(), _aux_specs(axis_name)),
+            check_vma=False,
         )
         return mapped(params, batch, mask)
 

@@ -284,6 +284,15 @@ def test_engine_on_a_mesh_equals_the_engine_on_one_device(results, name):
         assert _one(results, name, "chunks").max() >= 2
 
 
+def test_ghost_engine_on_a_mesh_equals_vmap_on_one_device(results):
+    """Ghost clipping inside shard_map (virtual steps, 4 devices) = vmap clipping, 1 device."""
+    assert int(_one(results, "ghost-engine", "ghost_leaves")) == 4  # both kernels, both biases
+    single = _group(results, "ghost-engine", "single")
+    assert_close(_group(results, "ghost-engine", "sharded"), single, rtol=1e-10, atol=1e-15)
+    start = _group(results, "ghost-engine", "start")
+    assert any(not np.allclose(single[k], start[k]) for k in start)  # it trained
+
+
 def test_secure_engine_on_a_mesh_keeps_devices_identical(results):
     """Host noise is replicated: every device applies the same noised update."""
     assert (_one(results, "engine-secure", "device_copies") == 1).all()
