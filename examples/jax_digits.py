@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import dp_jax  # noqa: E402
+from examples._cli import digits_parser, parse_checked  # noqa: E402
 
 __all__ = ["MLP", "init_params", "load_data", "main", "parse_args"]
 
@@ -90,39 +91,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     Returns:
         The parsed options.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epsilon", type=float, default=3.0, help="privacy budget (default 3)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, batches, noise")
-    parser.add_argument("--batch-size", type=int, default=256, help="expected Poisson batch")
-    parser.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden units of the MLP")
+    parser = digits_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    _validate(parser, args)
-    if args.smoke:
-        args.epochs = SMOKE_EPOCHS
-    return args
-
-
-def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    checks = [
-        ("--epsilon", args.epsilon, args.epsilon > 0 and math.isfinite(args.epsilon)),
-        ("--delta", args.delta, 0 < args.delta < 1),
-        ("--epochs", args.epochs, args.epochs >= 1),
-        ("--seed", args.seed, args.seed >= 0),
-        ("--batch-size", args.batch_size, 1 <= args.batch_size <= NUM_IMAGES - TEST_SIZE),
-        ("--lr", args.lr, args.lr > 0 and math.isfinite(args.lr)),
-        ("--max-grad-norm", args.max_grad_norm,
-         args.max_grad_norm > 0 and math.isfinite(args.max_grad_norm)),
-        ("--hidden", args.hidden, args.hidden >= 1),
-    ]
-    for flag, value, ok in checks:
-        if not ok:
-            parser.error(f"{flag} got {value!r}; pass a value in its valid range (see --help).")
+    return parse_checked(parser, argv, train_size=NUM_IMAGES - TEST_SIZE,
+                         smoke_epochs=SMOKE_EPOCHS)
 
 
 def load_data() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

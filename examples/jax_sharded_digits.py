@@ -74,6 +74,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 
 import dp_jax  # noqa: E402
 from examples import jax_digits  # noqa: E402
+from examples._cli import Check, digits_parser, parse_checked  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
@@ -90,49 +91,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     Returns:
         The parsed options.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epsilon", type=float, default=3.0, help="privacy budget (default 3)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, batches, noise")
-    parser.add_argument("--batch-size", type=int, default=256, help="expected Poisson batch")
-    parser.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C")
+    parser = digits_parser(__doc__.split("\n\n")[0], hidden=False)
     parser.add_argument("--devices", type=int, default=None,
                         help="use the first K devices (default: all of them)")
     parser.add_argument("--coordinator", default=None,
-                        help="host:port of process 0, for a multi-process run")
+                        help="host:port of process 0, for a multi-process run "
+                             "(goes with --num-processes > 1)")
     parser.add_argument("--num-processes", type=int, default=1, help="processes in the run")
     parser.add_argument("--process-id", type=int, default=0, help="this process, 0-based")
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
-    args = parser.parse_args(argv)
-    _validate(parser, args)
-    if args.smoke:
-        args.epochs = SMOKE_EPOCHS
-    return args
+    return parse_checked(parser, argv, train_size=jax_digits.NUM_IMAGES - jax_digits.TEST_SIZE,
+                         smoke_epochs=SMOKE_EPOCHS, extra_checks=_own_checks)
 
 
-def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    train_size = jax_digits.NUM_IMAGES - jax_digits.TEST_SIZE
-    checks = [
-        ("--epsilon", args.epsilon, args.epsilon > 0 and math.isfinite(args.epsilon)),
-        ("--delta", args.delta, 0 < args.delta < 1),
-        ("--epochs", args.epochs, args.epochs >= 1),
-        ("--seed", args.seed, args.seed >= 0),
-        ("--batch-size", args.batch_size, 1 <= args.batch_size <= train_size),
-        ("--lr", args.lr, args.lr > 0 and math.isfinite(args.lr)),
-        ("--max-grad-norm", args.max_grad_norm,
-         args.max_grad_norm > 0 and math.isfinite(args.max_grad_norm)),
+def _own_checks(args: argparse.Namespace) -> list[Check]:
+    return [
         ("--devices", args.devices, args.devices is None or args.devices >= 1),
         ("--num-processes", args.num_processes, args.num_processes >= 1),
         ("--process-id", args.process_id, 0 <= args.process_id < args.num_processes),
         ("--coordinator", args.coordinator,
          (args.coordinator is None) == (args.num_processes == 1)),
     ]
-    for flag, value, ok in checks:
-        if not ok:
-            parser.error(f"{flag} got {value!r}; pass a value in its valid range (see --help; "
-                         "--coordinator goes with --num-processes > 1).")
 
 
 def _mesh(args: argparse.Namespace) -> jax.sharding.Mesh:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import math
 import os
 import pathlib
 import sys
@@ -53,7 +52,6 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -63,7 +61,14 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 from dp_torch import PrivacyEngine  # noqa: E402
 from dp_torch.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP  # noqa: E402
 from dp_torch.utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
-from examples.torch_digits import TEST_SIZE, build_model, load_data  # noqa: E402
+from examples.torch_digits import (  # noqa: E402
+    TEST_SIZE,
+    accuracy,
+    build_model,
+    load_data,
+    train_epoch,
+)
+from examples._cli import Check, digits_parser, parse_checked  # noqa: E402
 
 __all__ = ["main", "parse_args", "process_group"]
 
@@ -80,43 +85,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     Returns:
         The parsed options.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epsilon", type=float, default=3.0, help="privacy budget (default 3)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, batches, noise")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="global expected Poisson batch (all ranks together)")
+    parser = digits_parser(__doc__.split("\n\n")[0],
+                           batch_help="global expected Poisson batch (all ranks together)")
     parser.add_argument("--physical-batch", type=int, default=None,
                         help="largest physical chunk per rank (BatchMemoryManager; default off)")
-    parser.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden units of the MLP")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="process-group timeout in seconds (bound for a hung rank)")
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    checks = [
-        ("--epsilon", args.epsilon, args.epsilon > 0 and math.isfinite(args.epsilon)),
-        ("--delta", args.delta, 0 < args.delta < 1),
-        ("--epochs", args.epochs, args.epochs >= 1),
-        ("--batch-size", args.batch_size, 1 <= args.batch_size <= 1797 - TEST_SIZE),
+    return parse_checked(parser, argv, train_size=1797 - TEST_SIZE, smoke_epochs=SMOKE_EPOCHS,
+                         extra_checks=_own_checks)
+
+
+def _own_checks(args: argparse.Namespace) -> list[Check]:
+    return [
         ("--physical-batch", args.physical_batch,
          args.physical_batch is None or args.physical_batch >= 1),
-        ("--lr", args.lr, args.lr > 0),
-        ("--max-grad-norm", args.max_grad_norm, args.max_grad_norm > 0),
-        ("--hidden", args.hidden, args.hidden >= 1),
         ("--threads", args.threads, args.threads >= 1),
         ("--timeout", args.timeout, args.timeout > 0),
     ]
-    for flag, value, ok in checks:
-        if not ok:
-            parser.error(f"{flag} got {value!r}; pass a value in its valid range (see --help).")
-    if args.smoke:
-        args.epochs = SMOKE_EPOCHS
-    return args
 
 
 @contextlib.contextmanager
@@ -140,31 +128,6 @@ def process_group(timeout_s: float) -> Iterator[None]:
             yield
         finally:
             dist.destroy_process_group()
-
-
-def _accuracy(model: nn.Module, dataset: Any) -> float:
-    features, labels = dataset.tensors
-    model.eval()
-    with torch.no_grad():
-        predicted = model(features).argmax(dim=1)
-    model.train()
-    return float((predicted == labels).float().mean())
-
-
-def _train_epoch(model: nn.Module, optimizer: Any, loader: DataLoader) -> float:
-    criterion = nn.CrossEntropyLoss()
-    total, count = 0.0, 0
-    for features, labels in loader:
-        optimizer.zero_grad()
-        if len(labels) == 0:  # an empty share of a Poisson batch still joins the step
-            loss = model(features).sum() * 0.0
-        else:
-            loss = criterion(model(features), labels)
-            total += float(loss.detach()) * len(labels)
-            count += len(labels)
-        loss.backward()
-        optimizer.step()
-    return total / max(count, 1)
 
 
 def _mean_over_ranks(value: float, weight: int) -> float:
@@ -194,16 +157,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     loss = float("nan")
     for _ in bar:
         if args.physical_batch is None:
-            local = _train_epoch(model, optimizer, loader)
+            local = train_epoch(model, optimizer, loader)
         else:
             with BatchMemoryManager(data_loader=loader, optimizer=optimizer,
                                     max_physical_batch_size=args.physical_batch) as chunks:
-                local = _train_epoch(model, optimizer, chunks)
+                local = train_epoch(model, optimizer, chunks)
         loss = _mean_over_ranks(local, 1)
         bar.set_postfix(loss=f"{loss:.3f}", epsilon=f"{engine.get_epsilon(args.delta):.2f}")
     bar.close()
     return {
-        "accuracy": _accuracy(model, test_set),
+        "accuracy": accuracy(model, test_set),
         "epsilon": engine.get_epsilon(args.delta),
         "delta": args.delta,
         "noise_multiplier": float(optimizer.noise_multiplier),

@@ -28,7 +28,6 @@ The last line printed is, for example::
 from __future__ import annotations
 
 import argparse
-import math
 import pathlib
 import sys
 import time
@@ -47,8 +46,9 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from dp_torch import PrivacyEngine  # noqa: E402
+from examples._cli import digits_parser, parse_checked  # noqa: E402
 
-__all__ = ["build_model", "load_data", "main", "parse_args"]
+__all__ = ["accuracy", "build_model", "load_data", "main", "parse_args", "train_epoch"]
 
 #: Size of the held-out test split (stratified, fixed ``random_state``).
 TEST_SIZE = 360
@@ -65,15 +65,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     Returns:
         The parsed options.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epsilon", type=float, default=3.0, help="privacy budget (default 3)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, batches, noise")
-    parser.add_argument("--batch-size", type=int, default=256, help="expected Poisson batch")
-    parser.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden units of the MLP")
+    parser = digits_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
         "--threads",
         type=int,
@@ -82,27 +74,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    _validate(parser, args)
-    if args.smoke:
-        args.epochs = SMOKE_EPOCHS
-    return args
-
-
-def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    checks = [
-        ("--epsilon", args.epsilon, args.epsilon > 0 and math.isfinite(args.epsilon)),
-        ("--delta", args.delta, 0 < args.delta < 1),
-        ("--epochs", args.epochs, args.epochs >= 1),
-        ("--batch-size", args.batch_size, 1 <= args.batch_size <= 1797 - TEST_SIZE),
-        ("--lr", args.lr, args.lr > 0),
-        ("--max-grad-norm", args.max_grad_norm, args.max_grad_norm > 0),
-        ("--hidden", args.hidden, args.hidden >= 1),
-        ("--threads", args.threads, args.threads >= 1),
-    ]
-    for flag, value, ok in checks:
-        if not ok:
-            parser.error(f"{flag} got {value!r}; pass a value in its valid range (see --help).")
+    return parse_checked(
+        parser, argv, train_size=1797 - TEST_SIZE, smoke_epochs=SMOKE_EPOCHS,
+        extra_checks=lambda args: [("--threads", args.threads, args.threads >= 1)],
+    )
 
 
 def load_data() -> tuple[TensorDataset, TensorDataset]:
@@ -138,7 +113,8 @@ def build_model(hidden: int = 128) -> nn.Module:
     return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
 
 
-def _accuracy(model: nn.Module, dataset: TensorDataset) -> float:
+def accuracy(model: nn.Module, dataset: TensorDataset) -> float:
+    """Test accuracy of ``model`` on a ``TensorDataset`` of (features, labels)."""
     features, labels = dataset.tensors
     model.eval()
     with torch.no_grad():
@@ -147,7 +123,12 @@ def _accuracy(model: nn.Module, dataset: TensorDataset) -> float:
     return float((predicted == labels).float().mean())
 
 
-def _train_epoch(model: nn.Module, optimizer: Any, loader: DataLoader) -> float:
+def train_epoch(model: nn.Module, optimizer: Any, loader: DataLoader) -> float:
+    """One pass over ``loader``; the mean loss over the real examples.
+
+    An empty Poisson batch (or a rank's empty share of one) still calls
+    ``optimizer.step()``: the noise is added and the accountant steps.
+    """
     criterion = nn.CrossEntropyLoss()
     total, count = 0.0, 0
     for features, labels in loader:
@@ -186,11 +167,11 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
     bar = tqdm(range(args.epochs), desc="DP-SGD", unit="epoch", disable=args.no_progress)
     loss = float("nan")
     for _ in bar:
-        loss = _train_epoch(model, optimizer, loader)
+        loss = train_epoch(model, optimizer, loader)
         bar.set_postfix(loss=f"{loss:.3f}", epsilon=f"{engine.get_epsilon(args.delta):.2f}")
     bar.close()
     return {
-        "accuracy": _accuracy(model, test_set),
+        "accuracy": accuracy(model, test_set),
         "epsilon": engine.get_epsilon(args.delta),
         "delta": args.delta,
         "noise_multiplier": float(optimizer.noise_multiplier),

@@ -1,0 +1,93 @@
+"""The command line shared by the digits examples (no framework imported here).
+
+Every digits example takes the same privacy and training options (``--epsilon``,
+``--delta``, ``--epochs``, ``--seed``, ``--batch-size``, ``--lr``,
+``--max-grad-norm``, optionally ``--hidden``) and checks them the same way; each
+adds its own options (threads, devices, processes, ...) and their checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Optional
+
+__all__ = ["Check", "digits_parser", "parse_checked"]
+
+#: ``(flag, value seen, valid?)``: one option check.
+Check = tuple[str, Any, bool]
+
+
+def digits_parser(
+    description: str, *, batch_help: str = "expected Poisson batch", hidden: bool = True
+) -> argparse.ArgumentParser:
+    """A parser with the options every digits example takes.
+
+    Args:
+        description: The parser's description (the example's first docstring line).
+        batch_help: Help text of ``--batch-size``.
+        hidden: Whether to add ``--hidden`` (units of the MLP's hidden layer).
+
+    Returns:
+        The parser; add the example's own options before :func:`parse_checked`.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--epsilon", type=float, default=3.0, help="privacy budget (default 3)")
+    parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, batches, noise")
+    parser.add_argument("--batch-size", type=int, default=256, help=batch_help)
+    parser.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C")
+    if hidden:
+        parser.add_argument("--hidden", type=int, default=128, help="hidden units of the MLP")
+    return parser
+
+
+def _positive_finite(value: float) -> bool:
+    return value > 0 and math.isfinite(value)
+
+
+def _common_checks(args: argparse.Namespace, train_size: int) -> list[Check]:
+    checks = [
+        ("--epsilon", args.epsilon, _positive_finite(args.epsilon)),
+        ("--delta", args.delta, 0 < args.delta < 1),
+        ("--epochs", args.epochs, args.epochs >= 1),
+        ("--seed", args.seed, args.seed >= 0),
+        ("--batch-size", args.batch_size, 1 <= args.batch_size <= train_size),
+        ("--lr", args.lr, _positive_finite(args.lr)),
+        ("--max-grad-norm", args.max_grad_norm, _positive_finite(args.max_grad_norm)),
+    ]
+    if hasattr(args, "hidden"):
+        checks.append(("--hidden", args.hidden, args.hidden >= 1))
+    return checks
+
+
+def parse_checked(
+    parser: argparse.ArgumentParser,
+    argv: Optional[Sequence[str]],
+    *,
+    train_size: int,
+    smoke_epochs: int,
+    extra_checks: Callable[[argparse.Namespace], Iterable[Check]] = lambda args: (),
+) -> argparse.Namespace:
+    """Parse, check every option (exit with a message naming the first bad one), apply --smoke.
+
+    Args:
+        parser: From :func:`digits_parser`, with a ``--smoke`` flag added.
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+        train_size: Training examples (the largest valid ``--batch-size``).
+        smoke_epochs: Epochs that ``--smoke`` sets.
+        extra_checks: The example's own checks of its own options.
+
+    Returns:
+        The parsed options.
+    """
+    args = parser.parse_args(argv)
+    for flag, value, ok in [*_common_checks(args, train_size), *extra_checks(args)]:
+        if not ok:
+            parser.error(f"{flag} got {value!r}; pass a value in its valid range (see --help).")
+    if args.smoke:
+        args.epochs = smoke_epochs
+    return args
