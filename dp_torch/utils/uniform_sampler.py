@@ -72,7 +72,56 @@ def _resolve_seed(generator: Any, seed: Optional[int], secure_mode: Any) -> Opti
     return seed_from_generator(generator)
 
 
-class UniformWithReplacementSampler(Sampler[list[int]]):
+class _PlanSampler(Sampler[list[int]]):
+    """What both samplers share: a dpcore Poisson plan and the torch generator it was seeded from.
+
+    Setting :attr:`generator` rebuilds the plan with the same configuration and a seed
+    drawn from the new generator.
+    """
+
+    def __init__(
+        self, plan_cls: type, plan_kwargs: dict[str, Any], generator: Optional[torch.Generator],
+        seed: Optional[int], secure_mode: bool,
+    ) -> None:
+        resolved = _resolve_seed(generator, seed, secure_mode)
+        self._plan = plan_cls(**plan_kwargs, seed=resolved, secure_mode=secure_mode)
+        self._plan_kwargs = plan_kwargs
+        self._generator = generator
+        self.secure_mode = secure_mode
+
+    @property
+    def sample_rate(self) -> float:
+        """Inclusion probability ``q`` (global, for the distributed sampler)."""
+        return self._plan.sample_rate
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch."""
+        return self._plan.steps
+
+    @property
+    def seed(self) -> Optional[int]:
+        """The dpcore seed of the plan (``None``: fresh entropy or secure mode)."""
+        return self._plan.seed
+
+    @property
+    def generator(self) -> Optional[torch.Generator]:
+        """The ``torch.Generator`` given, if any; setting one re-seeds the plan from it."""
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator: Optional[torch.Generator]) -> None:
+        resolved = _resolve_seed(generator, None, self.secure_mode)
+        self._plan = type(self._plan)(
+            **self._plan_kwargs, seed=resolved, secure_mode=self.secure_mode
+        )
+        self._generator = generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+class UniformWithReplacementSampler(_PlanSampler):
     """Poisson sampling: each example joins each batch independently with prob. ``sample_rate``.
 
     Yields ``steps`` index lists per iteration (default ``round(1 / sample_rate)``;
@@ -106,49 +155,13 @@ class UniformWithReplacementSampler(Sampler[list[int]]):
             seed: Optional dpcore seed (exclusive with ``generator``).
             secure_mode: Draw from OS entropy; refuses ``seed`` and ``generator``.
         """
-        resolved = _resolve_seed(generator, seed, secure_mode)
-        self._plan = core_sampling.PoissonSampler(
-            num_samples, sample_rate, steps=steps, seed=resolved, secure_mode=secure_mode
-        )
-        self._generator = generator
-        self.secure_mode = secure_mode
+        plan_kwargs = {"num_samples": num_samples, "sample_rate": sample_rate, "steps": steps}
+        super().__init__(core_sampling.PoissonSampler, plan_kwargs, generator, seed, secure_mode)
 
     @property
     def num_samples(self) -> int:
         """Data set size."""
         return self._plan.num_samples
-
-    @property
-    def sample_rate(self) -> float:
-        """Inclusion probability ``q``."""
-        return self._plan.sample_rate
-
-    @property
-    def steps(self) -> int:
-        """Batches per epoch."""
-        return self._plan.steps
-
-    @property
-    def seed(self) -> Optional[int]:
-        """The dpcore seed of the plan (``None``: fresh entropy or secure mode)."""
-        return self._plan.seed
-
-    @property
-    def generator(self) -> Optional[torch.Generator]:
-        """The ``torch.Generator`` given, if any; setting one re-seeds the plan from it."""
-        return self._generator
-
-    @generator.setter
-    def generator(self, generator: Optional[torch.Generator]) -> None:
-        resolved = _resolve_seed(generator, None, self.secure_mode)
-        self._plan = type(self._plan)(
-            self.num_samples, self.sample_rate, steps=self.steps, seed=resolved,
-            secure_mode=self.secure_mode,
-        )
-        self._generator = generator
-
-    def __len__(self) -> int:
-        return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self._plan:
@@ -210,7 +223,7 @@ def _distributed_rank_and_size(rank: Optional[int], world_size: Optional[int]) -
     )
 
 
-class DistributedUniformWithReplacementSampler(Sampler[list[int]]):
+class DistributedUniformWithReplacementSampler(_PlanSampler):
     """Poisson sampling with the data set split across ranks.
 
     Rank ``r`` owns every ``world_size``-th position of the data set (of a
@@ -270,13 +283,10 @@ class DistributedUniformWithReplacementSampler(Sampler[list[int]]):
         if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int) or shuffle_seed < 0:
             raise ValueError(f"shuffle_seed must be an int >= 0, got {shuffle_seed!r}.")
         rank, world_size = _distributed_rank_and_size(rank, world_size)
-        resolved = _resolve_seed(generator, seed, secure_mode)
-        self._plan = core_sampling.DistributedPoissonSampler(
-            total_size, sample_rate, rank=rank, world_size=world_size, steps=steps,
-            seed=resolved, secure_mode=secure_mode,
-        )
-        self._generator = generator
-        self.secure_mode = secure_mode
+        plan_kwargs = {"num_samples": total_size, "sample_rate": sample_rate, "rank": rank,
+                       "world_size": world_size, "steps": steps}
+        super().__init__(core_sampling.DistributedPoissonSampler, plan_kwargs, generator, seed,
+                         secure_mode)
         self.shuffle = shuffle
         self.shuffle_seed = shuffle_seed
         self.epoch = 0
@@ -285,11 +295,6 @@ class DistributedUniformWithReplacementSampler(Sampler[list[int]]):
     def total_size(self) -> int:
         """Global data set size."""
         return self._plan.num_samples
-
-    @property
-    def sample_rate(self) -> float:
-        """Global inclusion probability ``q``."""
-        return self._plan.sample_rate
 
     @property
     def rank(self) -> int:
@@ -311,30 +316,6 @@ class DistributedUniformWithReplacementSampler(Sampler[list[int]]):
         """Batches per epoch."""
         return self._plan.steps
 
-    @property
-    def steps(self) -> int:
-        """Batches per epoch (alias of ``num_batches``)."""
-        return self._plan.steps
-
-    @property
-    def seed(self) -> Optional[int]:
-        """The dpcore seed of the plan (``None``: fresh entropy or secure mode)."""
-        return self._plan.seed
-
-    @property
-    def generator(self) -> Optional[torch.Generator]:
-        """The ``torch.Generator`` given, if any; setting one re-seeds the plan from it."""
-        return self._generator
-
-    @generator.setter
-    def generator(self, generator: Optional[torch.Generator]) -> None:
-        resolved = _resolve_seed(generator, None, self.secure_mode)
-        self._plan = core_sampling.DistributedPoissonSampler(
-            self.total_size, self.sample_rate, rank=self.rank, world_size=self.num_replicas,
-            steps=self.num_batches, seed=resolved, secure_mode=self.secure_mode,
-        )
-        self._generator = generator
-
     def _relabel(self) -> Optional[torch.Tensor]:
         if not self.shuffle:
             return None
@@ -346,9 +327,6 @@ class DistributedUniformWithReplacementSampler(Sampler[list[int]]):
         perm = self._relabel()
         for batch in self._plan:
             yield batch.tolist() if perm is None else perm[torch.from_numpy(batch)].tolist()
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that seeds the shuffle (call it before each epoch).
