@@ -53,6 +53,7 @@ __all__ = [
     "average_gradients",
     "check_ddp",
     "disable_gradient_sync",
+    "require_process_group",
 ]
 
 
@@ -65,7 +66,12 @@ class DistributedStepError(RuntimeError):
     """
 
 
-def _require_process_group(what: str = "DifferentiallyPrivateDistributedDataParallel") -> None:
+def require_process_group(what: str = "DifferentiallyPrivateDistributedDataParallel") -> None:
+    """Raise ``RuntimeError`` naming ``what`` unless a ``torch.distributed`` group is initialised.
+
+    Args:
+        what: The object or call that needs the group (quoted in the message).
+    """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"{what} needs an initialised process group; call "
@@ -85,7 +91,7 @@ def average_gradients(model: nn.Module) -> None:
     Raises:
         RuntimeError: If no process group is initialised.
     """
-    _require_process_group("average_gradients")
+    require_process_group("average_gradients")
     world_size = dist.get_world_size()
     for param in model.parameters():
         if not param.requires_grad or param.grad is None:
@@ -273,7 +279,7 @@ class DifferentiallyPrivateDistributedDataParallel(nn.Module):
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        _require_process_group()
+        require_process_group()
         super().__init__()
         with torch.no_grad():
             for tensor in list(model.parameters()) + list(model.buffers()):

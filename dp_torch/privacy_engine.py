@@ -233,11 +233,7 @@ def _check_distributed(
             "make_private got an FSDP model; dp_torch supports data parallelism through DPDDP or "
             "torch DistributedDataParallel only (Opacus' ghost_fsdp mode is not provided)."
         )
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise RuntimeError(
-            f"make_private got a {kind} model but no process group is initialised; call "
-            "torch.distributed.init_process_group(...) on every rank first."
-        )
+    dp_distributed.require_process_group(f"make_private with a {kind} model")
     get_optimizer_class(clipping=clipping, distributed=True, grad_sample_mode=grad_sample_mode)
     ddp = _torch_ddp(module)
     if ddp is not None:

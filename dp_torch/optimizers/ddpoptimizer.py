@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from dp_torch.distributed import DistributedStepError, _require_process_group, all_reduce_sum
+from dp_torch.distributed import DistributedStepError, all_reduce_sum, require_process_group
 from dp_torch.optimizers.optimizer import (
     DPOptimizer,
     NoiseGenerator,
@@ -96,7 +96,7 @@ class DistributedDPOptimizer(DPOptimizer):
         Raises:
             RuntimeError: If no process group is initialised.
         """
-        _require_process_group(type(self).__name__)
+        require_process_group(type(self).__name__)
         super().__init__(
             optimizer,
             noise_multiplier=noise_multiplier,
