@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from . import _registry
+from ._rows import GradSampleBatchSizeError, broadcast_call, check_rows, leading_batch_size, parameter_names
 from .embedding import embedding_bag_unsupported_reason
 from .functorch import ft_compute_per_sample_gradient, is_capture_suspended
 from .gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule, check_wrapper_args
@@ -171,11 +172,13 @@ class _Activations(list):
 class _CallRecord:
     """What a forward hook remembers about one call of a layer until its backward."""
 
-    __slots__ = ("module", "args", "kwargs", "batch_dim", "max_batch_len", "params", "token", "__weakref__")
+    __slots__ = ("module", "args", "kwargs", "batch_dim", "max_batch_len", "params", "token",
+                 "forward_batch", "__weakref__")
 
     def __init__(self, module: nn.Module, args: tuple, kwargs: dict, batch_dim: int,
-                 max_batch_len: Optional[int], params: list):
+                 max_batch_len: Optional[int], params: list, forward_batch: Optional[int] = None):
         self.module = module
+        self.forward_batch = forward_batch
         self.args = args
         self.kwargs = kwargs
         self.batch_dim = batch_dim
@@ -281,6 +284,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._uses: dict = {}
         self._stash: list = []
         self._stashed_params: set = set()
+        self._forward_batch: Optional[int] = None
+        self._forward_stack: list = []
+        self._pass_batches: set = set()
         self.add_hooks(loss_reduction=loss_reduction, batch_first=batch_first, force_functorch=force_functorch)
 
     # ------------------------------------------------------------------ installation
@@ -332,9 +338,15 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._module.autograd_grad_sample_hooks = handles
         self.autograd_grad_sample_hooks = handles
         self._owned = {}
+        self._param_names = parameter_names(self._module)
+        for p in self._module.parameters():
+            p._dp_torch_name = self._param_names[id(p)]
+        self._module_names = {m: name or "<root>" for name, m in self._module.named_modules(remove_duplicate=False)}
+        handles.append(self._module.register_forward_pre_hook(self._enter_forward, with_kwargs=True))
         for module, owned in plan:
             self._owned[module] = owned
             handles.append(module.register_forward_hook(self.capture_activations_hook, with_kwargs=True))
+        handles.append(self._module.register_forward_hook(self._exit_forward, always_call=True))
         self.enable_hooks()
 
     def remove_hooks(self) -> None:
@@ -424,13 +436,36 @@ class GradSampleHooks(AbstractGradSampleHooks):
         first = self.batch_first if override is None else bool(override)
         return 0 if first else 1
 
-    def capture_activations_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Forward hook: remember the call's inputs and hook its output's gradient."""
+    def _enter_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Root pre-hook: remember the batch size of this forward pass (restored on exit)."""
+        self._forward_stack.append(self._forward_batch)
+        self._forward_batch = leading_batch_size(args, kwargs, 0 if self.batch_first else 1)
+
+    def _exit_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._forward_batch = self._forward_stack.pop() if self._forward_stack else None
+
+    def _broadcast_if_needed(self, module: nn.Module, args: tuple, kwargs: dict,
+                             output: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
+        """Expand the call of a layer whose output has one row while the batch has more."""
+        bd = self._batch_dim(module)
+        batch = self._forward_batch
+        if (batch is None or batch <= 1 or output.dim() <= bd or output.shape[bd] != 1
+                or getattr(module, "max_batch_len", None) is not None):
+            return output, args, kwargs
+        return broadcast_call(self._module_names.get(module, type(module).__name__), output, args, kwargs, bd, batch)
+
+    def capture_activations_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Forward hook: remember the call's inputs and hook its output's gradient.
+
+        Returns:
+            The output expanded to the batch when the layer returned one row for a larger
+            batch (a broadcast input, see :func:`broadcast_call`), else ``None``.
+        """
         if not self.hooks_enabled or is_capture_suspended() or not torch.is_grad_enabled():
-            return
+            return None
         params = [p for p in self._owned.get(module, ()) if p.requires_grad]
         if not params:
-            return
+            return None
         if not isinstance(output, torch.Tensor):
             raise NotImplementedError(
                 f"{type(module).__name__} returned {type(output).__name__}; per-sample gradients "
@@ -438,7 +473,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 "version of the layer, e.g. DPMultiheadAttention, or freeze it)."
             )
         if output.grad_fn is None:
-            return
+            return None
+        original = output
+        output, args, kwargs = self._broadcast_if_needed(module, args, kwargs, output)
         record = _CallRecord(
             module,
             tuple(_detach(a) for a in args),
@@ -446,9 +483,11 @@ class GradSampleHooks(AbstractGradSampleHooks):
             self._batch_dim(module),
             getattr(module, "max_batch_len", None),
             params,
+            self._forward_batch,
         )
         self._on_new_call(record, output)
         output.register_hook(partial(self._capture_backprops, record))
+        return None if output is original else output
 
     def _on_new_call(self, record: _CallRecord, output: torch.Tensor) -> None:
         """Count the call as a pending use of its parameters until its backward (or its death)."""
@@ -535,7 +574,33 @@ class GradSampleHooks(AbstractGradSampleHooks):
             return None
         return _registry.find_call_concatenator(self.GRAD_SAMPLERS, module)
 
+    def _note_batch(self, record: Any) -> None:
+        """Remember the forward batch size of a call backpropagated in this pass."""
+        if getattr(record, "forward_batch", None) is not None:
+            self._pass_batches.add(record.forward_batch)
+
+    def _pass_batch(self) -> Optional[int]:
+        """The batch size of this pass's forward(s); raises when two sizes were mixed."""
+        if len(self._pass_batches) > 1:
+            raise GradSampleBatchSizeError(
+                f"One backward pass went through forward passes with different batch sizes "
+                f"{sorted(self._pass_batches)}; per-sample gradients need one batch per backward "
+                "pass: call backward() on each forward's loss separately (with "
+                "optimizer.step() in between, or BatchMemoryManager for virtual steps)."
+            )
+        return next(iter(self._pass_batches), None)
+
+    def _check_pending_rows(self) -> None:
+        """Every per-sample gradient of this pass must have one row per example."""
+        rows = [
+            (self._param_names.get(key, "<unnamed>"), p._current_grad_sample.shape[0])
+            for key, p in self._pending.items()
+            if getattr(p, "_current_grad_sample", None) is not None
+        ]
+        check_rows(rows, self._pass_batch(), "per-sample gradient")
+
     def _process_call(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> None:
+        self._note_batch(record)
         ids = [id(p) for p in record.params]
         repeated = not record.token[0] and any(
             self._uses.get(key, 0) > 1 or key in self._stashed_params for key in ids
@@ -630,17 +695,20 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._pending = {}
         self._stash = []
         self._stashed_params = set()
+        self._pass_batches = set()
 
     def _end_pass(self) -> None:
         try:
             self._finish_pass()
         finally:
             self._pending = {}
+            self._pass_batches = set()
             self._active_pass = None
 
     def _finish_pass(self) -> None:
         try:
             self._flush_stash()
+            self._check_pending_rows()
         except BaseException:
             self._discard_pending()
             raise

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from . import _registry
+from ._rows import check_rows
 from .grad_sample_module import POISSON_ACCUMULATION_ERROR, GradSampleHooks, _Activations, _CallRecord
 from .gsm_base import AbstractGradSampleModule, check_wrapper_args
 
@@ -72,12 +73,6 @@ def create_norm_sample(*, param: torch.Tensor, grad_sample: torch.Tensor, max_ba
     if param.requires_grad:
         flat = grad_sample.reshape(grad_sample.shape[0], math.prod(grad_sample.shape[1:]))
         param._norm_sample = flat.norm(2, dim=-1)
-
-
-def _pad_to(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] >= rows:
-        return t
-    return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
 
 
 def _reject_batch_coupled_layers(module: nn.Module) -> None:
@@ -215,6 +210,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         return _registry.find_call_concatenator(self.NORM_SAMPLERS, module)
 
     def _process_call(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> None:
+        self._note_batch(record)
         first_use = not record.token[0]
         single = first_use and all(
             self._uses.get(id(p), 0) <= 1 and id(p) not in self._touched for p in record.params
@@ -302,23 +298,37 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             self._stash = []
             self._stashed_params = set()
 
+    def _check_norm_rows(self, named: list) -> None:
+        """Every per-example norm of the pass must have one row per example; on a mismatch
+        the pass's norms are cleared, so no clip factor can be read from them."""
+        try:
+            check_rows([(name, n.shape[0]) for name, n in named], self._pass_batch(), "per-example norm")
+        except BaseException:
+            for p in self._module.parameters():
+                if hasattr(p, "_norm_sample"):
+                    del p._norm_sample
+            self._per_sample_gradient_norms = None
+            raise
+
     def _finish_pass(self) -> None:
         self._flush_stash()
         for p in list(self._pending.values()):
             self._finalize_param(p)
         self._pending = {}
         self._output_edges = []
-        norms = [p._norm_sample for p in self._module.parameters() if p.requires_grad and hasattr(p, "_norm_sample")]
-        if not norms:
+        named = [(self._param_names.get(id(p), "<unnamed>"), p._norm_sample) for p in self._module.parameters()
+                 if p.requires_grad and hasattr(p, "_norm_sample")]
+        if not named:
             self._per_sample_gradient_norms = None
             return
-        rows = max(n.shape[0] for n in norms)
+        self._check_norm_rows(named)
+        norms = [n for _, n in named]
         dtype = norms[0].dtype
         for n in norms[1:]:
             dtype = torch.promote_types(dtype, n.dtype)
-        total = torch.zeros(rows, dtype=dtype, device=norms[0].device)
+        total = torch.zeros(norms[0].shape[0], dtype=dtype, device=norms[0].device)
         for n in norms:
-            total[: n.shape[0]] += n.to(dtype).pow(2)
+            total += n.to(dtype).pow(2)
         self._per_sample_gradient_norms = total.sqrt()
         self.num_nonfinite_grad_samples += int((~torch.isfinite(self._per_sample_gradient_norms)).sum())
 

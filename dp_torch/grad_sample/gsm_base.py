@@ -29,6 +29,7 @@ OPACUS_PARAM_MONKEYPATCH_ATTRS = [
     "_forward_counter",
     "_current_grad_sample",
     "_norm_sample",
+    "_dp_torch_name",
 ]
 
 _LOSS_REDUCTIONS = ("mean", "sum")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from dp_torch.grad_sample._rows import check_rows
 from dp_torch.optimizers.utils import params as _trainable_params
 from dpcore import clipping as core_clipping
 from dpcore import noise as core_noise
@@ -490,13 +491,10 @@ class DPOptimizer(Optimizer):
                 "have a non-zero .grad but no .grad_sample; wrap the model in "
                 "dp_torch.GradSampleModule."
             )
-        sizes = {g.shape[0] for g in flats if g is not None}
-        if len(sizes) > 1:
-            raise ValueError(
-                f"grad_sample batch sizes differ across parameters: {sorted(sizes)}; every "
-                "parameter's per-sample gradient must cover the same examples."
-            )
-        return flats, (sizes.pop() if sizes else 0)
+        rows = [(getattr(p, "_dp_torch_name", f"params[{i}]"), g.shape[0])
+                for i, (p, g) in enumerate(zip(params, flats)) if g is not None]
+        check_rows(rows, None, "per-sample gradient (all backward passes since zero_grad)")
+        return flats, (rows[0][1] if rows else 0)
 
     def _per_example_norms(
         self, flats: Sequence[Optional[torch.Tensor]], batch: int
