@@ -1,0 +1,141 @@
+"""The dp_jax model zoo: one DP-SGD step of small real flax models against the definition.
+
+Models (:mod:`tests.dp_jax.zoo_models`): a GPT-2-shaped nnx transformer whose attention
+and MLP projections are ``nnx.LoRALinear`` (trained LoRA-only, as PEFT users do, and fully),
+a linen CNN with GroupNorm, and an nnx language model with a tied embedding/unembedding.
+
+Oracle: the definition, from a loop of single-example ``jax.grad`` calls of a loss written
+without dp_jax: per-example gradient, its L2 norm over all trainable leaves, clip factor
+``min(1, C / (norm + 1e-6))``, sum (in float64). ``C`` is the median per-example norm, so
+half of the examples are clipped. The check is the relative error over all trainable
+leaves, ``||got - want|| / ||want||``, for ``vmap`` and ``ghost`` clipping, in float64 and
+float32 (``jax_enable_x64`` is set once for the whole JAX test suite by ``conftest.py``;
+float32 models use float32 parameters and inputs, which the tests assert).
+
+Users' code is what runs: :func:`dp_jax.clipped_grad`, :func:`dp_jax.ghost_clipped_grad`,
+and the :class:`dp_jax.PrivacyEngine` step with noise 0. In ghost mode the tests also
+assert which parameters took the ghost path (:func:`dp_jax.ghost_plan`), so a fall-back to
+vmap cannot pass for ghost clipping, and a parameter ghost clipping cannot handle exactly
+(LoRA factors, the tied table, convolutions, normalisation layers) must fall back.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dp_jax
+from tests.dp_jax import zoo_models
+from tests.dp_jax.zoo_models import BATCH, BUILDERS
+
+RTOL = {"float64": 1e-9, "float32": 1e-5}
+GRAD_FNS = {"vmap": dp_jax.clipped_grad, "ghost": dp_jax.ghost_clipped_grad}
+
+
+def _paths(prefix: str, names: tuple[str, ...], leaves: tuple[str, ...]) -> set[str]:
+    return {f"{prefix}['{n}']['{leaf}']" for n in names for leaf in leaves}
+
+
+_LORA_LAYERS = ("query", "key", "value", "proj", "up", "down")
+EXPECTED_GHOST = {
+    # The LoRA factors are read by plain matmuls (x @ a @ b): differentiated per example.
+    "gpt_lora": set(),
+    # The frozen-in-PEFT base projections, the head and both embeddings are ghost; the
+    # LoRA factors and the LayerNorms fall back.
+    "gpt_full": {p + ".value" for p in _paths("['block']", _LORA_LAYERS, ("kernel", "bias"))}
+    | {"['head']['kernel'].value", "['head']['bias'].value",
+       "['wte']['embedding'].value", "['wpe']['embedding'].value"},
+    # Convolutions and GroupNorm fall back; the dense head is ghost.
+    "cnn": _paths("", ("Dense_0", "Dense_1"), ("kernel", "bias")),
+    # The tied table is also read by Embed.attend: it must fall back.
+    "tied": {"['mix']['kernel'].value", "['mix']['bias'].value", "['wpe']['embedding'].value"},
+}
+
+
+class Reference(NamedTuple):
+    """A zoo case and its clipped sum by the definition."""
+
+    case: zoo_models.ZooCase
+    norms: np.ndarray  # [B] per-example L2 norms over all trainable leaves
+    bound: float  # the median of ``norms``
+    clipped: list[np.ndarray]  # the clipped sum, leaf by leaf, float64
+
+
+def _example(batch: dict[str, np.ndarray], i: int) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v[i]) for k, v in batch.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name: str, dtype: str) -> Reference:
+    """The definition from a loop of single-example ``jax.grad`` calls (cached)."""
+    case = BUILDERS[name](jnp.dtype(dtype))
+    grad = jax.jit(jax.grad(case.oracle_loss))
+    per_example = []
+    for i in range(BATCH):
+        leaves = jax.tree_util.tree_leaves(grad(case.params, _example(case.batch, i)))
+        assert all(g.dtype == jnp.dtype(dtype) for g in leaves)
+        per_example.append([np.asarray(g, np.float64) for g in leaves])
+    norms = np.array([np.sqrt(sum(np.sum(g**2) for g in grads)) for grads in per_example])
+    bound = float(np.median(norms))
+    factors = np.minimum(1.0, bound / (norms + 1e-6))
+    clipped = [sum(f * grads[j] for f, grads in zip(factors, per_example))
+               for j in range(len(per_example[0]))]
+    return Reference(case, norms, bound, clipped)
+
+
+def rel_error(got: Any, want: list[np.ndarray]) -> float:
+    """``||got - want|| / ||want||`` over all leaves together."""
+    leaves = [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(got)]
+    assert [g.shape for g in leaves] == [w.shape for w in want]
+    diff = sum(np.sum((g - w) ** 2) for g, w in zip(leaves, want))
+    return float(np.sqrt(diff / sum(np.sum(w**2) for w in want)))
+
+
+def _assert_plan(name: str, case: zoo_models.ZooCase) -> None:
+    plan = dp_jax.ghost_plan(case.loss_fn, case.params, case.batch)
+    assert set(plan.ghost) == EXPECTED_GHOST[name], plan
+    assert len(plan.ghost) + len(plan.fallback) == len(jax.tree_util.tree_leaves(case.params))
+
+
+_SLOW = {("gpt_full", "float32")}
+_MATRIX = [
+    pytest.param(name, mode, dtype, marks=[pytest.mark.slow] if (name, dtype) in _SLOW else [])
+    for name in BUILDERS for mode in GRAD_FNS for dtype in RTOL
+]
+
+
+@pytest.mark.parametrize("name,mode,dtype", _MATRIX)
+def test_clipped_sum_matches_definition(name, mode, dtype):
+    ref = reference(name, dtype)
+    case = ref.case
+    if mode == "ghost":
+        _assert_plan(name, case)
+    got, aux = jax.jit(GRAD_FNS[mode](case.loss_fn, ref.bound))(case.params, case.batch)
+    assert all(g.dtype == jnp.dtype(dtype) for g in jax.tree_util.tree_leaves(got))
+    assert rel_error(got, ref.clipped) <= RTOL[dtype]
+    np.testing.assert_allclose(np.asarray(aux.norms), ref.norms, rtol=RTOL[dtype])
+    assert int(aux.num_unclipped) == int(np.sum(ref.norms <= ref.bound)) == BATCH // 2
+    assert (int(aux.num_examples), int(aux.num_nonfinite)) == (BATCH, 0)
+
+
+@pytest.mark.parametrize("mode", list(GRAD_FNS))
+@pytest.mark.parametrize("name", ["tied", pytest.param("gpt_full", marks=pytest.mark.slow),
+                                  pytest.param("cnn", marks=pytest.mark.slow)])
+def test_engine_step_with_zero_noise_takes_the_clipped_sum(name, mode):
+    ref = reference(name, "float64")
+    case = ref.case
+    lr = 1e3  # the update dominates the parameters: their difference keeps its precision
+    private = dp_jax.PrivacyEngine().make_private(
+        loss_fn=case.loss_fn, params=case.params, optimizer=optax.sgd(lr), data=case.batch,
+        noise_multiplier=0.0, max_grad_norm=ref.bound, sample_rate=0.5, loss_reduction="sum",
+        grad_sample_mode=mode, seed=0)
+    state, metrics = private.step(private.state, case.batch, np.ones(BATCH, bool), True)
+    assert bool(metrics["applied"]) and int(state.step) == 1
+    update = jax.tree_util.tree_map(lambda old, new: (old - new) / lr, case.params, state.params)
+    assert rel_error(update, ref.clipped) <= RTOL["float64"]

@@ -1,0 +1,248 @@
+"""Small real-model shapes for the dp_jax zoo (:mod:`tests.dp_jax.test_zoo`).
+
+Each builder returns a :class:`ZooCase`: a per-example loss of the kind users write
+(:func:`dp_jax.nnx_loss` / :func:`dp_jax.linen_loss`), the trainable parameters, a batch
+and an independent oracle loss (the model called directly on one example, no dp_jax
+helper in between). The models are tiny, have no dropout (rate 0, train mode) and use
+one dtype for parameters and computation.
+
+* :func:`lora_gpt`: a GPT-2-like nnx transformer. Token embedding plus position
+  embeddings looked up from a ``[1, T]`` position-id array that broadcasts against the
+  batch, pre-LayerNorm causal self-attention and an MLP whose projections are
+  ``nnx.LoRALinear``, a final LayerNorm and a linear head. ``lora_only=True`` trains
+  only the ``nnx.LoRAParam`` leaves (as PEFT does); ``False`` trains everything.
+* :func:`linen_cnn`: a linen CNN with GroupNorm (two convolutions, a dense head).
+* :func:`tied_nnx`: an nnx language model whose ``nnx.Embed`` table is used for the
+  input lookup and, through ``Embed.attend``, for the output logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import dp_jax
+
+__all__ = ["BATCH", "BUILDERS", "ZooCase", "linen_cnn", "lora_gpt", "tied_nnx", "token_loss"]
+
+BATCH = 8
+VOCAB = 11
+MAX_LEN = 8
+SEQ = 6
+DIM = 8
+HEADS = 2
+RANK = 2
+
+
+class ZooCase(NamedTuple):
+    """One model, ready for a DP step.
+
+    Attributes:
+        loss_fn: ``loss_fn(params, example) -> scalar`` built with dp_jax's flax helpers.
+        params: The trainable parameters (the pytree that is clipped).
+        batch: ``{"x": ..., "y": ...}`` with leading axis :data:`BATCH`.
+        oracle_loss: The same per-example loss written without dp_jax.
+    """
+
+    loss_fn: Callable[[Any, Any], jax.Array]
+    params: Any
+    batch: dict[str, np.ndarray]
+    oracle_loss: Callable[[Any, Any], jax.Array]
+
+
+def token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy of one sequence (``[T, V]`` logits, ``[T]`` ids)."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+
+
+def _token_batch(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, VOCAB, size=(BATCH, SEQ + 1)).astype(np.int32)
+    tokens[:, 2] = tokens[:, 1]  # a repeated id in every sequence
+    return {"x": tokens[:, :-1], "y": tokens[:, 1:]}
+
+
+# --------------------------------------------------------------------------- transformer
+
+
+def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Multi-head causal attention on ``[B, T, H, Dh]`` projections."""
+    t, head_dim = q.shape[1], q.shape[-1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(q.dtype)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class LoRABlock(nnx.Module):
+    """Pre-LayerNorm transformer block with ``nnx.LoRALinear`` projections."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs) -> None:
+        def lora(d_in: int, d_out: int) -> nnx.LoRALinear:
+            return nnx.LoRALinear(
+                d_in, d_out, lora_rank=RANK, dtype=dtype, param_dtype=dtype,
+                lora_dtype=dtype, lora_param_dtype=dtype,
+                # LoRA's default zero B would make the A gradients vanish; a trained
+                # adapter has a non-zero B.
+                b_initializer=nnx.initializers.normal(0.3), rngs=rngs)
+
+        self.ln_attn = nnx.LayerNorm(DIM, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.query, self.key, self.value = lora(DIM, DIM), lora(DIM, DIM), lora(DIM, DIM)
+        self.proj = lora(DIM, DIM)
+        self.ln_mlp = nnx.LayerNorm(DIM, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.up, self.down = lora(DIM, 2 * DIM), lora(2 * DIM, DIM)
+        self.dropout = nnx.Dropout(0.0, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, _ = x.shape
+        h = self.ln_attn(x)
+        q, k, v = (jnp.reshape(f(h), (b, t, HEADS, DIM // HEADS))
+                   for f in (self.query, self.key, self.value))
+        x = x + self.dropout(self.proj(jnp.reshape(_causal_attention(q, k, v), (b, t, DIM))))
+        return x + self.dropout(self.down(nnx.gelu(self.up(self.ln_mlp(x)))))
+
+
+class LoRAGPT(nnx.Module):
+    """GPT-2-shaped language model: wte + wpe, one LoRA block, final LayerNorm, head."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs) -> None:
+        self.wte = nnx.Embed(VOCAB, DIM, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.wpe = nnx.Embed(MAX_LEN, DIM, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.block = LoRABlock(dtype, rngs)
+        self.ln_f = nnx.LayerNorm(DIM, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(DIM, VOCAB, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, V]
+        positions = jnp.arange(tokens.shape[1])[None, :]  # [1, T], as GPT-2 builds it
+        x = self.wte(tokens) + self.wpe(positions)  # [B, T, D] + [1, T, D]
+        return self.head(self.ln_f(self.block(x)))
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+    """The floating-point leaves of ``tree`` cast to ``dtype`` (keys and ints unchanged)."""
+    def cast(x: Any) -> Any:
+        floating = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+        return jnp.asarray(x, dtype) if floating else x
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _float64_state(cls: type[nnx.Module]) -> Any:
+    return nnx.state(cls(jnp.float64, nnx.Rngs(0)))
+
+
+def _create(cls: type[nnx.Module], dtype: Any) -> nnx.Module:
+    """``cls(dtype, rngs)`` in train mode, with the float64 model's values in ``dtype``.
+
+    Every dtype gets the same parameters, and the initialisers run once per model.
+    """
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: cls(dtype, nnx.Rngs(0))))
+    model = nnx.merge(graphdef, _cast(_float64_state(cls), dtype))
+    model.train()
+    return model
+
+
+def _nnx_oracle(graphdef: Any, rest: Any) -> Callable[[Any, Any], jax.Array]:
+    def oracle(params: Any, example: Any) -> jax.Array:
+        model = nnx.merge(graphdef, params, rest)
+        return token_loss(model(example["x"][None])[0], example["y"])
+
+    return oracle
+
+
+def lora_gpt(dtype: Any, *, lora_only: bool) -> ZooCase:
+    """The LoRA transformer; only the LoRA leaves are trainable when ``lora_only``."""
+    model = _create(LoRAGPT, dtype)
+    trainable = nnx.LoRAParam if lora_only else nnx.Param
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    loss_fn = dp_jax.nnx_loss(graphdef, rest, token_loss)
+    return ZooCase(loss_fn, params, _token_batch(1), _nnx_oracle(graphdef, rest))
+
+
+# --------------------------------------------------------------------------- tied embedding
+
+
+class TiedLM(nnx.Module):
+    """One table for the input lookup and (``Embed.attend``) the output logits."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs) -> None:
+        kw = {"dtype": dtype, "param_dtype": dtype, "rngs": rngs}
+        self.embed = nnx.Embed(VOCAB, DIM, **kw)
+        self.wpe = nnx.Embed(MAX_LEN, DIM, **kw)
+        self.mix = nnx.Linear(DIM, DIM, **kw)
+        self.norm = nnx.LayerNorm(DIM, **kw)
+        self.dropout = nnx.Dropout(0.0, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        positions = jnp.arange(tokens.shape[1])[None, :]
+        x = self.embed(tokens) + self.wpe(positions)
+        x = x + self.dropout(jnp.tanh(self.mix(jnp.cumsum(x, axis=1))))
+        return self.embed.attend(self.norm(x))
+
+
+def tied_nnx(dtype: Any) -> ZooCase:
+    """The tied-embedding language model, every parameter trainable."""
+    model = _create(TiedLM, dtype)
+    graphdef, params, rest = dp_jax.nnx_split_params(model)
+    loss_fn = dp_jax.nnx_loss(graphdef, rest, token_loss)
+    return ZooCase(loss_fn, params, _token_batch(2), _nnx_oracle(graphdef, rest))
+
+
+# --------------------------------------------------------------------------- CNN
+
+
+class GroupNormCNN(nn.Module):
+    """Two convolutions with GroupNorm, global average pooling and a dense head."""
+
+    dtype: Any
+    classes: int = 5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, 8, 8, 3]
+        kw = {"dtype": self.dtype, "param_dtype": self.dtype}
+        x = nn.relu(nn.GroupNorm(num_groups=2, **kw)(nn.Conv(4, (3, 3), **kw)(x)))
+        x = nn.Conv(8, (3, 3), strides=(2, 2), **kw)(x)
+        x = nn.relu(nn.GroupNorm(num_groups=4, **kw)(x))
+        x = nn.Dropout(0.0, deterministic=False)(jnp.mean(x, axis=(1, 2)))
+        return nn.Dense(self.classes, **kw)(nn.relu(nn.Dense(16, **kw)(x)))
+
+
+@functools.lru_cache(maxsize=None)
+def _cnn_params() -> Any:
+    images = jnp.zeros((1, 8, 8, 3), jnp.float64)
+    return GroupNormCNN(jnp.float64).init(jax.random.key(0), images)["params"]
+
+
+def linen_cnn(dtype: Any) -> ZooCase:
+    """The GroupNorm CNN on random images, cross-entropy on 5 classes."""
+    model = GroupNormCNN(dtype)
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((BATCH, 8, 8, 3)).astype(np.dtype(dtype))
+    labels = rng.integers(0, model.classes, size=BATCH).astype(np.int32)
+    params = _cast(_cnn_params(), dtype)
+
+    def oracle(p: Any, example: Any) -> jax.Array:
+        logits = model.apply({"params": p}, example["x"][None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
+
+    loss_fn = dp_jax.linen_loss(model, "cross_entropy")
+    return ZooCase(loss_fn, params, {"x": images, "y": labels}, oracle)
+
+
+BUILDERS: dict[str, Callable[[Any], ZooCase]] = {
+    "gpt_lora": lambda dtype: lora_gpt(dtype, lora_only=True),
+    "gpt_full": lambda dtype: lora_gpt(dtype, lora_only=False),
+    "cnn": linen_cnn,
+    "tied": tied_nnx,
+}
+"""Builders by name: ``BUILDERS[name](dtype) -> ZooCase``."""
