@@ -244,7 +244,10 @@ class DPDataLoader(DataLoader):
 
     Randomness: ``secure_mode=True`` uses OS entropy; ``seed`` gives dpcore's
     reproducible plan (identical to the JAX backend's); a ``torch.Generator``
-    is turned into such a seed (and also seeds worker processes, as in torch).
+    is turned into such a seed (and also seeds worker processes, as in torch);
+    with neither, the seed is drawn from torch's default generator when the
+    loader is built, so ``torch.manual_seed`` makes the batches repeat (Opacus'
+    reproducibility contract).
 
     Attributes:
         sample_rate: Poisson inclusion probability ``q``.

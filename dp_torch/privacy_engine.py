@@ -93,6 +93,7 @@ from dp_torch.grad_sample import (
     get_gsm_class,
     prepare_module,
 )
+from dp_torch.grad_sample.utils import GRAD_SAMPLE_MODES, check_mode_arguments
 from dp_torch.optimizers import DPOptimizer, DPPerLayerOptimizer, get_optimizer_class
 from dp_torch.optimizers.utils import params as _trainable_params
 from dp_torch.schedulers import _GradClipScheduler, _NoiseScheduler
@@ -114,7 +115,7 @@ __all__ = ["CHECKPOINT_KEYS", "PrivacyEngine"]
 logger = logging.getLogger(__name__)
 
 _CLIPPINGS = ("flat", "per_layer", "adaptive")
-_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+_GRAD_SAMPLE_MODES = GRAD_SAMPLE_MODES
 _LOSS_REDUCTIONS = ("mean", "sum")
 _ADAPTIVE_KWARGS = (
     "target_unclipped_quantile",
@@ -769,7 +770,8 @@ class PrivacyEngine:
                       " It must be the reduction of your loss over the batch.")
         check_choice(clipping, "clipping", _CLIPPINGS)
         check_choice(grad_sample_mode, "grad_sample_mode", _GRAD_SAMPLE_MODES,
-                      " (Opacus' 'ew', 'no_op' and 'ghost_fsdp' are not provided.)")
+                      " (Opacus' 'ghost_fsdp' and 'ghost_tp' are not provided.)")
+        check_mode_arguments(grad_sample_mode, wrap_model=wrap_model, batch_first=batch_first)
         if grad_sample_mode == "ghost" and clipping != "flat":
             raise ValueError(
                 f'grad_sample_mode="ghost" supports only clipping="flat", got clipping={clipping!r}; '
@@ -876,7 +878,10 @@ class PrivacyEngine:
             noise_generator: ``torch.Generator`` or ``dpcore.noise.NoiseSource`` for
                 reproducible noise; ``None`` uses torch's default generator (OS
                 entropy in secure mode, where a generator is refused).
-            grad_sample_mode: ``"hooks"``, ``"functorch"`` or ``"ghost"``.
+            grad_sample_mode: ``"hooks"``, ``"functorch"``, ``"ghost"``, ``"ew"``
+                (batch-first wrapper only) or ``"no_op"`` (no per-sample gradients are
+                computed: set ``p.grad_sample`` on every trainable parameter after each
+                backward pass yourself).
             wrap_model: ``True`` returns a wrapper module; ``False`` attaches hooks
                 to ``module`` itself and returns the hooks object (keep training
                 ``module``; call ``hooks.cleanup()`` when done).

@@ -5,6 +5,9 @@ Public names:
 * :class:`GradSampleModule` / :class:`GradSampleHooks`: ``p.grad_sample`` after backward;
 * :class:`GradSampleModuleFastGradientClipping` / :class:`GradSampleHooksFastGradientClipping`:
   per-example gradient norms (ghost clipping);
+* :class:`GradSampleModuleExpandedWeights`: the wrapper of ``grad_sample_mode="ew"``;
+* :class:`GradSampleModuleNoOp` / :class:`GradSampleHooksNoOp`: ``grad_sample_mode="no_op"``
+  (you set ``p.grad_sample`` yourself);
 * :func:`register_grad_sampler`, :func:`register_norm_sampler`: add layer support;
 * :func:`wrap_model` / :func:`prepare_module`, :func:`get_gsm_class`: pick by mode.
 
@@ -40,6 +43,8 @@ from .grad_sample_module_fast_gradient_clipping import (
 )
 from .group_norm import compute_group_norm_grad_sample
 from .gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
+from .gsm_exp_weights import GradSampleModuleExpandedWeights
+from .gsm_no_op import GradSampleHooksNoOp, GradSampleModuleNoOp
 from .instance_norm import compute_instance_norm_grad_sample
 from .layer_norm import compute_layer_norm_grad_sample
 from .linear import compute_linear_grad_sample, compute_linear_norm_sample
@@ -58,8 +63,11 @@ __all__ = [
     "AbstractGradSampleModule",
     "GradSampleHooks",
     "GradSampleHooksFastGradientClipping",
+    "GradSampleHooksNoOp",
     "GradSampleModule",
+    "GradSampleModuleExpandedWeights",
     "GradSampleModuleFastGradientClipping",
+    "GradSampleModuleNoOp",
     "compute_conv_grad_sample",
     "compute_embedding_grad_sample",
     "compute_embedding_norm_sample",

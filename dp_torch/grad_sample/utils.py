@@ -13,8 +13,12 @@ from .grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping,
 )
 from .gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
+from .gsm_exp_weights import GradSampleModuleExpandedWeights
+from .gsm_no_op import GradSampleHooksNoOp, GradSampleModuleNoOp
 
 __all__ = [
+    "GRAD_SAMPLE_MODES",
+    "check_mode_arguments",
     "get_gsm_class",
     "get_hooks_class",
     "prepare_module",
@@ -23,15 +27,58 @@ __all__ = [
     "wrap_model",
 ]
 
-_MODES = ("hooks", "functorch", "ghost")
+#: Every ``grad_sample_mode`` dp_torch provides.
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "ew", "no_op")
+
+_WRAPPERS = {
+    "hooks": GradSampleModule,
+    "functorch": GradSampleModule,
+    "ghost": GradSampleModuleFastGradientClipping,
+    "ew": GradSampleModuleExpandedWeights,
+    "no_op": GradSampleModuleNoOp,
+}
+_HOOKS = {
+    "hooks": GradSampleHooks,
+    "functorch": GradSampleHooks,
+    "ghost": GradSampleHooksFastGradientClipping,
+    "no_op": GradSampleHooksNoOp,
+}
 
 
 def _check_mode(grad_sample_mode: Any) -> None:
-    if grad_sample_mode not in _MODES:
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(
             f"Unexpected grad_sample_mode: {grad_sample_mode!r}. Supported: 'hooks', 'functorch' "
-            "(hooks with the torch.func fallback for every layer) and 'ghost' (fast gradient "
-            "clipping); Opacus' 'ew', 'no_op' and the distributed ghost modes are not provided."
+            "(hooks with the torch.func fallback for every layer), 'ghost' (fast gradient "
+            "clipping), 'ew' (batch-first per-sample gradients, see gsm_exp_weights) and 'no_op' "
+            "(you set p.grad_sample yourself); Opacus' FSDP and tensor-parallel ghost modes are "
+            "not provided."
+        )
+
+
+def check_mode_arguments(grad_sample_mode: Any, *, wrap_model: bool, batch_first: bool) -> None:
+    """Raise, before anything is built, for a mode that cannot take these arguments.
+
+    Args:
+        grad_sample_mode: The requested mode.
+        wrap_model: Whether an ``nn.Module`` wrapper (``True``) or a hooks object is wanted.
+        batch_first: Whether inputs are ``[batch, ...]``.
+
+    Raises:
+        ValueError: For an unknown mode, or ``wrap_model=False`` with ``"ew"`` (that mode
+            exists only as a wrapper, as in Opacus).
+        NotImplementedError: For ``"ew"`` with ``batch_first=False``.
+    """
+    _check_mode(grad_sample_mode)
+    if grad_sample_mode == "ew" and not wrap_model:
+        raise ValueError(
+            'grad_sample_mode="ew" exists only as a wrapper module; got wrap_model=False. Use '
+            'wrap_model=True, or grad_sample_mode="hooks" to attach hooks to the model itself.'
+        )
+    if grad_sample_mode == "ew" and not batch_first:
+        raise NotImplementedError(
+            'grad_sample_mode="ew" needs batch_first=True, got batch_first=False; use '
+            'grad_sample_mode="hooks", which supports [T, batch, ...] inputs.'
         )
 
 
@@ -40,20 +87,31 @@ def get_gsm_class(grad_sample_mode: str) -> type:
 
     Args:
         grad_sample_mode: ``"hooks"`` or ``"functorch"`` (:class:`GradSampleModule`; use
-            ``force_functorch=True`` for the latter, as :func:`wrap_model` does) or
-            ``"ghost"`` (:class:`GradSampleModuleFastGradientClipping`).
+            ``force_functorch=True`` for the latter, as :func:`wrap_model` does),
+            ``"ghost"`` (:class:`GradSampleModuleFastGradientClipping`), ``"ew"``
+            (:class:`GradSampleModuleExpandedWeights`) or ``"no_op"``
+            (:class:`GradSampleModuleNoOp`).
 
     Raises:
         ValueError: For any other mode.
     """
     _check_mode(grad_sample_mode)
-    return GradSampleModuleFastGradientClipping if grad_sample_mode == "ghost" else GradSampleModule
+    return _WRAPPERS[grad_sample_mode]
 
 
 def get_hooks_class(grad_sample_mode: str) -> type:
-    """The non-wrapping hooks class for a ``grad_sample_mode`` (see :func:`get_gsm_class`)."""
+    """The non-wrapping hooks class for a ``grad_sample_mode`` (see :func:`get_gsm_class`).
+
+    Raises:
+        ValueError: For an unknown mode, and for ``"ew"``, which exists only as a wrapper.
+    """
     _check_mode(grad_sample_mode)
-    return GradSampleHooksFastGradientClipping if grad_sample_mode == "ghost" else GradSampleHooks
+    if grad_sample_mode not in _HOOKS:
+        raise ValueError(
+            f"grad_sample_mode={grad_sample_mode!r} has no hooks variant (it exists only as a "
+            "wrapper module); use wrap_model=True."
+        )
+    return _HOOKS[grad_sample_mode]
 
 
 def prepare_module(
@@ -63,7 +121,7 @@ def prepare_module(
 
     Args:
         model: The model.
-        grad_sample_mode: ``"hooks"``, ``"functorch"`` or ``"ghost"``.
+        grad_sample_mode: ``"hooks"``, ``"functorch"``, ``"ghost"``, ``"ew"`` or ``"no_op"``.
         wrap_model: ``True`` returns an ``nn.Module`` wrapper (use it as the model);
             ``False`` attaches hooks to ``model`` itself and returns the hooks object.
         *args: Passed to the class.
@@ -74,7 +132,8 @@ def prepare_module(
         The wrapper or hooks object.
 
     Raises:
-        ValueError: For an unknown mode.
+        ValueError: For an unknown mode, or ``"ew"`` with ``wrap_model=False``.
+        NotImplementedError: For ``"ew"`` with ``batch_first=False``.
     """
     _check_mode(grad_sample_mode)
     if grad_sample_mode == "functorch":

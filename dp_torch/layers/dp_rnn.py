@@ -30,6 +30,8 @@ Other differences from Opacus, where Opacus departs from ``torch.nn``:
   default dtype on the CPU).
 * the state dict uses ``torch.nn``'s names (``weight_ih_l0``, ...) and loads either those or
   the internal names (``l0.ih.weight``, ...); ``named_parameters()`` reports the internal names.
+* :meth:`DPRNNBase.forward_layer` keeps Opacus' contract (time-major input, or the list of
+  per-step tensors of a sorted packed batch) but applies no dropout (see above).
 """
 
 from __future__ import annotations
@@ -37,17 +39,21 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Iterator, Sequence
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence, pad_sequence
+
+from dp_torch.utils.packed_sequences import compute_seq_lengths
 
 from .param_rename import RenameParamsMixin
 
 __all__ = [
+    "RNN_CELL_TYPES",
     "RNNLinear",
     "DPRNNCellBase",
     "DPRNNCell",
@@ -57,9 +63,24 @@ __all__ = [
     "DPRNN",
     "DPGRU",
     "DPLSTM",
+    "apply_permutation",
 ]
 
 _State = tuple[Tensor, ...]
+
+
+def apply_permutation(tensor: Tensor, dim: int, permutation: Optional[Tensor]) -> Tensor:
+    """Reorder ``tensor`` along ``dim`` by ``permutation`` (``tensor`` itself when it is ``None``).
+
+    Args:
+        tensor: The tensor.
+        dim: The dimension to reorder.
+        permutation: Index tensor: entry ``i`` of the result is entry ``permutation[i]``
+            of ``tensor``; ``None`` leaves the order unchanged.
+    """
+    if permutation is None:
+        return tensor
+    return tensor.index_select(dim, permutation.to(tensor.device))
 
 
 class RNNLinear(nn.Linear):
@@ -95,15 +116,31 @@ class DPRNNCellBase(RenameParamsMixin, nn.Module):
         input_size: int,
         hidden_size: int,
         bias: bool = True,
+        num_chunks: Optional[int] = None,
         *,
         proj_size: int = 0,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
+        """Build the projections.
+
+        Args:
+            input_size: Features of ``x``.
+            hidden_size: Features of the hidden (and cell) state.
+            bias: Whether the projections have biases.
+            num_chunks: Gates per projection (Opacus' argument); ``None`` keeps the class's
+                ``num_chunks`` (1 Elman, 3 GRU, 4 LSTM).
+            proj_size: LSTM only: features of the projected ``h`` (0: no projection).
+            device: Where the parameters live.
+            dtype: Parameter dtype.
+        """
         super().__init__()
         _check_positive_int("input_size", input_size)
         _check_positive_int("hidden_size", hidden_size)
         _check_bool("bias", bias)
+        if num_chunks is not None:
+            _check_positive_int("num_chunks", num_chunks)
+            self.num_chunks = num_chunks
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -132,6 +169,24 @@ class DPRNNCellBase(RenameParamsMixin, nn.Module):
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
 
+    def set_max_batch_length(self, max_batch_length: int) -> None:
+        """Tell a per-sample-gradient engine the full batch size of the next forward pass.
+
+        Needed only when the cell is driven step by step with fewer rows than the batch
+        (``batch_size_t`` of a sorted packed batch): those calls' per-sample gradients fill
+        the first rows of a ``max_batch_length``-row buffer. :class:`DPRNNBase` sets it on
+        every forward pass.
+
+        Args:
+            max_batch_length: The batch size ``B`` (0 for an empty batch).
+        """
+        if isinstance(max_batch_length, bool) or not isinstance(max_batch_length, int) or max_batch_length < 0:
+            raise ValueError(
+                f"max_batch_length must be an int >= 0 (the batch size), got {max_batch_length!r}."
+            )
+        for linear in self.children():
+            linear.max_batch_len = max_batch_length
+
     def step(self, gates_x: Tensor, state: _State) -> _State:
         """One time step given the already projected input ``ih(x_t)``.
 
@@ -152,13 +207,18 @@ class DPRNNCellBase(RenameParamsMixin, nn.Module):
         return (h,)
 
     def forward(
-        self, input: Tensor, hx: Optional[Union[Tensor, tuple[Tensor, Tensor]]] = None
+        self,
+        input: Tensor,
+        hx: Optional[Union[Tensor, tuple[Tensor, Tensor]]] = None,
+        batch_size_t: Optional[int] = None,
     ) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """Same inputs and outputs as the matching ``torch.nn`` cell (``nn.RNNCell`` ...).
 
         Args:
             input: ``[B, input_size]`` or unbatched ``[input_size]``.
             hx: Initial state (``h`` or ``(h, c)``), zeros if ``None``.
+            batch_size_t: Opacus' packed-step argument: only the first ``batch_size_t`` rows
+                of ``hx`` are used (``input`` has that many rows).
 
         Returns:
             ``h'`` or ``(h', c')``.
@@ -175,6 +235,9 @@ class DPRNNCellBase(RenameParamsMixin, nn.Module):
         else:
             parts = hx if isinstance(hx, tuple) else (hx,)
             state = tuple(p.unsqueeze(0) if unbatched else p for p in parts)
+            if batch_size_t is not None:
+                _check_batch_size_t(batch_size_t, x.shape[0])
+                state = tuple(p[:batch_size_t] for p in state)
         new = self.step(self.ih(x), state)
         if unbatched:
             new = tuple(t.squeeze(0) for t in new)
@@ -292,12 +355,21 @@ class DPLSTMCell(DPRNNCellBase):
         return (h_new, c_new)
 
 
-_CELLS = {
+#: ``mode`` of :class:`DPRNNBase` -> (cell class, extra cell arguments).
+RNN_CELL_TYPES = {
     "RNN_TANH": (DPRNNCell, {"nonlinearity": "tanh"}),
     "RNN_RELU": (DPRNNCell, {"nonlinearity": "relu"}),
     "GRU": (DPGRUCell, {}),
     "LSTM": (DPLSTMCell, {}),
 }
+
+
+def _check_batch_size_t(batch_size_t: object, rows: int) -> None:
+    if isinstance(batch_size_t, bool) or not isinstance(batch_size_t, int) or batch_size_t != rows:
+        raise ValueError(
+            f"batch_size_t must be the number of rows of input ({rows}), got {batch_size_t!r}; it "
+            "selects the first batch_size_t rows of hx for a step of a sorted packed batch."
+        )
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -386,16 +458,16 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
         self.bidirectional = bidirectional
         self.proj_size = proj_size
         self.num_directions = 2 if bidirectional else 1
-        self._build_cells({"device": device, "dtype": dtype})
+        self.initialize_cells(device=device, dtype=dtype)
 
     @staticmethod
     def _resolve_mode(mode: Union[str, type]) -> tuple[type, dict]:
         if isinstance(mode, str):
-            if mode not in _CELLS:
+            if mode not in RNN_CELL_TYPES:
                 raise ValueError(
-                    f"mode must be one of {sorted(_CELLS)} or a cell class, got {mode!r}"
+                    f"mode must be one of {sorted(RNN_CELL_TYPES)} or a cell class, got {mode!r}"
                 )
-            cell_type, params = _CELLS[mode]
+            cell_type, params = RNN_CELL_TYPES[mode]
             return cell_type, dict(params)
         if isinstance(mode, type) and issubclass(mode, DPRNNCellBase):
             return mode, {}
@@ -440,14 +512,27 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
                 stacklevel=4,
             )
 
-    def _build_cells(self, factory: dict) -> None:
-        state_size = self._state_size
+    def initialize_cells(
+        self, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
+    ) -> list[DPRNNCellBase]:
+        """(Re)create one fresh cell per (layer, direction) and the state-dict name map.
+
+        Cells are named ``l{layer}`` and ``l{layer}_reverse``, as ``torch.nn``'s parameters.
+
+        Args:
+            device: Where the parameters live.
+            dtype: Parameter dtype.
+
+        Returns:
+            The cells, in the order of :attr:`cells`.
+        """
+        factory = {"device": device, "dtype": dtype}
         extra = {"proj_size": self.proj_size} if self.proj_size > 0 else {}
         names: dict[str, str] = {}
         self.cell_names: list[str] = []
-        for layer in range(self.num_layers):
-            layer_in = self.input_size if layer == 0 else state_size * self.num_directions
-            for direction in range(self.num_directions):
+        for layer, directions in self.iterate_layers():
+            layer_in = self.input_size if layer == 0 else self._state_size * self.num_directions
+            for direction, _ in directions:
                 name = f"l{layer}" + ("_reverse" if direction == 1 else "")
                 cell = self.cell_type(
                     layer_in, self.hidden_size, self.bias, **self.cell_params, **extra, **factory
@@ -457,6 +542,32 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
                 for key in cell.old_to_new.values():
                     names[f"{name}.{key}"] = f"{key}_{name}"
         self.set_rename_map(names)
+        return self.cells
+
+    def iterate_layers(self, *args: Sequence) -> Iterator[tuple[int, Iterator[tuple[int, tuple]]]]:
+        """Walk the (layer, direction) pairs, picking each pair's entry of every argument.
+
+        Each argument is indexed like the cells and the ``[L*D, ...]`` state tensors
+        (``layer * num_directions + direction``).
+
+        Args:
+            *args: Sequences of length ``num_layers * num_directions``.
+
+        Yields:
+            ``(layer, directions)`` where ``directions`` yields
+            ``(direction, (args[0][i], args[1][i], ...))``.
+
+        Example:
+            >>> for layer, directions in rnn.iterate_layers(rnn.cells, h_0):
+            ...     for direction, (cell, h) in directions:
+            ...         ...
+        """
+        for layer in range(self.num_layers):
+            first = layer * self.num_directions
+            yield layer, (
+                (direction, tuple(arg[first + direction] for arg in args))
+                for direction in range(self.num_directions)
+            )
 
     @property
     def cells(self) -> list[DPRNNCellBase]:
@@ -489,7 +600,9 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
                 unbatched ``[T, input_size]``, or a ``PackedSequence``.
             hx: Initial state: ``h_0`` ``[L*D, B, H_out]`` (``(h_0, c_0)`` for an LSTM, ``c_0``
                 ``[L*D, B, H]``), batch in the caller's order; zeros if ``None``.
-            state_init: Opacus' name for ``hx``; give one of the two.
+            state_init: Opacus' name for ``hx``; give one of the two. (Opacus' second
+                positional parameter is ``state_init``; here it is ``torch.nn``'s ``hx``, so
+                positional calls behave the same either way.)
 
         Returns:
             ``(output, h_n)`` or ``(output, (h_n, c_n))``; ``output`` is a ``PackedSequence``
@@ -501,16 +614,14 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
         hx = state_init if hx is None else hx
         x, lengths, unbatched = self._to_padded(input)
         states = self._initial_states(hx, x, unbatched)
+        for cell in self.cells:
+            cell.set_max_batch_length(x.shape[0])
         layer_input = x
         finals: list[_State] = []
-        for layer in range(self.num_layers):
+        for layer, directions in self.iterate_layers(self.cells, *states):
             outputs = []
-            for direction in range(self.num_directions):
-                index = layer * self.num_directions + direction
-                cell = getattr(self, self.cell_names[index])
-                out, final = self._run_direction(
-                    cell, layer_input, tuple(s[index] for s in states), lengths, direction == 1
-                )
+            for direction, (cell, *state) in directions:
+                out, final = self._run_direction(cell, layer_input, tuple(state), lengths, direction == 1)
                 outputs.append(out)
                 finals.append(final)
             layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
@@ -578,6 +689,63 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
                 raise ValueError(f"{name} must have shape {expected}, got {tuple(part.shape)}")
             result.append(part)
         return tuple(result)
+
+    def forward_layer(
+        self,
+        x: Union[Tensor, Sequence[Tensor]],
+        h_0: Tensor,
+        c_0: Optional[Tensor],
+        batch_sizes: Optional[Tensor],
+        cell: DPRNNCellBase,
+        max_batch_size: int,
+        seq_length: int,
+        is_packed: bool,
+        reverse_layer: bool,
+    ) -> tuple[Union[Tensor, list[Tensor]], Tensor, Optional[Tensor]]:
+        """One layer in one direction, with Opacus' time-major contract (no dropout).
+
+        Args:
+            x: ``[T, B, D]``, or for ``is_packed`` the ``T`` per-step tensors ``[b_t, D]`` of a
+                sorted packed batch (``PackedSequence.data.split(batch_sizes)``).
+            h_0: Initial hidden state ``[B, H_out]`` (sorted order when packed).
+            c_0: Initial cell state ``[B, H]`` for an LSTM cell, else ``None``.
+            batch_sizes: ``PackedSequence.batch_sizes`` when packed (else ignored).
+            cell: The cell to run.
+            max_batch_size: ``B``.
+            seq_length: ``T``.
+            is_packed: Whether ``x`` is the per-step list of a packed batch.
+            reverse_layer: Run from the end of each sequence to its start.
+
+        Returns:
+            ``(outputs, h_last, c_last)``: ``outputs`` is ``[T, B, H_out]`` (a list of
+            ``[b_t, H_out]`` when packed), in forward time order also for a reversed layer;
+            ``h_last`` and ``c_last`` (``None`` without a cell state) are each sequence's
+            final state, ``[B, *]``.
+        """
+        lengths = None
+        if is_packed:
+            steps = list(x)[:seq_length]
+            padded = pad_sequence(steps, batch_first=True)  # [T, B, D]
+            lengths = torch.tensor(compute_seq_lengths(batch_sizes), device=h_0.device)
+        else:
+            padded = x[:seq_length]
+        padded = padded.transpose(0, 1)  # [B, T, D]
+        if padded.shape[0] != max_batch_size:
+            raise ValueError(
+                f"max_batch_size={max_batch_size} but the input holds {padded.shape[0]} sequences."
+            )
+        state: _State = (h_0,)
+        if cell.has_cell_state:
+            state = (h_0, c_0 if c_0 is not None else h_0.new_zeros(h_0.shape[0], cell.hidden_size))
+        cell.set_max_batch_length(max_batch_size)
+        out, final = self._run_direction(cell, padded, state, lengths, reverse_layer)
+        if is_packed:
+            outputs: Union[Tensor, list[Tensor]] = [
+                out[:n, t] for t, n in enumerate(batch_sizes.tolist()[:seq_length])
+            ]
+        else:
+            outputs = out.transpose(0, 1)
+        return outputs, final[0], final[1] if len(final) > 1 else None
 
     @staticmethod
     def _run_direction(

@@ -13,7 +13,9 @@ Randomness, in order of precedence:
   is drawn from it at construction and used as the dpcore seed, so a seeded
   generator gives a reproducible plan (not the same batches as Opacus, which
   samples with ``torch.rand``);
-* neither: fresh entropy (unpredictable, not hardened).
+* neither: the same draw from torch's default generator, so ``torch.manual_seed(s)``
+  before the sampler (or the ``DPDataLoader``, or ``make_private``) is built makes the
+  batches repeat, as it does in Opacus.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dpcore import sampling as core_sampling
 __all__ = [
     "DistributedUniformWithReplacementSampler",
     "UniformWithReplacementSampler",
+    "seed_from_default_generator",
     "seed_from_generator",
 ]
 
@@ -55,7 +58,17 @@ def seed_from_generator(generator: torch.Generator) -> int:
     return int(draw.item())
 
 
+def seed_from_default_generator() -> int:
+    """A dpcore seed drawn from torch's default (CPU) generator, advancing it by one draw.
+
+    This is what makes ``torch.manual_seed`` govern the Poisson batches of a sampler
+    built without ``seed`` or ``generator``.
+    """
+    return int(torch.randint(0, _SEED_HIGH, (1,)).item())
+
+
 def _resolve_seed(generator: Any, seed: Optional[int], secure_mode: Any) -> Optional[int]:
+    """The dpcore seed: ``None`` in secure mode (OS entropy), else ``seed`` or one drawn."""
     if not isinstance(secure_mode, bool):
         raise TypeError(f"secure_mode must be a bool, got {secure_mode!r}.")
     if generator is not None and seed is not None:
@@ -67,8 +80,12 @@ def _resolve_seed(generator: Any, seed: Optional[int], secure_mode: Any) -> Opti
             "secure_mode=True samples from OS entropy and refuses a seed or a generator (both "
             "make the batches predictable); pass generator=None and seed=None."
         )
-    if generator is None:
+    if secure_mode:
+        return None
+    if seed is not None:
         return seed
+    if generator is None:
+        return seed_from_default_generator()
     return seed_from_generator(generator)
 
 
@@ -101,12 +118,16 @@ class _PlanSampler(Sampler[list[int]]):
 
     @property
     def seed(self) -> Optional[int]:
-        """The dpcore seed of the plan (``None``: fresh entropy or secure mode)."""
+        """The dpcore seed of the plan (``None`` only in secure mode, where OS entropy is used)."""
         return self._plan.seed
 
     @property
     def generator(self) -> Optional[torch.Generator]:
-        """The ``torch.Generator`` given, if any; setting one re-seeds the plan from it."""
+        """The ``torch.Generator`` given, if any; setting one re-seeds the plan from it.
+
+        Setting ``None`` re-seeds from torch's default generator (not in secure mode,
+        which stays on OS entropy).
+        """
         return self._generator
 
     @generator.setter

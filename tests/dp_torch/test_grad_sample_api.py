@@ -173,7 +173,7 @@ def test_get_gsm_class_and_wrap_model() -> None:
     assert get_gsm_class("functorch") is GradSampleModule
     assert get_gsm_class("ghost") is GradSampleModuleFastGradientClipping
     with pytest.raises(ValueError, match="grad_sample_mode"):
-        get_gsm_class("ew")
+        get_gsm_class("ghost_fsdp")
     wrapped = wrap_model(_mlp(), grad_sample_mode="functorch", batch_first=True, loss_reduction="sum")
     assert isinstance(wrapped, GradSampleModule) and wrapped.force_functorch
     assert wrapped.loss_reduction == "sum"
