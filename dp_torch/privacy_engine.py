@@ -1197,8 +1197,8 @@ class PrivacyEngine:
         saved run would have drawn next, for any new world size with the same
         sampler kind (the distributed sampler's ``shuffle`` relabelling depends on
         the epoch, not on the world size; a single-process sampler has none, so its
-        batches differ while following the same distribution). A sampler seeded
-        per rank from fresh entropy takes rank 0's stream on every rank (each
+        batches differ while following the same distribution). Samplers seeded
+        differently on each rank take rank 0's stream on every rank (each
         example is still included independently with the global rate); a secure
         sampler keeps drawing from OS entropy and only resumes its position.
 
