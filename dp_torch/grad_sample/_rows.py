@@ -24,8 +24,10 @@ from torch.nn.utils.rnn import PackedSequence
 
 __all__ = [
     "GradSampleBatchSizeError",
+    "GradSampleSumError",
     "broadcast_call",
     "check_rows",
+    "check_sums",
     "leading_batch_size",
     "parameter_names",
 ]
@@ -33,6 +35,14 @@ __all__ = [
 
 class GradSampleBatchSizeError(ValueError):
     """A per-example gradient or norm does not have one row per example of the batch."""
+
+
+class GradSampleSumError(ValueError):
+    """The per-sample gradients of a backward pass do not add up to the parameter's gradient."""
+
+
+#: Largest ``||sum_i g_i - grad|| / sum_i ||g_i||`` put down to rounding, per dtype.
+SUM_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 
 
 def leading_batch_size(args: tuple, kwargs: Mapping[str, Any], batch_dim: int) -> Optional[int]:
@@ -159,4 +169,74 @@ def _mismatch_message(name: str, size: int, expected: int, what: str, known: boo
         "dimension: do not flatten the batch into other dimensions (e.g. [B, T, d] -> [B*T, d]) "
         "or reduce over it before such a layer, check batch_first, or freeze the layer "
         "(requires_grad=False)."
+    )
+
+
+def sum_discrepancy(grad_sample: torch.Tensor, grad: torch.Tensor, divisor: int) -> tuple[float, float]:
+    """``(||sum_i g_i / divisor - grad||, sum_i ||g_i|| / divisor)`` in float32 or wider."""
+    flat = grad_sample.reshape(grad_sample.shape[0], grad.numel())
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    diff = (flat.sum(dim=0) / divisor - grad.reshape(-1).to(flat.dtype)).norm()
+    return float(diff), float(flat.norm(dim=1).sum() / divisor)
+
+
+def check_sums(entries: list[tuple[str, Optional[torch.Tensor], torch.Tensor, int]]) -> None:
+    """Raise unless, for every parameter, the per-sample gradients of a pass add up to its
+    gradient of the pass.
+
+    ``grad`` is what autograd computed for the parameter in this backward pass. Each use of a
+    parameter that the hooks do not see (a functional use outside its layer, a weight penalty
+    added to the loss) or randomness that the per-example re-run cannot repeat (dropout inside
+    a layer without a sampler) makes the two differ; per-example clipping of such gradients
+    would not be DP-SGD of this loss. The allowed rounding is ``SUM_TOLERANCE`` times the
+    parameter's ``sum_i ||g_i||``, and at least times 1% of the largest such sum of the pass
+    (gradients that are zero in exact arithmetic, such as an attention key bias, carry
+    rounding noise of the computation around them).
+
+    Args:
+        entries: ``(name, per-sample gradients of the pass or None, gradient of the pass,
+            divisor)`` per parameter; the divisor is ``1`` for a summed loss, the number of
+            rows for a mean.
+
+    Raises:
+        GradSampleSumError: Naming the parameter, the discrepancy and the likely causes.
+    """
+    stats = {}
+    for name, grad_sample, grad, divisor in entries:
+        if grad_sample is None:
+            _check_unsampled(name, grad)
+        else:
+            stats[name] = (*sum_discrepancy(grad_sample, grad, divisor), grad.dtype)
+    largest = max((scale for _, scale, _ in stats.values()), default=0.0)
+    for name, (diff, scale, dtype) in stats.items():
+        tol = SUM_TOLERANCE.get(dtype, 5e-2) * max(scale, 1e-2 * largest)
+        if diff > tol and diff > 0:
+            raise GradSampleSumError(_sum_message(name, diff, tol))
+
+
+def _layer_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else "<root>"
+
+
+def _check_unsampled(name: str, grad: torch.Tensor) -> None:
+    if bool(torch.any(grad != 0)):
+        raise GradSampleSumError(
+            f"Parameter {name!r} received a gradient in this backward pass but no per-sample "
+            f"gradient: it is used outside the layer {_layer_of(name)!r} that owns it (e.g. "
+            "F.linear(x, self.fc.weight) in a parent's forward), so its gradient cannot be "
+            "clipped per example. Call the layer itself, or make the parameter one of the "
+            "using module's own."
+        )
+
+
+def _sum_message(name: str, diff: float, tol: float) -> str:
+    return (
+        f"The per-sample gradients of parameter {name!r} (layer {_layer_of(name)!r}) add up to a "
+        f"value that differs from its gradient in this backward pass by {diff:.3e} (allowed "
+        f"{tol:.3e}), so they are not this loss's per-example gradients. Likely causes: the "
+        "parameter is also used outside its layer (call the layer itself); the loss has a term "
+        "that is not a sum over examples (move a weight penalty into the optimizer's "
+        "weight_decay); or the layer has randomness, such as dropout inside a layer without a "
+        "grad sampler, that its per-example re-run cannot repeat (move the dropout out of that "
+        "layer or set its probability to 0)."
     )

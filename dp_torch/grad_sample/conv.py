@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ._registry import register_grad_sampler
 
-__all__ = ["compute_conv_grad_sample", "conv_padded_input"]
+__all__ = ["compute_conv_grad_sample", "conv_padded_input", "convolution2d_backward_as_a_convolution"]
 
 #: ``None`` picks per call (see the module docstring); ``"grouped"`` or ``"unfold"`` force one
 #: formulation (tests use this to cover both).
@@ -126,3 +126,31 @@ def compute_conv_grad_sample(layer: nn.modules.conv._ConvNd, activations: list, 
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = backprops.sum(dim=tuple(range(2, backprops.dim())))
     return ret
+
+
+def convolution2d_backward_as_a_convolution(layer: nn.Conv2d, activations: list, backprops: torch.Tensor) -> dict:
+    """Per-example gradients of ``nn.Conv2d`` by the grouped-convolution formulation alone.
+
+    The same result as :func:`compute_conv_grad_sample` (which picks the faster formulation
+    per call), always computed as one convolution weight-gradient with the batch folded into
+    the groups (Opacus' name for this alternative).
+
+    Args:
+        layer: The convolution.
+        activations: ``[input]`` with input ``[B, C_in, H, W]``.
+        backprops: ``[B, C_out, H_out, W_out]``.
+
+    Returns:
+        ``{weight: [B, *weight.shape], bias: [B, C_out]}`` for the trainable ones.
+
+    Raises:
+        TypeError: If ``layer`` is not an ``nn.Conv2d``.
+    """
+    if not isinstance(layer, nn.Conv2d):
+        raise TypeError(f"layer must be an nn.Conv2d, got {type(layer).__name__}; use compute_conv_grad_sample.")
+    global FORMULATION
+    previous, FORMULATION = FORMULATION, "grouped"
+    try:
+        return compute_conv_grad_sample(layer, activations, backprops)
+    finally:
+        FORMULATION = previous

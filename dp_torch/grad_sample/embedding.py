@@ -134,7 +134,7 @@ def _bag_of_token(layer: nn.EmbeddingBag, ids: torch.Tensor, offsets, batch: int
 
 
 @register_grad_sampler(nn.EmbeddingBag)
-def compute_embeddingbag_gradsampler(layer: nn.EmbeddingBag, activations: list, backprops: torch.Tensor) -> dict:
+def compute_embeddingbag_gradsampler(layer: nn.EmbeddingBag, inputs: list, backprops: torch.Tensor) -> dict:
     """Per-example (per-bag) gradients of ``nn.EmbeddingBag`` in mode ``"sum"`` or ``"mean"``.
 
     Each bag is one example. Supports 2-d input or 1-d input with ``offsets`` (also with
@@ -143,8 +143,8 @@ def compute_embeddingbag_gradsampler(layer: nn.EmbeddingBag, activations: list, 
 
     Args:
         layer: The layer.
-        activations: ``[ids, offsets?, per_sample_weights?]`` (keyword inputs on
-            ``activations.kwargs``).
+        inputs: ``[ids, offsets?, per_sample_weights?]`` (keyword inputs on
+            ``inputs.kwargs``).
         backprops: ``[B, embedding_dim]``.
 
     Returns:
@@ -160,7 +160,7 @@ def compute_embeddingbag_gradsampler(layer: nn.EmbeddingBag, activations: list, 
     if reason:
         raise NotImplementedError(reason)
     batch = backprops.shape[0]
-    ids, offsets, weights = _bag_inputs(layer, activations)
+    ids, offsets, weights = _bag_inputs(layer, inputs)
     bags, keep = _bag_of_token(layer, ids, offsets, batch)
     flat_ids = ids.reshape(-1)
     if layer.padding_idx is not None:

@@ -14,6 +14,7 @@ such constants as module attributes instead). When ``vmap`` cannot trace a layer
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
@@ -26,6 +27,7 @@ __all__ = [
     "capture_suspended",
     "ft_compute_per_sample_gradient",
     "is_capture_suspended",
+    "make_functional",
     "prepare_layer",
 ]
 
@@ -50,6 +52,35 @@ def capture_suspended() -> Iterator[None]:
 def is_capture_suspended() -> bool:
     """Whether :func:`capture_suspended` is active in this thread."""
     return getattr(_STATE, "depth", 0) > 0
+
+
+def make_functional(mod: nn.Module, disable_autograd_tracking: bool = False) -> tuple[Any, tuple]:
+    """Split a module into a function of its parameters and the parameters themselves.
+
+    The replacement of the retired ``functorch.make_functional``: ``fmodel(params, *args,
+    **kwargs)`` runs a copy of ``mod`` (buffers included) with ``params`` in place of its
+    parameters, in ``mod.named_parameters()`` order.
+
+    Args:
+        mod: The module.
+        disable_autograd_tracking: Return detached parameters.
+
+    Returns:
+        ``(fmodel, params)``.
+    """
+    named = dict(mod.named_parameters())
+    names = list(named)
+    stateless = copy.deepcopy(mod)
+    if hasattr(stateless, "allow_grad_accumulation"):
+        stateless.allow_grad_accumulation()
+
+    def fmodel(new_params: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        return functional_call(stateless, dict(zip(names, new_params)), args, kwargs)
+
+    params = tuple(named.values())
+    if disable_autograd_tracking:
+        params = tuple(p.detach() for p in params)
+    return fmodel, params
 
 
 def prepare_layer(layer: nn.Module, batch_first: bool = True) -> None:

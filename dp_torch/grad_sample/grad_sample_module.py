@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from . import _registry
-from ._rows import GradSampleBatchSizeError, broadcast_call, check_rows, leading_batch_size, parameter_names
+from ._rows import GradSampleBatchSizeError, broadcast_call, check_rows, check_sums, leading_batch_size, parameter_names
 from .embedding import embedding_bag_unsupported_reason
 from .functorch import ft_compute_per_sample_gradient, is_capture_suspended
 from .gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule, check_wrapper_args
@@ -205,6 +205,15 @@ def _trainable(params: Iterable[torch.Tensor]) -> list:
     return out
 
 
+def _batch_grad_is_sum(module: nn.Module) -> bool:
+    """Whether the layer's batch gradient is the sum of its per-example gradients.
+
+    Not so for embeddings with ``scale_grad_by_freq=True``, whose batch gradient divides by
+    token counts over the whole batch (their per-example gradients use each example's own).
+    """
+    return not any(getattr(m, "scale_grad_by_freq", False) for m in module.modules())
+
+
 def _unsupported_reason(module: nn.Module) -> str:
     """Why a layer with trainable parameters has no per-sample gradients ("" if it has them)."""
     if any(True for _ in module.buffers()):
@@ -234,6 +243,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
     """
 
     GRAD_SAMPLERS = _registry.GRAD_SAMPLERS
+    #: Whether each pass checks that the per-sample gradients add up to the parameter's
+    #: gradient (see :func:`check_sums`).
+    CHECK_PASS_SUMS = True
 
     def __init__(
         self,
@@ -287,6 +299,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._forward_batch: Optional[int] = None
         self._forward_stack: list = []
         self._pass_batches: set = set()
+        self._pass_grads: dict = {}
         self.add_hooks(loss_reduction=loss_reduction, batch_first=batch_first, force_functorch=force_functorch)
 
     # ------------------------------------------------------------------ installation
@@ -347,6 +360,10 @@ class GradSampleHooks(AbstractGradSampleHooks):
             self._owned[module] = owned
             handles.append(module.register_forward_hook(self.capture_activations_hook, with_kwargs=True))
         handles.append(self._module.register_forward_hook(self._exit_forward, always_call=True))
+        if self.CHECK_PASS_SUMS:
+            for module, owned in plan:
+                if _batch_grad_is_sum(module):
+                    handles.extend(p.register_hook(partial(self._record_pass_grad, p)) for p in owned)
         self.enable_hooks()
 
     def remove_hooks(self) -> None:
@@ -449,7 +466,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         """Expand the call of a layer whose output has one row while the batch has more."""
         bd = self._batch_dim(module)
         batch = self._forward_batch
-        if (batch is None or batch <= 1 or output.dim() <= bd or output.shape[bd] != 1
+        if (batch is None or batch == 1 or output.dim() <= bd or output.shape[bd] != 1
                 or getattr(module, "max_batch_len", None) is not None):
             return output, args, kwargs
         return broadcast_call(self._module_names.get(module, type(module).__name__), output, args, kwargs, bd, batch)
@@ -590,6 +607,22 @@ class GradSampleHooks(AbstractGradSampleHooks):
             )
         return next(iter(self._pass_batches), None)
 
+    def _record_pass_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Parameter hook: keep the parameter's gradient of this pass for :meth:`_check_pass_sums`."""
+        if not self.hooks_enabled or is_capture_suspended():
+            return
+        self._begin_pass()
+        self._pass_grads[id(p)] = (p, grad)
+
+    def _check_pass_sums(self) -> None:
+        """Every parameter's per-sample gradients must add up to its gradient of the pass."""
+        entries = []
+        for key, (p, grad) in self._pass_grads.items():
+            current = getattr(p, "_current_grad_sample", None) if key in self._pending else None
+            divisor = current.shape[0] if current is not None and self.loss_reduction == "mean" else 1
+            entries.append((self._param_names.get(key, "<unnamed>"), current, grad, max(divisor, 1)))
+        check_sums(entries)
+
     def _check_pending_rows(self) -> None:
         """Every per-sample gradient of this pass must have one row per example."""
         rows = [
@@ -696,6 +729,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._stash = []
         self._stashed_params = set()
         self._pass_batches = set()
+        self._pass_grads = {}
 
     def _end_pass(self) -> None:
         try:
@@ -703,12 +737,14 @@ class GradSampleHooks(AbstractGradSampleHooks):
         finally:
             self._pending = {}
             self._pass_batches = set()
+            self._pass_grads = {}
             self._active_pass = None
 
     def _finish_pass(self) -> None:
         try:
             self._flush_stash()
             self._check_pending_rows()
+            self._check_pass_sums()
         except BaseException:
             self._discard_pending()
             raise

@@ -23,6 +23,7 @@ reused for a parameter the current pass does not reach (it counts as zero).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Optional
 
@@ -30,9 +31,12 @@ import torch
 import torch.nn as nn
 
 from . import _registry
+from ._param_uses import ParameterUseTracker
 from ._rows import check_rows
 from .grad_sample_module import POISSON_ACCUMULATION_ERROR, GradSampleHooks, _Activations, _CallRecord
 from .gsm_base import AbstractGradSampleModule, check_wrapper_args
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "GradSampleHooksFastGradientClipping",
@@ -100,6 +104,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
     """
 
     NORM_SAMPLERS = _registry.NORM_SAMPLERS
+    #: Off: the first pass computes no parameter gradient; the clipped pass checks its own way.
+    CHECK_PASS_SUMS = False
 
     def __init__(
         self,
@@ -182,7 +188,57 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         """Per-example clip factors ``min(1, C / (norm + 1e-6))``, 0 for a non-finite norm."""
         return clipping_coefficients(self.per_sample_gradient_norms, self.max_grad_norm)
 
+    def log_module_gradient_sample_mode(self, module: nn.Module, *, force_functorch: bool = False,
+                                        use_ghost_clipping: bool = True) -> None:
+        """Log (level INFO) how each hooked layer of ``module`` gets its per-example norms.
+
+        One line per layer: ghost clipping (a norm sampler), fast gradient clipping with the
+        layer's grad sampler, or fast gradient clipping with the ``torch.func`` fallback.
+
+        Args:
+            module: The model (or a part of it).
+            force_functorch: Whether the ``torch.func`` fallback replaces every grad sampler.
+            use_ghost_clipping: Whether norm samplers are used where registered.
+        """
+        for layer, _ in self.iterate_submodules(module):
+            name = self._module_names.get(layer, type(layer).__name__)
+            if use_ghost_clipping and _registry.find_sampler(self.NORM_SAMPLERS, layer) is not None:
+                how = "ghost clipping"
+            elif not force_functorch and _registry.find_sampler(self.GRAD_SAMPLERS, layer) is not None:
+                how = "fast gradient clipping (grad sampler)"
+            else:
+                how = "fast gradient clipping (torch.func fallback)"
+            logger.info("Module name: %s, module type: %s, under %s.", name, type(layer).__name__, how)
+
     # ------------------------------------------------------------------ forward side
+
+    def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,
+                  force_functorch: bool = False) -> None:
+        """Install the hooks of :class:`GradSampleHooks` and the parameter-use tracker."""
+        super().add_hooks(loss_reduction=loss_reduction, batch_first=batch_first, force_functorch=force_functorch)
+        self._use_tracker = ParameterUseTracker(self._owned, self._param_names)
+        self._use_tracker.install(self.autograd_grad_sample_hooks)
+
+    def _enter_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        super()._enter_forward(module, args, kwargs)
+        if self.hooks_enabled:
+            self._use_tracker.enter()
+
+    def _exit_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        super()._exit_forward(module, args, output)
+        self._use_tracker.exit()
+
+    def _check_outside_uses(self) -> None:
+        """Refuse a pass whose forward used a parameter outside the layers that own it."""
+        outside = self._use_tracker.take()
+        if outside:
+            raise ValueError(
+                f"Parameters {outside} were used outside the layers that own them during the "
+                "forward pass (e.g. F.linear(x, self.fc.weight) in a parent's forward): ghost "
+                "clipping computes per-example norms from the owning layers' calls only, so these "
+                "norms would miss that use and the clipping would not bound each example's "
+                "gradient. Call the layer itself, or use grad_sample_mode='hooks'."
+            )
 
     def _on_new_call(self, record: _CallRecord, output: torch.Tensor) -> None:
         super()._on_new_call(record, output)
@@ -304,13 +360,22 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         try:
             check_rows([(name, n.shape[0]) for name, n in named], self._pass_batch(), "per-example norm")
         except BaseException:
-            for p in self._module.parameters():
-                if hasattr(p, "_norm_sample"):
-                    del p._norm_sample
-            self._per_sample_gradient_norms = None
+            self._clear_norms()
             raise
 
+    def _clear_norms(self) -> None:
+        for p in self._module.parameters():
+            if hasattr(p, "_norm_sample"):
+                del p._norm_sample
+        self._per_sample_gradient_norms = None
+
     def _finish_pass(self) -> None:
+        try:
+            self._check_outside_uses()
+        except BaseException:
+            self._discard_pending()
+            self._clear_norms()
+            raise
         self._flush_stash()
         for p in list(self._pending.values()):
             self._finalize_param(p)

@@ -21,10 +21,11 @@ Limitations (shared with Opacus):
 * the second pass backpropagates the whole batch; an example whose gradient is non-finite
   gets factor 0, but ``0 * inf`` inside the shared backward graph can still put ``nan``
   into ``p.grad``. Check ``p.grad`` for finiteness when that matters;
-* a parameter must only be used by the layer that owns it. A parameter used *only* outside
-  it (``F.linear(x, self.fc.weight)`` in a parent's forward) gets no norm and is detected
-  (``ValueError`` after the second pass); one used *both* by its layer and elsewhere gets a
-  norm that misses the outside use, which cannot be detected cheaply.
+* a parameter must only be used by the layer that owns it. A use outside it
+  (``F.linear(x, self.fc.weight)`` in a parent's forward) is recorded during the forward
+  pass and refused (``ValueError``) at the end of the first pass, before any clip factor
+  exists; a parameter used *only* outside gets no norm and is also refused after the
+  second pass.
 """
 
 from __future__ import annotations
@@ -115,6 +116,13 @@ class DPTensorFastGradientClipping:
                     f"{other.loss_reduction!r}."
                 )
             return other.loss_per_sample
+        if isinstance(other, torch.Tensor) and other.dim() == 0 and other.requires_grad:
+            raise ValueError(
+                f"Cannot {op} a tensor that requires grad to per-example losses: its gradient (e.g. "
+                "a weight penalty's) would be multiplied by each example's clip factor and escape "
+                "the per-example norms. Pass the penalty as the optimizer's weight_decay, or "
+                "detach the tensor."
+            )
         if isinstance(other, numbers.Number) or (isinstance(other, torch.Tensor) and other.dim() == 0):
             return other
         raise TypeError(

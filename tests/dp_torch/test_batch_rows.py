@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from dp_torch.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
-from dp_torch.grad_sample._rows import GradSampleBatchSizeError, leading_batch_size
+from dp_torch.grad_sample._rows import GradSampleBatchSizeError, GradSampleSumError, leading_batch_size
 from dp_torch.optimizers import DPOptimizer
 from tests.tolerance import assert_close
 
@@ -160,3 +160,127 @@ def test_leading_batch_size_skips_one_dimensional_inputs() -> None:
     assert leading_batch_size((flat_ids, offsets), {}, 0) is None
     assert leading_batch_size((), {"input_ids": torch.zeros(3, 4)}, 0) == 3
     assert leading_batch_size((torch.zeros(5, 3, 2),), {}, 1) == 3
+
+
+class SharedOutside(nn.Module):
+    """Uses ``fc.weight`` both through ``fc`` and functionally in its own forward."""
+
+    def __init__(self, outside_only: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.outside_only = outside_only
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.fc.weight)
+        return y if self.outside_only else self.fc(y)
+
+
+class NoisyLayer(nn.Module):
+    """A layer without a grad sampler whose forward has dropout inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(x * self.w, p=0.5, training=True)
+
+
+@pytest.mark.parametrize("outside_only", [False, True], ids=["both", "outside-only"])
+@pytest.mark.parametrize("force_functorch", [False, True], ids=["hooks", "functorch"])
+def test_parameter_used_outside_its_layer_raises(outside_only: bool, force_functorch: bool) -> None:
+    gsm = GradSampleModule(SharedOutside(outside_only), force_functorch=force_functorch)
+    match = "no per-sample gradient" if outside_only else r"'fc\.weight' \(layer 'fc'\) add up to a value"
+    with pytest.raises(GradSampleSumError, match=match):
+        gsm(torch.randn(B, D)).pow(2).sum().backward()
+    assert getattr(gsm._module.fc.weight, "grad_sample", None) is None
+
+
+def test_dropout_inside_a_layer_without_sampler_raises() -> None:
+    torch.manual_seed(0)
+    gsm = GradSampleModule(NoisyLayer())
+    with pytest.raises(GradSampleSumError, match=r"'w'.*dropout inside a layer"):
+        gsm(torch.randn(B, D)).pow(2).sum().backward()
+
+
+def test_weight_penalty_in_the_loss_raises() -> None:
+    gsm = GradSampleModule(nn.Linear(D, 2))
+    loss = gsm(torch.randn(B, D)).pow(2).sum() + 0.1 * gsm._module.weight.pow(2).sum()
+    with pytest.raises(GradSampleSumError, match="weight_decay"):
+        loss.backward()
+
+
+class KeyBiasAttention(nn.Module):
+    """Single-head attention; the key bias has a zero gradient in exact arithmetic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(1, 2)
+        return torch.softmax(scores, dim=-1) @ self.v(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_zero_gradient_parameters_pass_the_sum_check(reduction: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    gsm = GradSampleModule(KeyBiasAttention().to(dtype), loss_reduction=reduction)
+    loss = gsm(torch.randn(B, T, D, dtype=dtype)).pow(2).sum(dim=(1, 2))
+    (loss.sum() if reduction == "sum" else loss.mean()).backward()
+    k_bias = gsm._module.k.bias.grad_sample
+    assert k_bias.shape == (B, D) and float(k_bias.abs().max()) < 1e-4
+
+
+def test_ghost_refuses_parameter_used_inside_and_outside_its_layer() -> None:
+    """The norm would miss the outside use while the clipped pass includes it."""
+    gsm = GradSampleModuleFastGradientClipping(SharedOutside(), max_grad_norm=1.0)
+    out = gsm(torch.randn(B, D))
+    with pytest.raises(ValueError, match=r"\['fc\.weight'\] were used outside the layers"):
+        torch.autograd.grad(out.pow(2).sum(), gsm.take_output_edges())
+    with pytest.raises(AttributeError):
+        gsm.get_clipping_coef()
+
+
+def test_ghost_tracker_ignores_shape_reads_and_no_grad_uses() -> None:
+    class Reader(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                scale = self.fc.weight.abs().max()
+            return self.fc(x.to(self.fc.weight.dtype)) * self.fc.weight.shape[0] / scale
+
+    gsm = GradSampleModuleFastGradientClipping(Reader(), max_grad_norm=1.0, loss_reduction="sum")
+    torch.autograd.grad(gsm(torch.randn(B, D)).pow(2).sum(), gsm.take_output_edges())
+    assert gsm.get_clipping_coef().shape == (B,)
+
+
+def test_ghost_loss_refuses_a_penalty_that_requires_grad() -> None:
+    from dp_torch.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    model = nn.Linear(D, 2)
+    gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0)
+    criterion = DPLossFastGradientClipping(gsm, None, nn.MSELoss())
+    loss = criterion(gsm(torch.randn(B, D)), torch.zeros(B, 2))
+    with pytest.raises(ValueError, match="weight_decay"):
+        loss + model.weight.pow(2).sum()
+    assert (loss + torch.tensor(1.0)).item() == pytest.approx(loss.item() + 1.0)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_empty_batch_with_broadcast_position_ids(mode: str) -> None:
+    """An empty Poisson batch is a real step; the broadcast layer gets zero rows too."""
+    model = PositionModel().double()
+    ids = torch.zeros(0, T, dtype=torch.long)
+    if mode == "ghost":
+        gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0, loss_reduction="sum")
+        torch.autograd.grad(gsm(ids).pow(2).sum(), gsm.take_output_edges(), allow_unused=True)
+        assert gsm.get_clipping_coef().shape == (0,)
+        return
+    gsm = GradSampleModule(model, loss_reduction="sum", force_functorch=mode == "functorch")
+    gsm(ids).pow(2).sum().backward()
+    assert model.pos.weight.grad_sample.shape == (0, T, D)

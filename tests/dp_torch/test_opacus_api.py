@@ -14,8 +14,8 @@ each public name ``dp_torch`` must have the same module and the same name there,
   public method an Opacus class defines; other public attributes must exist.
 
 Every difference is either listed in :data:`DIFFERS_ON_PURPOSE`, with its reason, or in
-:data:`KNOWN_GAPS` (work not done yet, each an expected failure that turns into a test
-failure once the gap is closed, so the entry gets removed). :data:`DIFFERS_ON_PURPOSE`
+:data:`KNOWN_GAPS` (work not done yet; empty now, and an entry that no longer matches a
+difference fails the suite so that it gets removed). :data:`DIFFERS_ON_PURPOSE`
 must equal the README's "Differs from Opacus on purpose" section, bullet for bullet,
 and every entry must still describe a real difference.
 """
@@ -145,22 +145,7 @@ DIFFERS_ON_PURPOSE: dict[str, str] = {
 }
 
 #: Differences that are not on purpose: work still to do. Opacus path -> what is missing.
-KNOWN_GAPS: dict[str, str] = {
-    "opacus.grad_sample.conv.convolution2d_backward_as_a_convolution": (
-        "dp_torch/grad_sample/conv.py: expose the grouped-convolution weight gradient under "
-        "this name and signature"
-    ),
-    "opacus.grad_sample.embedding.compute_embeddingbag_gradsampler": (
-        "dp_torch/grad_sample/embedding.py: second parameter is named `inputs` in Opacus"
-    ),
-    "opacus.grad_sample.functorch.make_functional": (
-        "dp_torch/grad_sample/functorch.py: `make_functional(mod, disable_autograd_tracking)`"
-    ),
-    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping."
-    "GradSampleHooksFastGradientClipping.log_module_gradient_sample_mode": (
-        "dp_torch/grad_sample/grad_sample_module_fast_gradient_clipping.py: the logging helper"
-    ),
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -343,18 +328,6 @@ def test_module_matches_opacus(module_name: str) -> None:
         "list the difference (with its reason) in DIFFERS_ON_PURPOSE and the README:\n"
         + "\n".join(unlisted)
     )
-
-
-@pytest.mark.parametrize(
-    "gap",
-    [
-        pytest.param(key, marks=pytest.mark.xfail(strict=True, reason=why), id=".".join(key.split(".")[-2:]))
-        for key, why in KNOWN_GAPS.items()
-    ],
-)
-def test_known_gap_is_closed(gap: str, all_problems: list[tuple[str, str]]) -> None:
-    remaining = [f"{key}: {what}" for key, what in all_problems if _covered_by(key, {gap: ""})]
-    assert not remaining, "\n".join(remaining)
 
 
 def test_every_listed_difference_is_still_real(all_problems: list[tuple[str, str]]) -> None:

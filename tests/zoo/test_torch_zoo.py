@@ -154,3 +154,4 @@ def test_definition_is_the_batch_gradient_without_clipping() -> None:
     batch = torch.autograd.grad(loss, _trainable(model))
     summed = [sum(g[k] for g in per_example) for k in range(len(batch))]
     assert relative_error(summed, list(batch)) < 1e-12
+
