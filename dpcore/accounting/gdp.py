@@ -3,8 +3,9 @@
 Each Poisson-subsampled Gaussian step with noise multiplier ``sigma`` and rate
 ``q`` is approximated, as the number of steps grows, by a mu-GDP mechanism
 with ``mu^2 = sum_t q_t^2 (exp(1/sigma_t^2) - 1)`` (Poisson sampling), or with
-``mu^2 = sum_t q_t^2 (exp(1/sigma_t^2) Phi(1.5/sigma_t) + 3 Phi(-0.5/sigma_t) - 2)``
-(uniform sampling without replacement). mu-GDP converts exactly to
+``mu^2 = sum_t 2 q_t^2 (exp(1/sigma_t^2) Phi(1.5/sigma_t) + 3 Phi(-0.5/sigma_t) - 2)``
+(uniform sampling without replacement; both agree, ``mu^2 ~ sum_t q_t^2 / sigma_t^2``, as
+the noise grows). mu-GDP converts exactly to
 ``(epsilon, delta)`` through ``delta = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)``.
 
 Guarantee: none. The CLT is an *approximation*, and it under-reports epsilon,
@@ -53,7 +54,7 @@ def _mu_sq_per_step(sigma: float, q: float, poisson: bool) -> float:
     inner = (
         math.exp(sigma**-2) * special.ndtr(1.5 / sigma) + 3.0 * special.ndtr(-0.5 / sigma) - 2.0
     )
-    return q * q * inner
+    return 2.0 * q * q * inner
 
 
 def compute_mu(history: list[tuple[float, float, int]], *, poisson: bool = True) -> float:

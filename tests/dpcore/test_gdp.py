@@ -58,7 +58,15 @@ def test_mixed_history_adds_mu_squared() -> None:
 def test_uniform_sampling_formula() -> None:
     sigma, q, steps = 1.3, 0.02, 500
     inner = math.exp(sigma**-2) * special.ndtr(1.5 / sigma) + 3 * special.ndtr(-0.5 / sigma) - 2
-    assert compute_mu([(sigma, q, steps)], poisson=False) == pytest.approx(q * math.sqrt(steps * inner))
+    assert compute_mu([(sigma, q, steps)], poisson=False) == pytest.approx(q * math.sqrt(2 * steps * inner))
+
+
+@pytest.mark.parametrize("sigma", [20.0, 50.0, 200.0])
+def test_uniform_and_poisson_agree_for_large_noise(sigma: float) -> None:
+    """Both are ~ q sqrt(T) / sigma as sigma grows (the uniform formula's factor 2 in mu^2)."""
+    history = [(sigma, 0.01, 1000)]
+    ratio = compute_mu(history, poisson=False) / compute_mu(history, poisson=True)
+    assert ratio == pytest.approx(1.0, abs=2.0 / sigma)
 
 
 def test_known_under_report_warns_loudly() -> None:
