@@ -149,8 +149,8 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
     train_set, test_set = load_data()
     model = build_model(args.hidden)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-    # An explicit generator makes the Poisson batches reproducible: without one, dp_torch
-    # seeds its sampler from OS entropy (Opacus would use torch's global generator).
+    # An explicit generator fixes the Poisson batches independently of other draws from
+    # torch's global generator (which seeds the sampler when no generator is given).
     sampling = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=sampling)
     engine = PrivacyEngine(accountant="rdp")
