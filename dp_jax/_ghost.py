@@ -74,6 +74,7 @@ from dp_jax._grads import (
     _factor,
     _norm_dtype,
     _weighted_sum,
+    _wide,
 )
 
 __all__ = ["GhostPlan", "ghost_clipped_grad", "ghost_plan"]
@@ -574,7 +575,7 @@ def _kernel_part(a: jax.Array, g: jax.Array, shape: tuple, dtype: Any, precision
                          precision=precision)
         return jnp.reshape(out, shape).astype(dtype)
 
-    return _Part(_gram_sq(a, g).astype(dtype), total)
+    return _Part(_gram_sq(a, g).astype(_wide(dtype)), total)
 
 
 def _bias_part(g: jax.Array, shape: tuple, dtype: Any, precision: Any) -> _Part:
@@ -585,7 +586,7 @@ def _bias_part(g: jax.Array, shape: tuple, dtype: Any, precision: Any) -> _Part:
         out = jnp.einsum("bo,b->o", _kept(summed, keep), w, precision=precision)
         return jnp.reshape(out, shape).astype(dtype)
 
-    return _Part(jnp.sum(jnp.square(summed), axis=-1).astype(dtype), total)
+    return _Part(jnp.sum(jnp.square(summed), axis=-1).astype(_wide(dtype)), total)
 
 
 def _embed_part(ids: jax.Array, g: jax.Array, shape: tuple, dtype: Any) -> _Part:
@@ -603,11 +604,11 @@ def _embed_part(ids: jax.Array, g: jax.Array, shape: tuple, dtype: Any) -> _Part
             jnp.reshape(rows, (-1, g.shape[-1])), mode="drop")
         return jnp.reshape(out, shape).astype(dtype)
 
-    return _Part(sq.astype(dtype), total)
+    return _Part(sq.astype(_wide(dtype)), total)
 
 
 def _vmap_part(g: jax.Array) -> _Part:
-    sq = jnp.sum(jnp.square(jnp.reshape(g, (g.shape[0], -1))), axis=1)
+    sq = jnp.sum(jnp.square(jnp.reshape(g, (g.shape[0], -1)).astype(_wide(g.dtype))), axis=1)
     return _Part(sq, lambda factor, keep: _weighted_sum(g, factor, keep))
 
 
@@ -618,7 +619,7 @@ def _ghost_part(leaf_index: int, leaf: Any, plan: _Plan, records: list, probe_gr
         i for i, s in enumerate(plan.sites) if s.bias == leaf_index]
     sites = [plan.sites[i] for i in chosen]
     first = sites[0]
-    dtype = jnp.promote_types(first.dtype, leaf.dtype)
+    dtype = _wide(jnp.promote_types(first.dtype, leaf.dtype))  # never 16-bit norms or sums
     size = probe_grads[chosen[0]].shape[0]
     g = jnp.concatenate([jnp.reshape(probe_grads[i], (size, -1, plan.sites[i].d_out))
                          for i in chosen], axis=1).astype(dtype)

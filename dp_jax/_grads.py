@@ -9,7 +9,9 @@ Semantics are those of DESIGN section 3 and :mod:`dpcore.clipping`:
 * per-layer clipping clips leaf ``i`` to its own ``C_i``; an example with a
   non-finite norm in any leaf is dropped from every leaf;
 * rows whose ``mask`` is ``False`` (padding) contribute exactly zero, whatever
-  their inputs (NaN-producing padding included).
+  their inputs (NaN-producing padding included);
+* norms, clip factors and the weighted sums are computed in float32 or wider, also for
+  bfloat16 / float16 gradients; each leaf's sum is then rounded to that leaf's dtype.
 """
 
 from __future__ import annotations
@@ -108,17 +110,34 @@ def _factor(norms: jax.Array, bound: Any) -> jax.Array:
     return jnp.where(finite, jnp.minimum(jnp.ones_like(safe), c / (safe + CLIP_EPSILON)), 0.0)
 
 
+def _wide(dtype: Any) -> Any:
+    """``dtype``, or float32 if that is wider: norms, factors and sums never use 16 bits."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _sq_norms(per_example: Any) -> list[jax.Array]:
+    """``[B]`` squared L2 norm of each leaf of each example, in float32 or wider."""
+    out = []
+    for g in jax.tree_util.tree_leaves(per_example):
+        flat = jnp.reshape(g, (g.shape[0], -1)).astype(_wide(g.dtype))
+        out.append(jnp.sum(jnp.square(flat), axis=1))
+    return out
+
+
 def _weighted_sum(g: jax.Array, factor: jax.Array, keep: jax.Array) -> jax.Array:
     """``sum_i factor_i * g_i`` over the kept rows; dropped rows contribute exactly zero.
 
-    On CPU a contraction (``tensordot``) is used: XLA's CPU backend turns the
+    The products and the sum are formed in float32 or wider (a bfloat16 factor alone
+    would be off by up to 0.4%) and the total is rounded to ``g``'s dtype once. On CPU
+    a contraction (``tensordot``) is used: XLA's CPU backend turns the
     broadcast-multiply-and-reduce form into a slow loop (4.6 s against 3 ms for a
     [64, 784, 512] leaf). Elsewhere the elementwise form lets XLA fuse the sum
     with the per-example gradients so they are never stored.
     """
     shape = (g.shape[0],) + (1,) * (g.ndim - 1)
-    selected = jnp.where(jnp.reshape(keep, shape), g, jnp.zeros((), g.dtype))
-    weights = factor.astype(g.dtype)
+    wide = _wide(g.dtype)
+    selected = jnp.where(jnp.reshape(keep, shape), g, jnp.zeros((), g.dtype)).astype(wide)
+    weights = factor.astype(wide)
 
     def contract(rows: jax.Array, w: jax.Array) -> jax.Array:
         return jnp.tensordot(w, rows, axes=1, precision=jax.lax.Precision.HIGHEST)
@@ -126,7 +145,8 @@ def _weighted_sum(g: jax.Array, factor: jax.Array, keep: jax.Array) -> jax.Array
     def fused(rows: jax.Array, w: jax.Array) -> jax.Array:
         return jnp.sum(rows * jnp.reshape(w, shape), axis=0)
 
-    return jax.lax.platform_dependent(selected, weights, cpu=contract, default=fused)
+    total = jax.lax.platform_dependent(selected, weights, cpu=contract, default=fused)
+    return total.astype(g.dtype)
 
 
 def _norm_dtype(leaves: list[jax.Array]) -> Any:
@@ -134,7 +154,7 @@ def _norm_dtype(leaves: list[jax.Array]) -> Any:
 
 
 def _clip_flat(grads: Any, bound: Any, mask: jax.Array) -> tuple[Any, ClipAux]:
-    sq = _tree.per_leaf_sq_norms(grads)
+    sq = _sq_norms(grads)
     dtype = _norm_dtype(sq)
     norms = jnp.sqrt(sum(s.astype(dtype) for s in sq))
     finite = jnp.isfinite(norms)
@@ -153,7 +173,7 @@ def _clip_flat(grads: Any, bound: Any, mask: jax.Array) -> tuple[Any, ClipAux]:
 def _clip_per_layer(grads: Any, bounds: Any, mask: jax.Array) -> tuple[Any, ClipAux]:
     leaves, treedef = jax.tree_util.tree_flatten(grads)
     bound_list = _tree.leaf_bounds(bounds, grads)
-    sq = _tree.per_leaf_sq_norms(grads)
+    sq = _sq_norms(grads)
     dtype = _norm_dtype(sq)
     layer_norms = [jnp.sqrt(s) for s in sq]
     all_finite = jnp.all(jnp.stack([jnp.isfinite(n) for n in layer_norms]), axis=0)

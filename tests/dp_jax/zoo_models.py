@@ -18,7 +18,6 @@ one dtype for parameters and computation.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -90,17 +89,14 @@ class LoRABlock(nnx.Module):
         def lora(d_in: int, d_out: int) -> nnx.LoRALinear:
             return nnx.LoRALinear(
                 d_in, d_out, lora_rank=RANK, dtype=dtype, param_dtype=dtype,
-                lora_dtype=dtype, lora_param_dtype=dtype,
-                # LoRA's default zero B would make the A gradients vanish; a trained
-                # adapter has a non-zero B.
-                b_initializer=nnx.initializers.normal(0.3), rngs=rngs)
+                lora_dtype=dtype, lora_param_dtype=dtype, rngs=rngs)
 
         self.ln_attn = nnx.LayerNorm(DIM, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.query, self.key, self.value = lora(DIM, DIM), lora(DIM, DIM), lora(DIM, DIM)
         self.proj = lora(DIM, DIM)
         self.ln_mlp = nnx.LayerNorm(DIM, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.up, self.down = lora(DIM, 2 * DIM), lora(2 * DIM, DIM)
-        self.dropout = nnx.Dropout(0.0, rngs=rngs)
+        self.dropout = nnx.Dropout(0.0)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, _ = x.shape
@@ -127,27 +123,25 @@ class LoRAGPT(nnx.Module):
         return self.head(self.ln_f(self.block(x)))
 
 
-def _cast(tree: Any, dtype: Any) -> Any:
-    """The floating-point leaves of ``tree`` cast to ``dtype`` (keys and ints unchanged)."""
-    def cast(x: Any) -> Any:
-        floating = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
-        return jnp.asarray(x, dtype) if floating else x
+def _random_values(shapes: Any, seed: int) -> Any:
+    """Arrays of ``N(0, 0.5^2)`` values in the shapes and dtypes of ``shapes``.
 
-    return jax.tree_util.tree_map(cast, tree)
+    Filled by numpy instead of flax's initialisers (which compile one XLA program per
+    operation on CPU); every parameter, LoRA's ``B`` included (zero at initialisation,
+    non-zero once trained), gets a non-zero gradient.
+    """
+    rng = np.random.default_rng(seed)
 
+    def fill(x: Any) -> jax.Array:
+        return jnp.asarray(0.5 * rng.standard_normal(x.shape), x.dtype)
 
-@functools.lru_cache(maxsize=None)
-def _float64_state(cls: type[nnx.Module]) -> Any:
-    return nnx.state(cls(jnp.float64, nnx.Rngs(0)))
+    return jax.tree_util.tree_map(fill, shapes)
 
 
 def _create(cls: type[nnx.Module], dtype: Any) -> nnx.Module:
-    """``cls(dtype, rngs)`` in train mode, with the float64 model's values in ``dtype``.
-
-    Every dtype gets the same parameters, and the initialisers run once per model.
-    """
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: cls(dtype, nnx.Rngs(0))))
-    model = nnx.merge(graphdef, _cast(_float64_state(cls), dtype))
+    """``cls(dtype, rngs)`` in train mode with random values (the same for every dtype)."""
+    graphdef, shapes = nnx.split(nnx.eval_shape(lambda: cls(dtype, nnx.Rngs(0))))
+    model = nnx.merge(graphdef, _random_values(shapes, seed=0))
     model.train()
     return model
 
@@ -181,7 +175,7 @@ class TiedLM(nnx.Module):
         self.wpe = nnx.Embed(MAX_LEN, DIM, **kw)
         self.mix = nnx.Linear(DIM, DIM, **kw)
         self.norm = nnx.LayerNorm(DIM, **kw)
-        self.dropout = nnx.Dropout(0.0, rngs=rngs)
+        self.dropout = nnx.Dropout(0.0)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         positions = jnp.arange(tokens.shape[1])[None, :]
@@ -217,19 +211,14 @@ class GroupNormCNN(nn.Module):
         return nn.Dense(self.classes, **kw)(nn.relu(nn.Dense(16, **kw)(x)))
 
 
-@functools.lru_cache(maxsize=None)
-def _cnn_params() -> Any:
-    images = jnp.zeros((1, 8, 8, 3), jnp.float64)
-    return GroupNormCNN(jnp.float64).init(jax.random.key(0), images)["params"]
-
-
 def linen_cnn(dtype: Any) -> ZooCase:
     """The GroupNorm CNN on random images, cross-entropy on 5 classes."""
     model = GroupNormCNN(dtype)
     rng = np.random.default_rng(3)
     images = rng.standard_normal((BATCH, 8, 8, 3)).astype(np.dtype(dtype))
     labels = rng.integers(0, model.classes, size=BATCH).astype(np.int32)
-    params = _cast(_cnn_params(), dtype)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(images[:1]))
+    params = _random_values(shapes["params"], seed=0)
 
     def oracle(p: Any, example: Any) -> jax.Array:
         logits = model.apply({"params": p}, example["x"][None])[0]
