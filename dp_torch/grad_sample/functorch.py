@@ -24,7 +24,9 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
 __all__ = [
+    "GradSampleRerunError",
     "capture_suspended",
+    "check_rerun",
     "ft_compute_per_sample_gradient",
     "is_capture_suspended",
     "make_functional",
@@ -32,6 +34,13 @@ __all__ = [
 ]
 
 _STATE = threading.local()
+
+#: Largest re-run difference put down to rounding, relative to the output's magnitude.
+_RERUN_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+class GradSampleRerunError(ValueError):
+    """A layer's per-example re-run does not reproduce its forward output."""
 
 
 @contextlib.contextmanager
@@ -133,6 +142,7 @@ def ft_compute_per_sample_gradient(
     *,
     params: Optional[Sequence[torch.Tensor]] = None,
     batch_dim: int = 0,
+    expected_output: Optional[torch.Tensor] = None,
 ) -> dict[torch.Tensor, torch.Tensor]:
     """Per-example gradients of ``layer``'s parameters by re-running it under ``torch.func``.
 
@@ -146,9 +156,14 @@ def ft_compute_per_sample_gradient(
         params: The parameters to differentiate (default: the layer's trainable ones).
         batch_dim: Where the layer itself expects the batch dimension (``1`` for
             ``batch_first=False``); each example is re-inserted there with size 1.
+        expected_output: The layer's output in the forward pass, batch first. When given,
+            the per-example re-runs must reproduce it (see :func:`check_rerun`).
 
     Returns:
         ``{param: grad_sample}`` with shapes ``[batch, *param.shape]``.
+
+    Raises:
+        GradSampleRerunError: If the re-runs do not reproduce ``expected_output``.
     """
     if params is None:
         params = [p for p in layer.parameters() if p.requires_grad]
@@ -177,12 +192,16 @@ def ft_compute_per_sample_gradient(
                 f"{type(layer).__name__} returns {type(out).__name__}; the torch.func fallback "
                 "needs a layer with a single tensor output."
             )
-        return (out * example_backprops.unsqueeze(batch_dim)).sum()
+        return (out * example_backprops.unsqueeze(batch_dim)).sum(), out.detach().movedim(batch_dim, 0)[0]
 
     try:
-        grads = vmap(grad(example_loss), in_dims=(None, in_dims, 0, 0))(tuple(values), args, batched_kwargs, backprops)
+        grads, outs = vmap(grad(example_loss, has_aux=True), in_dims=(None, in_dims, 0, 0))(
+            tuple(values), args, batched_kwargs, backprops
+        )
     except (RuntimeError, NotImplementedError, ValueError):
-        grads = _loop_per_sample_gradient(example_loss, values, args, in_dims, batched_kwargs, backprops)
+        grads, outs = _loop_per_sample_gradient(example_loss, values, args, in_dims, batched_kwargs, backprops)
+    if expected_output is not None:
+        check_rerun(type(layer).__name__, outs, expected_output)
     by_id = {id(p): p for p in params}
     named = dict(layer.named_parameters())
     return {by_id[id(named[n])]: g for n, g in zip(names, grads)}
@@ -191,17 +210,49 @@ def ft_compute_per_sample_gradient(
 def _loop_per_sample_gradient(
     example_loss: Any, values: list, args: tuple, in_dims: tuple, batched_kwargs: dict, backprops: torch.Tensor
 ) -> list[torch.Tensor]:
-    """The slow path: one ``autograd.grad`` per example."""
+    """The slow path: one ``autograd.grad`` per example; also returns the examples' outputs."""
     per_param: list[list[torch.Tensor]] = [[] for _ in values]
+    outs: list[torch.Tensor] = []
     for i in range(backprops.shape[0]):
         leaves = tuple(v.detach().requires_grad_(True) for v in values)
         example_args = tuple(a[i] if d is not None else a for a, d in zip(args, in_dims))
         example_kwargs = {k: v[i] for k, v in batched_kwargs.items()}
         with torch.enable_grad():
-            loss = example_loss(leaves, example_args, example_kwargs, backprops[i])
+            loss, out = example_loss(leaves, example_args, example_kwargs, backprops[i])
             gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+        outs.append(out)
         for slot, g, v in zip(per_param, gs, values):
             slot.append(torch.zeros_like(v) if g is None else g)
-    return [
-        torch.stack(slot) if slot else v.new_zeros((0, *v.shape)) for slot, v in zip(per_param, values)
-    ]
+    grads = [torch.stack(slot) if slot else v.new_zeros((0, *v.shape)) for slot, v in zip(per_param, values)]
+    return grads, (torch.stack(outs) if outs else None)
+
+
+def check_rerun(name: str, outputs: Optional[torch.Tensor], expected: torch.Tensor) -> None:
+    """Raise unless the per-example re-runs of a layer reproduce its forward output.
+
+    A layer with randomness (dropout inside it) or whose output depends on other examples
+    of the batch gives other outputs when re-run one example at a time, and the per-example
+    gradients of the re-runs would not be those of the forward pass.
+
+    Args:
+        name: The layer's class name (for the message).
+        outputs: The re-runs' outputs, batch first (``None`` for an empty batch).
+        expected: The forward pass's output, batch first.
+
+    Raises:
+        GradSampleRerunError: If they differ by more than rounding.
+    """
+    if outputs is None or expected.numel() == 0:
+        return
+    wide = torch.promote_types(expected.dtype, torch.float32)
+    got, want = outputs.to(wide).reshape(expected.shape), expected.to(wide)
+    diff = float((got - want).abs().max())
+    scale = float(want.abs().max())
+    if diff > _RERUN_TOLERANCE.get(expected.dtype, 5e-2) * scale + torch.finfo(wide).tiny:
+        raise GradSampleRerunError(
+            f"{name} gives other outputs when re-run one example at a time (largest difference "
+            f"{diff:.3e}, output magnitude {scale:.3e}), so per-example gradients computed from the "
+            "re-runs would not be those of this forward pass. The layer has randomness (dropout "
+            "inside it: move the dropout out of the layer or set its probability to 0) or mixes "
+            "the examples of the batch (which per-example privacy does not allow)."
+        )

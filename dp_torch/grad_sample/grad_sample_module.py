@@ -173,7 +173,7 @@ class _CallRecord:
     """What a forward hook remembers about one call of a layer until its backward."""
 
     __slots__ = ("module", "args", "kwargs", "batch_dim", "max_batch_len", "params", "token",
-                 "forward_batch", "__weakref__")
+                 "forward_batch", "output", "output_version", "__weakref__")
 
     def __init__(self, module: nn.Module, args: tuple, kwargs: dict, batch_dim: int,
                  max_batch_len: Optional[int], params: list, forward_batch: Optional[int] = None):
@@ -185,6 +185,8 @@ class _CallRecord:
         self.max_batch_len = max_batch_len
         self.params = params
         self.token = [False]  # set once the call's backprops have been consumed
+        self.output: Optional[torch.Tensor] = None  # kept for layers re-run by torch.func
+        self.output_version = 0
 
 
 def _detach(value: Any) -> Any:
@@ -502,6 +504,8 @@ class GradSampleHooks(AbstractGradSampleHooks):
             params,
             self._forward_batch,
         )
+        if self._uses_fallback(module):
+            record.output, record.output_version = output.detach(), output._version
         self._on_new_call(record, output)
         output.register_hook(partial(self._capture_backprops, record))
         return None if output is original else output
@@ -568,12 +572,22 @@ class GradSampleHooks(AbstractGradSampleHooks):
             kwargs = {k: v.movedim(bd, 0) if kw_dims[k] is not None else v for k, v in kwargs.items()}
         return _Activations(args, kwargs, in_dims, kw_dims), backprops
 
+    def _uses_fallback(self, module: nn.Module) -> bool:
+        """Whether the layer's per-sample gradients come from the ``torch.func`` re-run."""
+        return self.force_functorch or _registry.find_sampler(self.GRAD_SAMPLERS, module) is None
+
     def _grad_samples_of_call(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> dict:
-        sampler = None if self.force_functorch else _registry.find_sampler(self.GRAD_SAMPLERS, record.module)
-        if sampler is None:
+        if self._uses_fallback(record.module):
+            expected = record.output
+            if expected is not None and expected._version != record.output_version:
+                expected = None  # modified in place after the layer (ReLU(inplace=True)): unknown
+            if expected is not None and record.batch_dim != 0:
+                expected = expected.movedim(record.batch_dim, 0)
             return ft_compute_per_sample_gradient(
-                record.module, activations, backprops, params=record.params, batch_dim=record.batch_dim
+                record.module, activations, backprops, params=record.params, batch_dim=record.batch_dim,
+                expected_output=expected,
             )
+        sampler = _registry.find_sampler(self.GRAD_SAMPLERS, record.module)
         return sampler(record.module, activations, backprops)
 
     def _accumulate_call(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> None:

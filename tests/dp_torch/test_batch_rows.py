@@ -196,13 +196,6 @@ def test_parameter_used_outside_its_layer_raises(outside_only: bool, force_funct
     assert getattr(gsm._module.fc.weight, "grad_sample", None) is None
 
 
-def test_dropout_inside_a_layer_without_sampler_raises() -> None:
-    torch.manual_seed(0)
-    gsm = GradSampleModule(NoisyLayer())
-    with pytest.raises(GradSampleSumError, match=r"'w'.*dropout inside a layer"):
-        gsm(torch.randn(B, D)).pow(2).sum().backward()
-
-
 def test_weight_penalty_in_the_loss_raises() -> None:
     gsm = GradSampleModule(nn.Linear(D, 2))
     loss = gsm(torch.randn(B, D)).pow(2).sum() + 0.1 * gsm._module.weight.pow(2).sum()
@@ -284,3 +277,32 @@ def test_empty_batch_with_broadcast_position_ids(mode: str) -> None:
     gsm = GradSampleModule(model, loss_reduction="sum", force_functorch=mode == "functorch")
     gsm(ids).pow(2).sum().backward()
     assert model.pos.weight.grad_sample.shape == (0, T, D)
+
+
+class BatchNormalised(nn.Module):
+    """A layer without buffers whose output depends on the other examples of the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w * (x - x.mean(dim=0, keepdim=True))
+
+
+@pytest.mark.parametrize("model_cls", [NoisyLayer, BatchNormalised])
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_layer_that_the_rerun_cannot_reproduce_raises(model_cls: type, mode: str) -> None:
+    """Dropout inside a fallback layer, or a layer mixing examples: refused in every mode."""
+    from dp_torch.grad_sample.functorch import GradSampleRerunError
+
+    torch.manual_seed(0)
+    x = torch.randn(B, D)
+    if mode == "ghost":
+        gsm = GradSampleModuleFastGradientClipping(model_cls(), max_grad_norm=1.0)
+        with pytest.raises(GradSampleRerunError, match="re-run one example at a time"):
+            torch.autograd.grad(gsm(x).pow(2).sum(), gsm.take_output_edges())
+        return
+    gsm = GradSampleModule(model_cls())
+    with pytest.raises(GradSampleRerunError, match="re-run one example at a time"):
+        gsm(x).pow(2).sum().backward()
