@@ -1,9 +1,10 @@
-"""The command line shared by the digits examples (no framework imported here).
+"""The command line shared by the examples (no framework imported here).
 
-Every digits example takes the same privacy and training options (``--epsilon``,
-``--delta``, ``--epochs``, ``--seed``, ``--batch-size``, ``--lr``,
-``--max-grad-norm``, optionally ``--hidden``) and checks them the same way; each
-adds its own options (threads, devices, processes, ...) and their checks.
+Every digits example, and the GPT-2 example with its own defaults, takes the same
+privacy and training options (``--epsilon``, ``--delta``, ``--epochs``, ``--seed``,
+``--batch-size``, ``--lr``, ``--max-grad-norm``, optionally ``--hidden``) and checks
+them the same way; each adds its own options (threads, devices, processes, ...) and
+their checks.
 """
 
 from __future__ import annotations
@@ -20,28 +21,36 @@ Check = tuple[str, Any, bool]
 
 
 def digits_parser(
-    description: str, *, batch_help: str = "expected Poisson batch", hidden: bool = True
+    description: str,
+    *,
+    batch_help: str = "expected Poisson batch",
+    lr_help: str = "SGD learning rate",
+    hidden: bool = True,
 ) -> argparse.ArgumentParser:
     """A parser with the options every digits example takes.
 
     Args:
         description: The parser's description (the example's first docstring line).
         batch_help: Help text of ``--batch-size``.
+        lr_help: Help text of ``--lr``.
         hidden: Whether to add ``--hidden`` (units of the MLP's hidden layer).
 
     Returns:
-        The parser; add the example's own options before :func:`parse_checked`.
+        The parser; add the example's own options (and change defaults with
+        ``parser.set_defaults``; the help shows the current ones) before
+        :func:`parse_checked`.
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--epsilon", type=float, default=3.0, help="privacy budget (default 3)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, batches, noise")
-    parser.add_argument("--batch-size", type=int, default=256, help=batch_help)
-    parser.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C")
+    add = parser.add_argument
+    add("--epsilon", type=float, default=3.0, help="privacy budget (default %(default)g)")
+    add("--delta", type=float, default=1e-5, help="delta (default %(default)g)")
+    add("--epochs", type=int, default=30, help="training epochs (default %(default)d)")
+    add("--seed", type=int, default=0, help="seed of init, batches, noise")
+    add("--batch-size", type=int, default=256, help=f"{batch_help} (default %(default)d)")
+    add("--lr", type=float, default=0.5, help=f"{lr_help} (default %(default)g)")
+    add("--max-grad-norm", type=float, default=1.0, help="clipping bound C (default %(default)g)")
     if hidden:
-        parser.add_argument("--hidden", type=int, default=128, help="hidden units of the MLP")
+        add("--hidden", type=int, default=128, help="hidden units of the MLP")
     return parser
 
 
