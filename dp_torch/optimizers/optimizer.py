@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -239,6 +239,86 @@ def _rows_mask(keep: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return keep.to(g.device).reshape((-1,) + (1,) * (g.dim() - 1))
 
 
+# --------------------------------------------------------------------------- saved DP state
+
+
+def _generator_kind(optimizer: DPOptimizer) -> str:
+    """``"secure"``, ``"torch.Generator"``, ``"NoiseSource"`` or ``"default"`` (torch's own)."""
+    generator = optimizer.generator
+    if optimizer.secure_mode:
+        return "secure"
+    if isinstance(generator, torch.Generator):
+        return "torch.Generator"
+    if isinstance(generator, core_noise.NoiseSource):
+        return "NoiseSource"
+    return "default"
+
+
+def _generator_state(optimizer: DPOptimizer) -> dict[str, Any]:
+    """The state of the optimizer's noise source, tagged with its kind."""
+    kind = _generator_kind(optimizer)
+    if kind == "secure":
+        return {"kind": kind}
+    if kind == "torch.Generator":
+        return {"kind": kind, "state": optimizer.generator.get_state()}
+    if kind == "NoiseSource":
+        return {"kind": kind, "state": optimizer.generator.state_dict()}
+    cuda = sorted({p.device.index or 0 for p in optimizer.params if p.device.type == "cuda"})
+    return {
+        "kind": kind,
+        "cpu": torch.get_rng_state(),
+        "cuda": {index: torch.cuda.get_rng_state(index) for index in cuda},
+    }
+
+
+def _generator_loader(optimizer: DPOptimizer, saved: Any) -> Callable[[], None]:
+    """Check that ``saved`` fits the optimizer's noise source; return the function loading it."""
+    kind = saved.get("kind") if isinstance(saved, Mapping) else None
+    current = _generator_kind(optimizer)
+    if current == "secure" or kind == "secure":
+        return lambda: None  # OS entropy has no state; a secure run never takes a seeded one
+    if kind != current:
+        raise ValueError(
+            f"the saved DP state's noise came from a {kind!r} source but this optimizer's noise "
+            f"generator is {current!r}; pass the same kind of noise_generator to make_private "
+            "(a torch.Generator, a dpcore.noise.NoiseSource, or None for torch's default "
+            "generator) before loading the state."
+        )
+    generator = optimizer.generator
+    if kind == "torch.Generator":
+        return lambda: generator.set_state(saved["state"])
+    if kind == "NoiseSource":
+        return lambda: generator.load_state_dict(saved["state"])
+
+    def restore_default() -> None:
+        torch.set_rng_state(saved["cpu"])
+        for index, state in saved.get("cuda", {}).items():
+            torch.cuda.set_rng_state(state, index)
+
+    return restore_default
+
+
+def _check_saved_bounds(optimizer: DPOptimizer, saved: Mapping[str, Any]) -> str:
+    """Validate the saved clipping bound(s) against ``optimizer``; return their key."""
+    per_layer = getattr(optimizer, "max_grad_norms", None) is not None
+    key = "max_grad_norms" if per_layer else "max_grad_norm"
+    if key not in saved:
+        raise ValueError(
+            f"the saved DP state was written by a {saved.get('class')} but this optimizer is a "
+            f"{type(optimizer).__name__}; use the same clipping mode as the saved run."
+        )
+    if not per_layer:
+        core_noise.noise_std(1.0, saved[key])
+        return key
+    core_clipping.per_layer_noise_norm(saved[key])
+    if len(saved[key]) != len(optimizer.max_grad_norms):
+        raise ValueError(
+            f"the saved DP state has {len(saved[key])} per-layer bounds, this optimizer "
+            f"{len(optimizer.max_grad_norms)}; load it into an optimizer over the same parameters."
+        )
+    return key
+
+
 # --------------------------------------------------------------------------- optimizer
 
 
@@ -271,7 +351,10 @@ class DPOptimizer(Optimizer):
     * all "gradients not cleared" checks run before any state is changed;
     * ``secure_mode`` draws noise from OS entropy (see :meth:`add_noise`) and
       refuses a seedable generator;
-    * ``step(closure)`` returns the closure's loss, as torch optimizers do.
+    * ``step(closure)`` returns the closure's loss, as torch optimizers do;
+    * the DP settings and the noise generator's state are saved and restored too
+      (:meth:`dp_state_dict`, :meth:`load_state_dict`), so a resumed run
+      continues bit for bit.
 
     Attributes:
         original_optimizer: The wrapped optimizer.
@@ -290,6 +373,9 @@ class DPOptimizer(Optimizer):
         >>> opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
         ...                   noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=32)
     """
+
+    #: Key under which :meth:`load_state_dict` takes the DP settings (:meth:`dp_state_dict`).
+    DP_STATE_KEY = "dp_optimizer"
 
     def __init__(
         self,
@@ -384,12 +470,97 @@ class DPOptimizer(Optimizer):
         return self.original_optimizer.__repr__()
 
     def state_dict(self) -> dict:
-        """The wrapped optimizer's ``state_dict`` (DP settings are not included)."""
+        """The wrapped optimizer's ``state_dict`` (the DP settings are :meth:`dp_state_dict`)."""
         return self.original_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a ``state_dict`` into the wrapped optimizer."""
-        self.original_optimizer.load_state_dict(state_dict)
+        """Load a ``state_dict``, and the DP settings when it holds them; all or nothing.
+
+        The DP settings are an extra entry under :attr:`DP_STATE_KEY`, e.g.
+        ``{**opt.state_dict(), DPOptimizer.DP_STATE_KEY: opt.dp_state_dict()}``; they
+        are checked before anything changes. Without that entry only the wrapped
+        optimizer is loaded.
+
+        Args:
+            state_dict: A dict returned by :meth:`state_dict`, possibly with the extra entry.
+
+        Raises:
+            ValueError: If the DP entry does not fit this optimizer (see
+                :meth:`load_dp_state_dict`).
+        """
+        wrapped = dict(state_dict)
+        dp_state = wrapped.pop(self.DP_STATE_KEY, None)
+        apply = None if dp_state is None else self._dp_state_loader(dp_state)
+        self.original_optimizer.load_state_dict(wrapped)
+        if apply is not None:
+            apply()
+
+    def dp_state_dict(self) -> dict[str, Any]:
+        """The DP settings: everything a resumed run needs besides the wrapped optimizer.
+
+        Returns:
+            ``class`` (this class's name), ``noise_multiplier``,
+            ``num_nonfinite_grad_samples``, ``noise_generator`` (the noise source's
+            state, tagged with its kind: a ``torch.Generator``'s, a ``NoiseSource``'s,
+            torch's default generators' when none was given, nothing in secure
+            mode), ``max_grad_norm`` (the current adaptive bound for adaptive
+            clipping) or ``max_grad_norms`` (per-layer clipping), and
+            ``expected_batch_size``.
+        """
+        state: dict[str, Any] = {
+            "class": type(self).__name__,
+            "noise_multiplier": self.noise_multiplier,
+            "num_nonfinite_grad_samples": self.num_nonfinite_grad_samples,
+            "noise_generator": _generator_state(self),
+        }
+        norms = getattr(self, "max_grad_norms", None)
+        if norms is not None:
+            state["max_grad_norms"] = list(norms)
+        else:
+            state["max_grad_norm"] = self.max_grad_norm
+        state["expected_batch_size"] = self.expected_batch_size
+        return state
+
+    def load_dp_state_dict(self, dp_state: Mapping[str, Any]) -> None:
+        """Restore :meth:`dp_state_dict`'s settings; all checked before any is set.
+
+        ``expected_batch_size`` and ``num_nonfinite_grad_samples`` are optional
+        (kept, and reset to 0, when absent).
+
+        Args:
+            dp_state: A dict returned by :meth:`dp_state_dict`.
+
+        Raises:
+            ValueError: If it is malformed, was written with another clipping mode
+                or number of per-layer bounds, or its noise came from another kind
+                of noise source.
+        """
+        self._dp_state_loader(dp_state)()
+
+    def _dp_state_loader(self, saved: Any) -> Callable[[], None]:
+        """Validate ``saved`` (a :meth:`dp_state_dict`); return the function applying it."""
+        if not isinstance(saved, Mapping) or "noise_multiplier" not in saved:
+            raise ValueError(
+                "the saved DP state (a checkpoint's dp_optimizer_state_dict) must be a dict from "
+                f"DPOptimizer.dp_state_dict() with a 'noise_multiplier', got {type(saved).__name__}."
+            )
+        key = _check_saved_bounds(self, saved)
+        core_noise.noise_std(saved["noise_multiplier"], 1.0)
+        batch_size = saved.get("expected_batch_size", self.expected_batch_size)
+        _check_reduction(self.loss_reduction, batch_size)
+        load_generator = _generator_loader(self, saved.get("noise_generator", {}))
+
+        def apply() -> None:
+            self.noise_multiplier = saved["noise_multiplier"]
+            if key == "max_grad_norms":
+                self.max_grad_norms = [float(c) for c in saved[key]]
+            else:
+                self.max_grad_norm = saved[key]
+            self.expected_batch_size = batch_size
+            self.num_nonfinite_grad_samples = int(saved.get("num_nonfinite_grad_samples", 0))
+            load_generator()
+
+        return apply
 
     # ----------------------------------------------------------------- per-sample views
 
