@@ -1,6 +1,6 @@
 """Accounting speed: dpcore's accountants against Opacus 1.6 and dp-accounting, in one run.
 
-Measures, on this machine and in this process:
+Measures, in one process:
 
 - one RDP epsilon query on a single-segment history of 1e5 steps and on a
   history of 1e5 *distinct* steps (a noise schedule that changes every step);
@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import pathlib
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from dpcore.accounting import RDPAccountant, get_noise_multiplier
-from dpcore.accounting.pld import PLDAccountant
-from dpcore.accounting.prv import PRVAccountant
-from dpcore.accounting.rdp import _rdp_cached
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from benchmarks._timing import median_seconds  # noqa: E402
+from dpcore.accounting import RDPAccountant, get_noise_multiplier  # noqa: E402
+from dpcore.accounting.pld import PLDAccountant  # noqa: E402
+from dpcore.accounting.prv import PRVAccountant  # noqa: E402
+from dpcore.accounting.rdp import _rdp_cached  # noqa: E402
 
 SETTINGS = [
     (1.1, 256 / 60000, 14062, 1e-5),
@@ -40,15 +44,6 @@ SETTINGS = [
     (1.1, 256 / 60000, 100000, 1e-5),
     (0.8, 0.001, 100000, 1e-6),
 ]
-
-
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _ours(cls: type, sigma: float, q: float, steps: int, delta: float) -> float:
@@ -94,7 +89,7 @@ def bench_rdp(repeats: int) -> list[dict[str, Any]]:
     record_s = time.perf_counter() - start
     rows = []
     for name, acc in (("1 segment of 1e5 steps", single), ("1e5 distinct steps", varying)):
-        seconds = _median_seconds(lambda: acc.get_epsilon(1e-5), repeats * 20)
+        seconds = median_seconds(lambda: acc.get_epsilon(1e-5), repeats * 20)
         rows.append({"history": name, "query_ms": seconds * 1e3, "epsilon": acc.get_epsilon(1e-5)})
     rows[1]["record_1e5_steps_s"] = record_s
     return rows
@@ -115,7 +110,7 @@ def bench_numerical(repeats: int) -> list[dict[str, Any]]:
             if fn is None:
                 continue
             row[f"{key}_epsilon"] = fn()
-            row[f"{key}_ms"] = _median_seconds(fn, repeats) * 1e3
+            row[f"{key}_ms"] = median_seconds(fn, repeats) * 1e3
         rows.append(row)
     return rows
 
@@ -131,7 +126,7 @@ def bench_calibration(repeats: int) -> list[dict[str, Any]]:
 
         sigma = run()
         rows.append({"accountant": kind, "sigma": sigma,
-                     "seconds": _median_seconds(run, max(1, repeats // 2))})
+                     "seconds": median_seconds(run, max(1, repeats // 2))})
     return rows
 
 

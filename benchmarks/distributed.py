@@ -15,11 +15,10 @@ The data set has ``--batch * 16`` examples (sample rate 1/16). After ``--warmup`
 ``--steps`` steps are timed between two barriers; the figure is the number of examples
 all ranks processed (data loading, forward, backward, clipping, noise, all-reduce and
 update included) divided by the wall time, and the speed-up is relative to ``W = 1`` of
-the same mode. Processes beyond the number of idle cores share them, so on a 2-core
-machine ``W = 4`` measures oversubscription, not scaling. To tell the machine's share
-from the code's, the script ends with the *effective cores* that ``W`` concurrent
-one-thread processes get for a pure matrix-multiply kernel (``W`` on an idle machine
-with ``W`` cores).
+the same mode. Processes beyond the number of idle cores share them, so a ``W`` above
+the idle cores measures oversubscription, not scaling. To tell the machine's share from
+the code's, the script ends with the *effective cores* that ``W`` concurrent one-thread
+processes get for a pure matrix-multiply kernel (``W`` when ``W`` cores are idle).
 
 ``--backend jax`` measures ``dp_jax`` the same way (:func:`run_jax`): ``W`` processes
 joined by ``jax.distributed.initialize`` (one CPU device and one thread each, gloo
@@ -56,6 +55,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from benchmarks import _timing  # noqa: E402
+
 __all__ = ["BenchConfig", "JAX_MODES", "TORCH_MODES", "format_table", "main", "run_jax", "run_torch"]
 
 TORCH_MODES = ("dp_torch-hooks", "dp_torch-ghost", "nonprivate")
@@ -87,6 +88,14 @@ def _measure(run_group: Any, world_sizes: Sequence[int], modes: Sequence[str],
             rows.append(row)
             print(_row_line(row), flush=True)
     return rows
+
+
+def _throughput_row(backend: str, mode: str, world: int, cfg: BenchConfig, examples: int,
+                    seconds: float) -> dict[str, Any]:
+    """The result row of ``examples`` processed by all ranks in ``seconds``."""
+    return {"backend": backend, "mode": mode, "world_size": world, "model": cfg.model,
+            "batch": cfg.batch, "steps": cfg.steps, "examples": examples, "seconds": seconds,
+            "examples_per_s": examples / seconds, "step_ms": 1000.0 * seconds / cfg.steps}
 
 
 # --------------------------------------------------------------------------- torch
@@ -155,25 +164,18 @@ def _torch_worker(rank: int, world: int, store: str, mode: str, cfg: BenchConfig
         model, optimizer, criterion, loader = _torch_objects(mode, cfg, rank, world)
         private = mode != "nonprivate"
         batches = _batches(loader)
-        for _ in range(cfg.warmup):
+
+        def step() -> int:
             x, y = next(batches)
             _torch_step(model, optimizer, criterion, x, y, private)
-        seen = 0
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(cfg.steps):
-            x, y = next(batches)
-            _torch_step(model, optimizer, criterion, x, y, private)
-            seen += len(y)
-        dist.barrier()
-        seconds = time.perf_counter() - start
+            return len(y)
+
+        seen, seconds = _timing.time_between_barriers(
+            step, steps=cfg.steps, warmup=cfg.warmup, barrier=lambda _: dist.barrier())
         total = torch.tensor([float(seen)], dtype=torch.float64)
         dist.all_reduce(total)
         if rank == 0:
-            row = {"backend": "torch", "mode": mode, "world_size": world, "model": cfg.model,
-                   "batch": cfg.batch, "steps": cfg.steps, "examples": int(total.item()),
-                   "seconds": seconds, "examples_per_s": float(total.item()) / seconds,
-                   "step_ms": 1000.0 * seconds / cfg.steps}
+            row = _throughput_row("torch", mode, world, cfg, int(total.item()), seconds)
             (out / "row.json").write_text(json.dumps(row), encoding="utf-8")
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported by the parent
@@ -333,22 +335,20 @@ def _jax_worker(args: argparse.Namespace) -> None:
                                    num_processes=args.world, process_id=args.rank)
     cfg = BenchConfig(model=args.model, batch=args.batch, steps=args.steps, warmup=args.warmup)
     run, state = _jax_setup(args.jax_mode, cfg)
-    for _ in range(cfg.warmup):
-        state, _ = run(state)
-    jax.block_until_ready(state)
-    multihost_utils.sync_global_devices("start")
-    start, seen = time.perf_counter(), 0
-    for _ in range(cfg.steps):
+
+    def step() -> int:
+        nonlocal state
         state, rows = run(state)
-        seen += rows
-    jax.block_until_ready(state)
-    multihost_utils.sync_global_devices("stop")
-    seconds = time.perf_counter() - start
+        return rows
+
+    def barrier(name: str) -> None:
+        jax.block_until_ready(state)
+        multihost_utils.sync_global_devices(name)
+
+    seen, seconds = _timing.time_between_barriers(step, steps=cfg.steps, warmup=cfg.warmup,
+                                                  barrier=barrier)
     if jax.process_index() == 0:
-        row = {"backend": "jax", "mode": args.jax_mode, "world_size": args.world,
-               "model": cfg.model, "batch": cfg.batch, "steps": cfg.steps, "examples": seen,
-               "seconds": seconds, "examples_per_s": seen / seconds,
-               "step_ms": 1000.0 * seconds / cfg.steps}
+        row = _throughput_row("jax", args.jax_mode, args.world, cfg, seen, seconds)
         pathlib.Path(args.out).write_text(json.dumps(row), encoding="utf-8")
 
 

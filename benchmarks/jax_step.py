@@ -37,10 +37,9 @@ the warm-up rounds (its first, checked call after compiling already ran it once)
 timed over ``floor(budget / first step)`` rounds, at least 3. A mode whose first step
 took less than ``--block-ms`` (default 20 ms) runs a block of ``1 + ceil(block / first
 step)`` consecutive steps (at most 25) in each round and only the block's first step is
-not timed: a step of a few milliseconds timed right after another mode's step runs with
-cold caches (after a memory-hungry mode, in freshly mapped memory) and looked up to 3x
-slower than in a training loop, which repeats one step back to back. ``step_ms`` in the
-JSON lists every timed step, ``repeats`` the block length.
+not timed, so that a step of a few milliseconds is timed with warm caches, back to back
+with itself as in a training loop, rather than right after another mode's step.
+``step_ms`` in the JSON lists every timed step, ``repeats`` the block length.
 Memory: XLA's own estimate of each compiled step's temporary buffers
 (``compiled.memory_analysis().temp_size_in_bytes``; parameters, inputs and outputs not
 included), where the backend reports it.
@@ -70,31 +69,25 @@ Sequence lengths are the reference ones (LSTM 64, transformer 128) except with
 ``--smoke``. The device is whatever JAX picks (``jax.devices()[0]``: a GPU when JAX sees
 one, else the CPU).
 
-Known issue (seen 2026-11-28 with JAX 0.11.2 on an H200, not a bug of this script): the
-``dp_jax`` and ``dp_jax-sgd`` MLP steps at batch 1024 crashed XLA's GPU autotuner with
-``CUDA_ERROR_MISALIGNED_ADDRESS`` (which also poisons the process for the later modes);
-``XLA_FLAGS=--xla_gpu_autotune_level=0`` avoided it, ``--xla_gpu_enable_triton_gemm=false``
-did not.
+Should XLA's GPU autotuner fail with ``CUDA_ERROR_MISALIGNED_ADDRESS`` (which also
+poisons the process for the later modes), ``XLA_FLAGS=--xla_gpu_autotune_level=0`` turns
+the autotuner off.
 
 Examples::
 
-    python benchmarks/jax_step.py --quick --json jax_step.json        # CPU, ~5 min on 2 cores
+    python benchmarks/jax_step.py --quick --json jax_step.json        # CPU sizes
     python benchmarks/jax_step.py --quick --profile --models mlp,transformer
-    python benchmarks/jax_step.py --json jax_step_gpu.json             # on a GPU machine
+    python benchmarks/jax_step.py --json jax_step_gpu.json             # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import pathlib
 import platform
-import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -108,6 +101,8 @@ import optax  # noqa: E402
 import optax.contrib  # noqa: E402
 
 import dp_jax  # noqa: E402
+from benchmarks import _timing  # noqa: E402
+from benchmarks._timing import repeats_for, rounds_for  # noqa: E402
 from benchmarks.models_flax import (  # noqa: E402
     MODEL_NAMES,
     SPECS,
@@ -354,132 +349,50 @@ def build_runner(config: Config) -> Runner:
     return _component(config.mode, module, params, x, y)
 
 
-def _timed(runner: Runner) -> float:
-    start = time.perf_counter()
-    runner()
-    return time.perf_counter() - start
-
-
-def rounds_for(first_s: float, *, steps: int, warmup: int, budget_s: float) -> tuple[int, int]:
-    """``(warmup, steps)`` for a mode whose first (checked) step took ``first_s`` seconds.
-
-    A mode whose ``warmup + steps`` rounds would take longer than ``budget_s`` skips the
-    warm-up (the checked first call already compiled and ran it) and gets
-    ``floor(budget_s / first_s)`` timed rounds, but never fewer than 3 (nor more than
-    ``steps``), so that one pathologically slow mode cannot stretch the whole run.
-
-    Args:
-        first_s: Duration of the mode's first call after compiling.
-        steps: Timed rounds asked for.
-        warmup: Untimed rounds asked for.
-        budget_s: Seconds a mode may take in the timed loop (``inf``: no limit).
-
-    Returns:
-        The warm-up and timed rounds for this mode.
-    """
-    if first_s * (warmup + steps) <= budget_s:
-        return warmup, steps
-    return 0, min(steps, max(3, int(budget_s // max(first_s, 1e-9))))
-
-
-def repeats_for(first_s: float, *, block_s: float, max_repeats: int = 25) -> int:
-    """Consecutive steps per round for a mode whose first (checked) step took ``first_s``.
-
-    Args:
-        first_s: Duration of the mode's first call after compiling.
-        block_s: Modes faster than this run ``1 + ceil(block_s / first_s)`` steps per
-            round, the first of them untimed; ``<= 0`` turns blocks off.
-        max_repeats: Longest block.
-
-    Returns:
-        The block length (1: a single, timed step per round).
-    """
-    if block_s <= 0 or first_s >= block_s:
-        return 1
-    return min(max_repeats, 1 + math.ceil(block_s / max(first_s, 1e-9)))
-
-
 def time_interleaved(
     runners: dict[str, Runner], *, steps: int, warmup: int,
     rounds: Optional[dict[str, tuple[int, int]]] = None,
     repeats: Optional[dict[str, int]] = None,
 ) -> dict[str, list[float]]:
-    """Step every configuration in rotating rounds; return each one's step times (s).
+    """Each compiled configuration's step times (s) from rotating rounds.
+
+    The loop is :func:`benchmarks._timing.time_interleaved`: ``rounds`` (from
+    :func:`rounds_for`) gives a mode its own ``(warmup, steps)``, ``repeats`` (from
+    :func:`repeats_for`) its block of consecutive steps per round, the first untimed.
 
     Args:
         runners: Compiled configurations by mode.
         steps: Timed rounds.
         warmup: Untimed rounds first.
-        rounds: Optional per-mode ``(warmup, steps)`` overriding the two above (see
-            :func:`rounds_for`); a mode takes part in a round only while it has rounds
-            left.
-        repeats: Optional per-mode block length (see :func:`repeats_for`, default 1):
-            a mode with ``r > 1`` runs ``r`` consecutive steps per round and the last
-            ``r - 1`` of them are timed.
+        rounds: Optional per-mode round counts.
+        repeats: Optional per-mode block lengths.
 
     Returns:
-        The measured durations of each mode, in seconds (``steps`` rounds, or the mode's
-        own count from ``rounds``, times ``r - 1`` timed steps per block when ``r > 1``).
+        The measured durations of each mode, in seconds.
     """
-    names = list(runners)
-    plan = {name: (rounds or {}).get(name, (warmup, steps)) for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    total = max((w + n for w, n in plan.values()), default=0)
-    for round_index in range(total):
-        shift = round_index % max(len(names), 1)
-        for name in names[shift:] + names[:shift]:
-            mode_warmup, mode_steps = plan[name]
-            if round_index >= mode_warmup + mode_steps:
-                continue
-            block = (repeats or {}).get(name, 1)
-            for position in range(block):
-                elapsed = _timed(runners[name])
-                if round_index >= mode_warmup and (block == 1 or position > 0):
-                    times[name].append(elapsed)
-    return times
+    return _timing.time_interleaved(dict(runners), steps=steps, warmup=warmup, rounds=rounds,
+                                    repeats=repeats)
 
 
 # ---------------------------------------------------------------------- driver
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    batch_scale: float
-    seq_scale: float
-    steps: int
-    warmup: int
 
 
 def _on_accelerator() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def _plan(args: argparse.Namespace) -> _Plan:
-    if args.smoke:  # the check call after compiling is the only warm-up
-        return _Plan(batch_scale=0.0, seq_scale=1 / 16, steps=1, warmup=0)
-    if args.quick:
-        return _Plan(batch_scale=args.batch_scale or 0.125, seq_scale=args.seq_scale or 1.0,
-                     steps=args.steps or 7, warmup=args.warmup or 2)
-    accelerator = _on_accelerator()
-    return _Plan(batch_scale=args.batch_scale or (1.0 if accelerator else 0.25),
-                 seq_scale=args.seq_scale or 1.0,
-                 steps=args.steps or (20 if accelerator else 10), warmup=args.warmup or 3)
+def _plan(args: argparse.Namespace) -> _timing.Plan:
+    # With --smoke the check call after compiling is the only warm-up.
+    default_run = not (args.smoke or args.quick)
+    return _timing.make_plan(args, full_size=default_run and _on_accelerator(), smoke_warmup=0)
 
 
-def _sizes(model: str, plan: _Plan) -> tuple[int, Optional[int]]:
-    spec = SPECS[model]
-    batch = max(2, round(spec.batch * plan.batch_scale))
-    seq = None if spec.seq_len is None else max(2, round(spec.seq_len * plan.seq_scale))
-    return batch, seq
+def _sizes(model: str, plan: _timing.Plan) -> tuple[int, Optional[int]]:
+    return _timing.sizes(SPECS[model], plan)
 
 
-def _error_text(error: BaseException) -> str:
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first}"[:200]
-
-
-def _bench_model(model: str, modes: Sequence[str], plan: _Plan, args: argparse.Namespace,
-                 log: Callable[[str], None]) -> list[dict[str, Any]]:
+def _bench_model(model: str, modes: Sequence[str], plan: _timing.Plan,
+                 args: argparse.Namespace) -> list[dict[str, Any]]:
     batch, seq = _sizes(model, plan)
     num_params = count_parameters(jax.eval_shape(lambda: init_params(model, seq_len=seq)))
     rows: dict[str, dict[str, Any]] = {}
@@ -489,34 +402,32 @@ def _bench_model(model: str, modes: Sequence[str], plan: _Plan, args: argparse.N
     block_s = 0.0 if args.smoke else args.block_ms / 1e3
     for mode in modes:
         config = Config(model, mode, batch, seq, args.microbatch if mode == "dp_jax-mb" else None)
-        rows[mode] = {**dataclasses.asdict(config), "title": SPECS[model].title}
-        try:
+        row = rows[mode] = {**dataclasses.asdict(config), "title": SPECS[model].title}
+
+        def build(config: Config = config) -> tuple[Runner, float]:
             runner = build_runner(config)
-            first_s = _timed(runner)  # fail here, not in the middle of a round
-        except Exception as error:  # noqa: BLE001  (a failing configuration is a result)
-            rows[mode]["error"] = _error_text(error)
-            log(f"  {model:12s} {mode:14s} FAILED: {rows[mode]['error']}")
-            if args.verbose:
-                traceback.print_exc()
+            return runner, _timing.timed(runner)  # fail here, not in the middle of a round
+
+        built = _timing.guarded(build, row, width=14, verbose=args.verbose)
+        if built is None:
             continue
+        runner, first_s = built
         runners[mode] = runner
         rounds[mode] = rounds_for(first_s, steps=plan.steps, warmup=plan.warmup,
                                   budget_s=args.mode_budget)
-        repeats[mode] = rows[mode]["repeats"] = repeats_for(first_s, block_s=block_s)
-        rows[mode]["first_ms"] = 1e3 * first_s
-        rows[mode]["compile_s"] = runner.compile_s
-        rows[mode]["temp_mib"] = runner.temp_mib
+        repeats[mode] = row["repeats"] = repeats_for(first_s, block_s=block_s)
+        row["first_ms"] = 1e3 * first_s
+        row["compile_s"] = runner.compile_s
+        row["temp_mib"] = runner.temp_mib
         if mode in MODES:
-            rows[mode]["params"] = num_params
+            row["params"] = num_params
     times = time_interleaved(runners, steps=plan.steps, warmup=plan.warmup, rounds=rounds,
                              repeats=repeats)
     del runners
-    for mode, durations in times.items():
-        rows[mode]["step_ms"] = [1e3 * t for t in durations]
-        rows[mode]["median_ms"] = 1e3 * statistics.median(durations)
+    _timing.record_times(rows, times)
     for mode in modes:
-        log(_row_log(rows[mode]))
-    _add_ratios(rows)
+        _timing.log(_row_log(rows[mode]))
+    _timing.add_ratios(rows, _optax_twin, "vs_optax_contrib")
     return [rows[mode] for mode in modes]
 
 
@@ -528,27 +439,8 @@ def _row_log(row: dict[str, Any]) -> str:
             f"compile {row['compile_s']:5.1f} s  temp {temp}")
 
 
-def _add_ratios(rows: dict[str, dict[str, Any]]) -> None:
-    base = rows.get("nonprivate", {}).get("median_ms")
-    contrib = rows.get("optax-contrib", {}).get("median_ms")
-    for mode, row in rows.items():
-        if "median_ms" not in row:
-            continue
-        if base:
-            row["vs_nonprivate"] = row["median_ms"] / base
-        if contrib and mode.startswith("dp_jax"):
-            row["vs_optax_contrib"] = row["median_ms"] / contrib
-
-
-def _cell(row: Optional[dict[str, Any]], ratio: bool) -> str:
-    if row is None:
-        return "-"
-    if "median_ms" not in row:
-        return "fails" if "error" in row else "-"
-    text = f"{row['median_ms']:.2f} ms"
-    if ratio and "vs_nonprivate" in row:
-        text += f" ({row['vs_nonprivate']:.1f}x)"
-    return text
+def _optax_twin(mode: str) -> Optional[str]:
+    return "optax-contrib" if mode.startswith("dp_jax") else None
 
 
 def markdown_table(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
@@ -561,46 +453,9 @@ def markdown_table(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
     Returns:
         One markdown table, one line per model.
     """
-    by_model: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in results:
-        by_model.setdefault(row["model"], {})[row["mode"]] = row
-    ours = ([m for m in modes if m in ("dp_jax", "dp_jax-ghost", "dp_jax-sgd")]
-            if "optax-contrib" in modes else [])
-    head = ["model", "batch"] + list(modes) + [f"{m} / optax-contrib" for m in ours]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for rows in by_model.values():
-        any_row = next(iter(rows.values()))
-        title = any_row["title"]
-        if any_row["seq_len"] is not None:
-            title += f", seq {any_row['seq_len']}"
-        cells = [title, str(any_row["batch"])]
-        cells += [_cell(rows.get(m), ratio=m != "nonprivate") for m in modes]
-        cells += [f"{rows[m]['vs_optax_contrib']:.2f}" if "vs_optax_contrib" in rows.get(m, {})
-                  else "-" for m in ours]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-        return value
-
-    return parse
-
-
-def _csv(choices: Sequence[str], flag: str) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        bad = [item for item in items if item not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"{flag} got {text!r}; use a comma-separated subset of {','.join(choices)}")
-        return items
-
-    return parse
+    ours = ([(m, f"{m} / optax-contrib") for m in modes
+             if m in ("dp_jax", "dp_jax-ghost", "dp_jax-sgd")] if "optax-contrib" in modes else [])
+    return "\n".join(_timing.time_table(results, modes, ours, "vs_optax_contrib"))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -613,31 +468,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         The parsed options.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=_csv(MODEL_NAMES, "--models"), default=list(MODEL_NAMES))
-    parser.add_argument("--modes", type=_csv(MODES, "--modes"), default=list(MODES))
-    parser.add_argument("--batch-scale", type=_positive(float), default=None,
-                        help="reference batch x this (default 1 on an accelerator, 0.25 on "
-                        "the CPU, 0.125 with --quick)")
-    parser.add_argument("--seq-scale", type=_positive(float), default=None,
-                        help="reference sequence lengths x this (default 1)")
-    parser.add_argument("--steps", type=_positive(int), default=None, help="timed rounds")
-    parser.add_argument("--warmup", type=_positive(int), default=None, help="untimed rounds")
-    parser.add_argument("--quick", action="store_true", help="CPU sizes for a ~5 minute run")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 step: a rot check")
+    _timing.add_size_arguments(parser, MODEL_NAMES, MODES,
+                               "reference batch x this (default 1 on an accelerator, 0.25 on "
+                               "the CPU, 0.125 with --quick)")
+    _timing.add_run_arguments(parser)
     parser.add_argument("--profile", action="store_true",
                         help="also time the components of a DP step (see the docstring)")
-    parser.add_argument("--microbatch", type=_positive(int), default=None,
+    parser.add_argument("--microbatch", type=_timing.positive(int), default=None,
                         help="with --profile: also time the engine step with this "
                         "microbatch_size")
-    parser.add_argument("--mode-budget", type=_positive(float), default=30.0,
+    parser.add_argument("--mode-budget", type=_timing.positive(float), default=30.0,
                         help="seconds one mode may spend in the timed rounds (default 30); a "
                         "slower mode drops its warm-up and gets fewer (>= 3) rounds")
     parser.add_argument("--block-ms", type=float, default=20.0,
                         help="modes faster than this run blocks of consecutive steps per round, "
                         "the first one untimed (default 20; 0 turns blocks off; off with "
                         "--smoke)")
-    parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
-    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    _timing.add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.microbatch is not None and not args.profile:
         parser.error(f"--microbatch {args.microbatch} needs --profile (it adds the "
@@ -645,7 +492,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _environment(plan: _Plan) -> dict[str, Any]:
+def _environment(plan: _timing.Plan) -> dict[str, Any]:
     device = jax.devices()[0]
     return {
         "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
@@ -671,23 +518,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     modes = list(args.modes)
     if args.profile:
         modes += [c for c in COMPONENTS if c != "dp_jax-mb" or args.microbatch is not None]
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     environment = _environment(plan)
     environment["block_ms"] = 0.0 if args.smoke else args.block_ms
-    log(f"JAX {environment['jax']} on {environment['backend']} ({environment['device']})")
+    _timing.log(f"JAX {environment['jax']} on {environment['backend']} ({environment['device']})")
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     for model in args.models:
         batch, seq = _sizes(model, plan)
-        log(f"{model}: batch {batch}, seq {seq}")
-        results += _bench_model(model, modes, plan, args, log)
+        _timing.log(f"{model}: batch {batch}, seq {seq}")
+        results += _bench_model(model, modes, plan, args)
     table = markdown_table(results, modes)
-    environment["wall_s"] = time.perf_counter() - started
-    print(table, flush=True)
-    output = {"environment": environment, "results": results, "table": table}
-    if args.json is not None:
-        args.json.write_text(json.dumps(output, indent=2) + "\n", encoding="utf-8")
-    return output
+    return _timing.write_output(results, table, environment, started, args.json)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,13 @@ Models (``build_model(name)``; inputs from ``make_batch``; classes below give ev
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from benchmarks._specs import MODEL_NAMES, SPECS, ModelSpec, check_name
 
 __all__ = [
     "MODEL_NAMES",
@@ -47,36 +48,6 @@ __all__ = [
     "count_parameters",
     "make_batch",
 ]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Reference shapes of one benchmark model.
-
-    Attributes:
-        name: Key used by :func:`build_model`.
-        title: Human-readable description for reports (without the sequence length).
-        batch: Batch size of REFERENCE.md's table (the GPU batch).
-        seq_len: Sequence length for token models, else ``None``.
-        vocab: Vocabulary size for token models, else ``None``.
-        num_classes: Number of output classes.
-    """
-
-    name: str
-    title: str
-    batch: int
-    seq_len: Optional[int]
-    vocab: Optional[int]
-    num_classes: int
-
-
-SPECS: dict[str, ModelSpec] = {
-    "mlp": ModelSpec("mlp", "MLP 784-512-512-10", 1024, None, None, 10),
-    "cnn": ModelSpec("cnn", "4-conv CNN, 32x32x3", 512, None, None, 10),
-    "lstm": ModelSpec("lstm", "embedding + LSTM(256), vocab 8000", 256, 64, 8000, 2),
-    "transformer": ModelSpec("transformer", "transformer, d 256, 4 layers", 64, 128, 8000, 2),
-}
-MODEL_NAMES: tuple[str, ...] = tuple(SPECS)
 
 
 class MLP(nn.Module):
@@ -316,8 +287,7 @@ def make_batch(
     Raises:
         ValueError: If ``name`` is unknown or ``batch`` / ``seq_len`` is not positive.
     """
-    if name not in SPECS:
-        raise ValueError(f"name must be one of {list(MODEL_NAMES)}, got {name!r}.")
+    check_name(name)
     if batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}.")
     spec = SPECS[name]

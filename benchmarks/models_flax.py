@@ -26,7 +26,6 @@ Models (``build_model(name)``; parameters from ``init_params``, inputs from
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Optional
 
@@ -34,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks._specs import MODEL_NAMES, SPECS, ModelSpec, check_name
 
 __all__ = [
     "CNN",
@@ -52,36 +53,6 @@ __all__ = [
 ]
 
 _LN_EPSILON = 1e-5  # PyTorch's LayerNorm default (flax's is 1e-6)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Reference shapes of one benchmark model (the values of :mod:`benchmarks.models`).
-
-    Attributes:
-        name: Key used by :func:`build_model`.
-        title: Human-readable description for reports (without the sequence length).
-        batch: Batch size of REFERENCE.md's table (the GPU batch).
-        seq_len: Sequence length for token models, else ``None``.
-        vocab: Vocabulary size for token models, else ``None``.
-        num_classes: Number of output classes.
-    """
-
-    name: str
-    title: str
-    batch: int
-    seq_len: Optional[int]
-    vocab: Optional[int]
-    num_classes: int
-
-
-SPECS: dict[str, ModelSpec] = {
-    "mlp": ModelSpec("mlp", "MLP 784-512-512-10", 1024, None, None, 10),
-    "cnn": ModelSpec("cnn", "4-conv CNN, 32x32x3", 512, None, None, 10),
-    "lstm": ModelSpec("lstm", "embedding + LSTM(256), vocab 8000", 256, 64, 8000, 2),
-    "transformer": ModelSpec("transformer", "transformer, d 256, 4 layers", 64, 128, 8000, 2),
-}
-MODEL_NAMES: tuple[str, ...] = tuple(SPECS)
 
 
 class MLP(nn.Module):
@@ -250,11 +221,6 @@ class TransformerClassifier(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x)
 
 
-def _check_name(name: Any) -> None:
-    if name not in SPECS:
-        raise ValueError(f"name must be one of {list(MODEL_NAMES)}, got {name!r}.")
-
-
 def build_model(name: str, *, seq_len: Optional[int] = None) -> nn.Module:
     """The flax module of benchmark model ``name``.
 
@@ -269,7 +235,7 @@ def build_model(name: str, *, seq_len: Optional[int] = None) -> nn.Module:
     Raises:
         ValueError: If ``name`` is unknown.
     """
-    _check_name(name)
+    check_name(name)
     if name == "mlp":
         return MLP()
     if name == "cnn":
@@ -297,7 +263,7 @@ def make_batch(
     Raises:
         ValueError: If ``name`` is unknown or ``batch`` / ``seq_len`` is not positive.
     """
-    _check_name(name)
+    check_name(name)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}.")
     spec = SPECS[name]

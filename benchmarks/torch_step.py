@@ -19,10 +19,9 @@ Time: all configurations of one model live in one process and are stepped in
 interleaved rounds (one step of each per round, the order rotating), so that load from
 other processes affects them alike; the figure is the median over ``--steps`` rounds after
 ``--warmup`` rounds (``time.perf_counter``; on CUDA after ``torch.cuda.synchronize()``).
-On a machine shared with other busy processes, prefer ``--threads 1``: with more
-threads than idle cores, torch's intra-op thread pool stalls and single steps take 10-20x
-longer (seen on a 2-core machine), while one-thread figures stay within about 10 %. The
-JSON keeps every step time and the minimum next to the median.
+``--threads`` sets torch's intra-op threads; with more threads than idle cores the thread
+pool stalls, so ``--threads 1`` suits a run beside other busy processes. The JSON keeps
+every step time and the minimum next to the median.
 
 Memory: each configuration runs again alone in a fresh subprocess (``--warmup`` + 2
 steps). On CUDA the figure is ``torch.cuda.max_memory_allocated()`` (absolute: parameters
@@ -47,7 +46,7 @@ Sequence lengths are the reference ones (LSTM 64, transformer 128) except with `
 
 Examples::
 
-    python benchmarks/torch_step.py --quick --json torch_step.json   # CPU, ~10 min on 2 cores
+    python benchmarks/torch_step.py --quick --json torch_step.json   # CPU sizes
     python benchmarks/torch_step.py --device cuda --json torch_step_cuda.json
 """
 
@@ -61,11 +60,9 @@ import os
 import pathlib
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
@@ -77,6 +74,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from benchmarks import _timing  # noqa: E402
 from benchmarks.models import MODEL_NAMES, SPECS, build_model, count_parameters, make_batch  # noqa: E402
 
 __all__ = [
@@ -251,17 +249,8 @@ def build_stepper(config: Config) -> Stepper:
     return Stepper(model, optimizer, criterion, inputs.to(device), labels.to(device))
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(step: Callable[[], None], device: str) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    step()
-    _sync(device)
-    return time.perf_counter() - start
+def _sync(device: str) -> Optional[Callable[[], None]]:
+    return torch.cuda.synchronize if device == "cuda" else None
 
 
 def time_interleaved(
@@ -278,15 +267,8 @@ def time_interleaved(
     Returns:
         The ``steps`` measured durations of each mode, in seconds.
     """
-    names = list(steppers)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(warmup + steps):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            elapsed = _timed(steppers[name], device)
-            if round_index >= warmup:
-                times[name].append(elapsed)
-    return times
+    return _timing.time_interleaved(dict(steppers), steps=steps, warmup=warmup,
+                                    sync=_sync(device))
 
 
 # ---------------------------------------------------------------------- memory (subprocess)
@@ -366,68 +348,41 @@ def measure_memory(config: Config, *, timeout: float = 600.0) -> dict[str, Any]:
 # ---------------------------------------------------------------------- driver
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    batch_scale: float
-    seq_scale: float
-    steps: int
-    warmup: int
+def _plan(args: argparse.Namespace) -> _timing.Plan:
+    return _timing.make_plan(args, full_size=args.device == "cuda", smoke_warmup=1)
 
 
-def _plan(args: argparse.Namespace) -> _Plan:
-    if args.smoke:
-        return _Plan(batch_scale=0.0, seq_scale=1 / 16, steps=1, warmup=1)
-    if args.quick:
-        return _Plan(batch_scale=args.batch_scale or 0.125, seq_scale=args.seq_scale or 1.0,
-                     steps=args.steps or 7, warmup=args.warmup or 2)
-    default_scale = 1.0 if args.device == "cuda" else 0.25
-    return _Plan(batch_scale=args.batch_scale or default_scale, seq_scale=args.seq_scale or 1.0,
-                 steps=args.steps or (20 if args.device == "cuda" else 10),
-                 warmup=args.warmup or 3)
+def _sizes(model: str, plan: _timing.Plan) -> tuple[int, Optional[int]]:
+    return _timing.sizes(SPECS[model], plan)
 
 
-def _sizes(model: str, plan: _Plan) -> tuple[int, Optional[int]]:
-    spec = SPECS[model]
-    batch = max(2, round(spec.batch * plan.batch_scale))
-    seq = None if spec.seq_len is None else max(2, round(spec.seq_len * plan.seq_scale))
-    return batch, seq
-
-
-def _error_text(error: BaseException) -> str:
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first}"[:200]
-
-
-def _bench_model(model: str, modes: Sequence[str], plan: _Plan, args: argparse.Namespace,
-                 log: Callable[[str], None]) -> list[dict[str, Any]]:
+def _bench_model(model: str, modes: Sequence[str], plan: _timing.Plan,
+                 args: argparse.Namespace) -> list[dict[str, Any]]:
     batch, seq = _sizes(model, plan)
     rows: dict[str, dict[str, Any]] = {}
     steppers: dict[str, Stepper] = {}
     for mode in modes:
         config = Config(model, mode, batch, seq, args.device, args.threads, plan.warmup)
-        rows[mode] = {**dataclasses.asdict(config), "title": SPECS[model].title}
-        try:
-            steppers[mode] = build_stepper(config)
-            rows[mode]["params"] = count_parameters(steppers[mode].module)
-            _timed(steppers[mode], args.device)  # fail here, not in the middle of a round
-        except Exception as error:  # noqa: BLE001  (a failing library is a result)
-            rows[mode]["error"] = _error_text(error)
-            steppers.pop(mode, None)
-            log(f"  {model:12s} {mode:15s} FAILED: {rows[mode]['error']}")
-            if args.verbose:
-                traceback.print_exc()
+        row = rows[mode] = {**dataclasses.asdict(config), "title": SPECS[model].title}
+
+        def build(config: Config = config, row: dict[str, Any] = row) -> Stepper:
+            stepper = build_stepper(config)
+            row["params"] = count_parameters(stepper.module)
+            _timing.timed(stepper, _sync(args.device))  # fail here, not in a round
+            return stepper
+
+        stepper = _timing.guarded(build, row, width=15, verbose=args.verbose)
+        if stepper is not None:
+            steppers[mode] = stepper
     times = time_interleaved(steppers, steps=plan.steps, warmup=plan.warmup, device=args.device)
     del steppers
-    for mode, durations in times.items():
-        rows[mode]["step_ms"] = [1e3 * t for t in durations]
-        rows[mode]["median_ms"] = 1e3 * statistics.median(durations)
-        rows[mode]["min_ms"] = 1e3 * min(durations)
+    _timing.record_times(rows, times, with_min=True)
     for mode in modes:
         if "median_ms" in rows[mode] and not args.no_memory:
             config = Config(model, mode, batch, seq, args.device, args.threads, plan.warmup)
             rows[mode].update(measure_memory(config))
-        log(_row_log(rows[mode]))
-    _add_ratios(rows)
+        _timing.log(_row_log(rows[mode]))
+    _timing.add_ratios(rows, _opacus_twin, "vs_opacus")
     return [rows[mode] for mode in modes]
 
 
@@ -438,28 +393,9 @@ def _row_log(row: dict[str, Any]) -> str:
     return f"  {row['model']:12s} {row['mode']:15s} {row['median_ms']:9.2f} ms  {memory}"
 
 
-def _add_ratios(rows: dict[str, dict[str, Any]]) -> None:
-    base = rows.get("nonprivate", {}).get("median_ms")
-    for mode, row in rows.items():
-        if "median_ms" not in row:
-            continue
-        if base:
-            row["vs_nonprivate"] = row["median_ms"] / base
-        library, grad_sample_mode = _framework(mode)
-        twin = rows.get(f"opacus-{grad_sample_mode}", {}).get("median_ms")
-        if library == "dp_torch" and twin:
-            row["vs_opacus"] = row["median_ms"] / twin
-
-
-def _cell(row: Optional[dict[str, Any]], ratio: bool) -> str:
-    if row is None:
-        return "-"
-    if "median_ms" not in row:
-        return "fails" if "error" in row else "-"
-    text = f"{row['median_ms']:.2f} ms"
-    if ratio and "vs_nonprivate" in row:
-        text += f" ({row['vs_nonprivate']:.1f}x)"
-    return text
+def _opacus_twin(mode: str) -> Optional[str]:
+    library, grad_sample_mode = _framework(mode)
+    return f"opacus-{grad_sample_mode}" if library == "dp_torch" else None
 
 
 def markdown_tables(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
@@ -472,28 +408,13 @@ def markdown_tables(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
     Returns:
         The time table, then (when memory was measured) the memory table after a blank line.
     """
-    by_model: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in results:
-        by_model.setdefault(row["model"], {})[row["mode"]] = row
-    dp_modes = [m for m in modes if m != "nonprivate"]
-    ours = [m for m in dp_modes if m.startswith("dp_torch")]
-    head = ["model", "batch"] + list(modes) + [f"{m.split('-')[1]} ours/Opacus" for m in ours]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model, rows in by_model.items():
-        any_row = next(iter(rows.values()))
-        title = any_row["title"]
-        if any_row["seq_len"] is not None:
-            title += f", seq {any_row['seq_len']}"
-        cells = [title, str(any_row["batch"])]
-        cells += [_cell(rows.get(m), ratio=m != "nonprivate") for m in modes]
-        cells += [f"{rows[m]['vs_opacus']:.2f}" if "vs_opacus" in rows.get(m, {}) else "-"
-                  for m in ours]
-        lines.append("| " + " | ".join(cells) + " |")
+    ours = [(m, f"{m.split('-')[1]} ours/Opacus") for m in modes if m.startswith("dp_torch")]
+    lines = _timing.time_table(results, modes, ours, "vs_opacus")
     if not any("peak_mib" in row or "memory_error" in row for row in results):
         return "\n".join(lines)
     mem_head = ["model"] + [f"{m} MiB" for m in modes]
     lines += ["", "| " + " | ".join(mem_head) + " |", "|" + "---|" * len(mem_head)]
-    for model, rows in by_model.items():
+    for model, rows in _timing.by_model(results).items():
         cells = [model] + [
             f"{rows[m]['peak_mib']:.0f}" if "peak_mib" in rows.get(m, {}) else
             ("fails" if "error" in rows.get(m, {}) or "memory_error" in rows.get(m, {}) else "-")
@@ -501,28 +422,6 @@ def markdown_tables(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-        return value
-
-    return parse
-
-
-def _csv(choices: Sequence[str], flag: str) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        bad = [item for item in items if item not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"{flag} got {text!r}; use a comma-separated subset of {','.join(choices)}")
-        return items
-
-    return parse
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -536,23 +435,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--models", type=_csv(MODEL_NAMES, "--models"), default=list(MODEL_NAMES))
-    parser.add_argument("--modes", type=_csv(MODES, "--modes"), default=list(MODES))
-    parser.add_argument("--batch-scale", type=_positive(float), default=None,
-                        help="reference batch x this (default 1 on cuda, 0.25 on cpu, "
-                        "0.125 with --quick)")
-    parser.add_argument("--seq-scale", type=_positive(float), default=None,
-                        help="reference sequence lengths x this (default 1)")
-    parser.add_argument("--steps", type=_positive(int), default=None, help="timed rounds")
-    parser.add_argument("--warmup", type=_positive(int), default=None, help="untimed rounds")
-    parser.add_argument("--threads", type=_positive(int),
+    _timing.add_size_arguments(parser, MODEL_NAMES, MODES,
+                               "reference batch x this (default 1 on cuda, 0.25 on cpu, "
+                               "0.125 with --quick)")
+    parser.add_argument("--threads", type=_timing.positive(int),
                         default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                         else (os.cpu_count() or 1), help="torch.set_num_threads (default: all)")
-    parser.add_argument("--quick", action="store_true", help="CPU sizes for a ~10 minute run")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 step: a rot check")
+    _timing.add_run_arguments(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
-    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    _timing.add_output_arguments(parser)
     parser.add_argument("--_memory-worker", dest="memory_worker", default=None,
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -572,7 +463,7 @@ def _threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _environment(args: argparse.Namespace, plan: _Plan) -> dict[str, Any]:
+def _environment(args: argparse.Namespace, plan: _timing.Plan) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": args.device, "torch": torch.__version__, "python": platform.python_version(),
         "threads": args.threads, "cpu": platform.processor() or platform.machine(),
@@ -606,24 +497,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     plan = _plan(args)
     modes = [m for m in args.modes if not m.startswith("opacus") or _opacus_available()]
     skipped = sorted(set(args.modes) - set(modes))
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     warnings.filterwarnings("ignore", message=_QUIET)
     if skipped:
-        log(f"opacus is not importable: skipping {', '.join(skipped)}")
+        _timing.log(f"opacus is not importable: skipping {', '.join(skipped)}")
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     with _threads(args.threads):
         for model in args.models:
-            log(f"{model}: batch {_sizes(model, plan)[0]}, seq {_sizes(model, plan)[1]}")
-            results += _bench_model(model, modes, plan, args, log)
+            _timing.log(f"{model}: batch {_sizes(model, plan)[0]}, seq {_sizes(model, plan)[1]}")
+            results += _bench_model(model, modes, plan, args)
     table = markdown_tables(results, modes)
-    environment = _environment(args, plan)
-    environment["wall_s"] = time.perf_counter() - started
-    print(table, flush=True)
-    output = {"environment": environment, "results": results, "table": table}
-    if args.json is not None:
-        args.json.write_text(json.dumps(output, indent=2) + "\n", encoding="utf-8")
-    return output
+    return _timing.write_output(results, table, _environment(args, plan), started, args.json)
 
 
 if __name__ == "__main__":
