@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import dp_torch
 from dp_torch import GradSampleModule, GradSampleModuleFastGradientClipping, PrivacyEngine
@@ -28,32 +28,7 @@ from dpcore import sampling as core_sampling
 from dpcore.noise import NoiseSource
 from tests.tolerance import assert_close
 
-N = 50
-
-
-def dataset(n: int = N) -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g))
-
-
-def net() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
-
-
-def parts(batch_size: int = 10, data=None):
-    model = net()
-    return model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(
-        data if data is not None else dataset(), batch_size=batch_size
-    )
-
-
-def private(engine=None, batch_size=10, **kwargs):
-    engine = engine or PrivacyEngine()
-    model, opt, dl = parts(batch_size)
-    args = dict(module=model, optimizer=opt, data_loader=dl, noise_multiplier=1.0, max_grad_norm=1.0)
-    args.update(kwargs)
-    return engine, model, engine.make_private(**args)
+N = 50  # examples in the toy data of tests/dp_torch/conftest.py
 
 
 def train(dp_model, optimizer, dl, criterion=None, steps=None):
@@ -82,8 +57,8 @@ def test_package_exports_like_opacus():
     assert isinstance(dp_torch.__version__, str)
 
 
-def test_make_private_wraps_all_three_objects():
-    engine, model, (dp_model, optimizer, dl) = private(batch_size=8)
+def test_make_private_wraps_all_three_objects(private_toy):
+    engine, model, (dp_model, optimizer, dl) = private_toy(batch_size=8)
     assert isinstance(dp_model, GradSampleModule) and dp_model._module is model
     assert type(optimizer) is DPOptimizer
     assert isinstance(dl, DPDataLoader)
@@ -97,8 +72,8 @@ def test_make_private_wraps_all_three_objects():
     assert engine.dataset is dl.dataset
 
 
-def test_accountant_steps_once_per_step_with_logical_sample_rate():
-    engine, _, (dp_model, optimizer, dl) = private()
+def test_accountant_steps_once_per_step_with_logical_sample_rate(private_toy):
+    engine, _, (dp_model, optimizer, dl) = private_toy()
     train(dp_model, optimizer, dl, steps=3)
     assert engine.accountant.history == [(1.0, 0.2, 3)]
     reference = RDPAccountant()
@@ -106,8 +81,8 @@ def test_accountant_steps_once_per_step_with_logical_sample_rate():
     assert engine.get_epsilon(1e-5) == reference.get_epsilon(1e-5)
 
 
-def test_get_epsilon_passes_accountant_options():
-    engine, _, (dp_model, optimizer, dl) = private()
+def test_get_epsilon_passes_accountant_options(private_toy):
+    engine, _, (dp_model, optimizer, dl) = private_toy()
     train(dp_model, optimizer, dl)
     alphas = [1.5, 2, 3, 5, 8, 16, 32, 64, 128]
     eps, best_alpha = engine.accountant.get_privacy_spent(delta=1e-5, alphas=alphas)
@@ -116,8 +91,8 @@ def test_get_epsilon_passes_accountant_options():
     assert eps >= engine.get_epsilon(delta=1e-5) * 0.99  # coarser orders cannot be much tighter
 
 
-def test_poisson_sampling_false_keeps_the_loader():
-    model, opt, dl = parts()
+def test_poisson_sampling_false_keeps_the_loader(toy_parts):
+    model, opt, dl = toy_parts()
     engine = PrivacyEngine()
     dp_model, _, out = engine.make_private(module=model, optimizer=opt, data_loader=dl,
                                            noise_multiplier=1.0, max_grad_norm=1.0,
@@ -125,17 +100,17 @@ def test_poisson_sampling_false_keeps_the_loader():
     assert out is dl and dp_model.grad_accumulation_allowed
 
 
-def test_dp_data_loader_is_kept_with_its_own_sample_rate():
-    model, opt, _ = parts()
-    dl = DPDataLoader(dataset(), sample_rate=0.3)
+def test_dp_data_loader_is_kept_with_its_own_sample_rate(toy_parts, toy_data):
+    model, opt, _ = toy_parts()
+    dl = DPDataLoader(toy_data(), sample_rate=0.3)
     engine = PrivacyEngine()
     _, optimizer, out = engine.make_private(module=model, optimizer=opt, data_loader=dl,
                                             noise_multiplier=1.0, max_grad_norm=1.0)
     assert out is dl and optimizer.expected_batch_size == 15
 
 
-def test_ghost_mode_returns_criterion_in_opacus_order():
-    engine, _, out = private(grad_sample_mode="ghost", loss_reduction="sum")
+def test_ghost_mode_returns_criterion_in_opacus_order(private_toy):
+    engine, _, out = private_toy(grad_sample_mode="ghost", loss_reduction="sum")
     assert len(out) == 4
     dp_model, optimizer, criterion, dl = out
     assert isinstance(dp_model, GradSampleModuleFastGradientClipping)
@@ -147,25 +122,25 @@ def test_ghost_mode_returns_criterion_in_opacus_order():
     assert len(engine.accountant) == 2
 
 
-def test_functorch_mode_forces_the_fallback():
-    _, _, (dp_model, _, _) = private(grad_sample_mode="functorch")
+def test_functorch_mode_forces_the_fallback(private_toy):
+    _, _, (dp_model, _, _) = private_toy(grad_sample_mode="functorch")
     assert isinstance(dp_model, GradSampleModule) and dp_model.force_functorch
 
 
-def test_per_layer_and_adaptive_clipping():
-    _, model, (_, optimizer, _) = private(clipping="per_layer", max_grad_norm=[0.5, 1.0, 1.5, 2.0])
+def test_per_layer_and_adaptive_clipping(private_toy):
+    _, model, (_, optimizer, _) = private_toy(clipping="per_layer", max_grad_norm=[0.5, 1.0, 1.5, 2.0])
     assert type(optimizer) is DPPerLayerOptimizer
     assert optimizer.max_grad_norms == [0.5, 1.0, 1.5, 2.0]
     assert_close(optimizer.max_grad_norm, math.sqrt(0.25 + 1 + 2.25 + 4), rtol=1e-15)
-    engine, _, (dp_model, optimizer, dl) = private(clipping="adaptive", **ADAPTIVE)
+    engine, _, (dp_model, optimizer, dl) = private_toy(clipping="adaptive", **ADAPTIVE)
     assert type(optimizer) is AdaClipDPOptimizer
     assert optimizer.target_unclipped_quantile == 0.5 and optimizer.unclipped_num_std == 2.0
     train(dp_model, optimizer, dl, steps=3)
     assert optimizer.max_grad_norm != 1.0 and engine.accountant.history == [(1.0, 0.2, 3)]
 
 
-def test_wrap_model_false_returns_hooks_and_trains_the_original_model():
-    engine, model, (hooks, optimizer, dl) = private(wrap_model=False)
+def test_wrap_model_false_returns_hooks_and_trains_the_original_model(private_toy):
+    engine, model, (hooks, optimizer, dl) = private_toy(wrap_model=False)
     assert isinstance(hooks, GradSampleHooks) and not isinstance(hooks, nn.Module)
     train(model, optimizer, dl, steps=2)
     assert len(engine.accountant) == 2
@@ -173,20 +148,20 @@ def test_wrap_model_false_returns_hooks_and_trains_the_original_model():
     assert not hasattr(model[0].weight, "grad_sample")
 
 
-def test_noise_source_generator_is_reproducible():
+def test_noise_source_generator_is_reproducible(private_toy, toy_data):
     results = []
     for _ in range(2):
-        _, model, (dp_model, optimizer, dl) = private(noise_generator=NoiseSource(seed=3))
-        x, y = dataset()[:10]
+        _, model, (dp_model, optimizer, dl) = private_toy(noise_generator=NoiseSource(seed=3))
+        x, y = toy_data()[:10]
         nn.CrossEntropyLoss()(dp_model(x), y).backward()
         optimizer.step()
         results.append(model[0].weight.detach().clone())
     assert torch.equal(results[0], results[1])
 
 
-def test_secure_mode_trains_from_os_entropy():
+def test_secure_mode_trains_from_os_entropy(private_toy):
     engine = PrivacyEngine(secure_mode=True)
-    _, _, (dp_model, optimizer, dl) = private(engine)
+    _, _, (dp_model, optimizer, dl) = private_toy(engine)
     assert optimizer.secure_mode and optimizer.generator is None
     assert dl.batch_sampler.secure_mode and dl.batch_sampler.seed is None
     train(dp_model, optimizer, dl, steps=2)
@@ -204,14 +179,14 @@ def test_compatibility_helpers():
     assert isinstance(bn[1], nn.BatchNorm1d)  # the original is untouched
 
 
-def test_existing_grad_sample_module_is_reused_or_refused():
-    model, opt, dl = parts()
+def test_existing_grad_sample_module_is_reused_or_refused(toy_parts):
+    model, opt, dl = toy_parts()
     gsm = GradSampleModule(model)
     engine = PrivacyEngine()
     out, _, _ = engine.make_private(module=gsm, optimizer=opt, data_loader=dl,
                                     noise_multiplier=1.0, max_grad_norm=1.0)
     assert out is gsm
-    model, opt, dl = parts()
+    model, opt, dl = toy_parts()
     gsm = GradSampleModule(model, loss_reduction="sum")
     with pytest.raises(ValueError, match="Pre-existing GradSampleModule doesn't match"):
         PrivacyEngine().make_private(module=gsm, optimizer=opt, data_loader=dl,
@@ -223,9 +198,9 @@ def test_existing_grad_sample_module_is_reused_or_refused():
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
-def test_make_private_with_epsilon_meets_the_budget(accountant):
+def test_make_private_with_epsilon_meets_the_budget(accountant, toy_parts):
     engine = PrivacyEngine(accountant=accountant)
-    model, opt, dl = parts()
+    model, opt, dl = toy_parts()
     dp_model, optimizer, dp_dl = engine.make_private_with_epsilon(
         module=model, optimizer=opt, data_loader=dl, target_epsilon=3.0, target_delta=1e-5,
         epochs=4, max_grad_norm=1.0,
@@ -240,9 +215,9 @@ def test_make_private_with_epsilon_meets_the_budget(accountant):
     assert 3.0 - 0.05 <= eps <= 3.0
 
 
-def test_make_private_with_epsilon_splits_calibration_and_optimizer_kwargs():
+def test_make_private_with_epsilon_splits_calibration_and_optimizer_kwargs(toy_parts):
     engine = PrivacyEngine()
-    model, opt, dl = parts()
+    model, opt, dl = toy_parts()
     alphas = [1.5, 2, 4, 8, 16, 32, 64]
     _, optimizer, _ = engine.make_private_with_epsilon(
         module=model, optimizer=opt, data_loader=dl, target_epsilon=5.0, target_delta=1e-5,
@@ -254,10 +229,10 @@ def test_make_private_with_epsilon_splits_calibration_and_optimizer_kwargs():
     assert isinstance(optimizer, AdaClipDPOptimizer) and optimizer.noise_multiplier == expected
 
 
-def test_make_private_with_epsilon_refuses_spent_budget():
-    engine, _, (dp_model, optimizer, dl) = private()
+def test_make_private_with_epsilon_refuses_spent_budget(private_toy, toy_parts):
+    engine, _, (dp_model, optimizer, dl) = private_toy()
     train(dp_model, optimizer, dl, steps=1)
-    model, opt, _ = parts()
+    model, opt, _ = toy_parts()
     with pytest.raises(ValueError, match=r"calibrates a fresh budget.*already recorded 1 steps"):
         engine.make_private_with_epsilon(module=model, optimizer=opt, data_loader=dl,
                                          target_epsilon=3.0, target_delta=1e-5, epochs=1,
@@ -322,9 +297,9 @@ GUARDS = [
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), GUARDS,
                          ids=[re.sub(r"\W+", "-", str(sorted(g[0])))[:40] for g in GUARDS])
-def test_make_private_guards_leave_everything_untouched(kwargs, error, message):
+def test_make_private_guards_leave_everything_untouched(kwargs, error, message, toy_parts):
     engine = PrivacyEngine()
-    model, opt, dl = parts()
+    model, opt, dl = toy_parts()
     args = dict(module=model, optimizer=opt, data_loader=dl, noise_multiplier=1.0, max_grad_norm=1.0)
     args.update(kwargs)
     with pytest.raises(error, match=message):
@@ -332,17 +307,17 @@ def test_make_private_guards_leave_everything_untouched(kwargs, error, message):
     assert no_hooks(model) and len(engine.accountant) == 0 and engine.dataset is None
 
 
-def test_optimizer_over_other_parameters_is_refused():
-    model, _, dl = parts()
-    other = torch.optim.SGD(net().parameters(), lr=0.1)
+def test_optimizer_over_other_parameters_is_refused(toy_parts, toy_model):
+    model, _, dl = toy_parts()
+    other = torch.optim.SGD(toy_model().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="Module parameters are different than optimizer Parameters"):
         PrivacyEngine().make_private(module=model, optimizer=other, data_loader=dl,
                                      noise_multiplier=1.0, max_grad_norm=1.0)
     assert no_hooks(model)
 
 
-def test_wrong_object_types_are_refused():
-    model, opt, dl = parts()
+def test_wrong_object_types_are_refused(toy_parts):
+    model, opt, dl = toy_parts()
     base = dict(module=model, optimizer=opt, data_loader=dl, noise_multiplier=1.0, max_grad_norm=1.0)
     for key, bad, message in (
         ("module", "net", "module must be a torch.nn.Module, got str"),
@@ -357,39 +332,39 @@ def test_wrong_object_types_are_refused():
         PrivacyEngine(secure_mode=1)
 
 
-def test_unsupported_module_is_refused_before_wrapping():
+def test_unsupported_module_is_refused_before_wrapping(toy_data):
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
-    dl = DataLoader(dataset(), batch_size=10)
+    dl = DataLoader(toy_data(), batch_size=10)
     with pytest.raises(UnsupportedModuleError, match="BatchNorm"):
         PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                      data_loader=dl, noise_multiplier=1.0, max_grad_norm=1.0)
     assert no_hooks(model)
 
 
-def test_secure_mode_refuses_seeds_and_generators():
+def test_secure_mode_refuses_seeds_and_generators(toy_parts, toy_data, private_toy):
     engine = PrivacyEngine(secure_mode=True)
     for generator in (torch.Generator().manual_seed(0), NoiseSource(seed=1)):
-        model, opt, dl = parts()
+        model, opt, dl = toy_parts()
         with pytest.raises(ValueError, match="Passing a seed or generator is prohibited in secure mode"):
             engine.make_private(module=model, optimizer=opt, data_loader=dl, noise_multiplier=1.0,
                                 max_grad_norm=1.0, noise_generator=generator)
         assert no_hooks(model)
-    model, opt, dl = parts()
+    model, opt, dl = toy_parts()
     with pytest.raises(ValueError, match="secure_mode=True requires poisson_sampling=True"):
         engine.make_private(module=model, optimizer=opt, data_loader=dl, noise_multiplier=1.0,
                             max_grad_norm=1.0, poisson_sampling=False)
-    seeded = DPDataLoader(dataset(), sample_rate=0.2, seed=3)
+    seeded = DPDataLoader(toy_data(), sample_rate=0.2, seed=3)
     with pytest.raises(ValueError, match="DPDataLoader whose sampler is not secure"):
         engine.make_private(module=model, optimizer=opt, data_loader=seeded, noise_multiplier=1.0,
                             max_grad_norm=1.0)
-    _, _, (_, optimizer, _) = private(engine, noise_generator=NoiseSource(secure_mode=True))
+    _, _, (_, optimizer, _) = private_toy(engine, noise_generator=NoiseSource(secure_mode=True))
     assert optimizer.secure_mode
 
 
-def test_new_dataset_after_spending_budget_is_refused():
-    engine, _, (dp_model, optimizer, dl) = private()
-    model, opt, _ = parts()
-    other = DataLoader(dataset(), batch_size=10)  # same values, another Dataset object
+def test_new_dataset_after_spending_budget_is_refused(private_toy, toy_parts, toy_data):
+    engine, _, (dp_model, optimizer, dl) = private_toy()
+    model, opt, _ = toy_parts()
+    other = DataLoader(toy_data(), batch_size=10)  # same values, another Dataset object
     train(dp_model, optimizer, dl, steps=1)
     with pytest.raises(ValueError, match=r"already spent privacy budget \(1 steps\) on another data set"):
         engine.make_private(module=model, optimizer=opt, data_loader=other, noise_multiplier=1.0,
@@ -401,18 +376,18 @@ def test_new_dataset_after_spending_budget_is_refused():
                         max_grad_norm=1.0)
 
 
-def test_dataset_may_change_before_any_step():
-    engine, _, _ = private()
-    model, opt, _ = parts()
-    other = DataLoader(dataset(), batch_size=10)
+def test_dataset_may_change_before_any_step(private_toy, toy_parts, toy_data):
+    engine, _, _ = private_toy()
+    model, opt, _ = toy_parts()
+    other = DataLoader(toy_data(), batch_size=10)
     engine.make_private(module=model, optimizer=opt, data_loader=other, noise_multiplier=1.0,
                         max_grad_norm=1.0)
     assert engine.dataset is other.dataset
 
 
-def test_failure_after_wrapping_removes_the_hooks(monkeypatch):
+def test_failure_after_wrapping_removes_the_hooks(monkeypatch, toy_parts):
     engine = PrivacyEngine()
-    model, opt, dl = parts()
+    model, opt, dl = toy_parts()
 
     def broken(self, **kwargs):
         raise RuntimeError("optimizer construction failed")
@@ -429,9 +404,9 @@ def test_failure_after_wrapping_removes_the_hooks(monkeypatch):
     assert len(engine.accountant) == 1
 
 
-def test_gradient_accumulation_without_zero_grad_is_detected():
-    _, _, (dp_model, optimizer, dl) = private()
-    x, y = dataset()[:10]
+def test_gradient_accumulation_without_zero_grad_is_detected(private_toy, toy_data):
+    _, _, (dp_model, optimizer, dl) = private_toy()
+    x, y = toy_data()[:10]
     nn.CrossEntropyLoss()(dp_model(x), y).backward()
     with pytest.raises(ValueError, match="Poisson sampling is not compatible with gradient accumulation"):
         nn.CrossEntropyLoss()(dp_model(x), y).backward()
