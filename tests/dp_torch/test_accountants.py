@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import dpcore.accounting as core
 from dpcore.accounting import _registry
@@ -120,26 +120,29 @@ def test_registry_creates_every_kind_and_registers_custom_ones(monkeypatch):
 # --------------------------------------------------------------------------- the engine's ledger
 
 
-def _data(n=40):
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g))
+@pytest.fixture
+def engine_parts(toy_data, toy_model):
+    """``engine_parts(accountant)``: ``(engine, make_private(...))`` with noise multiplier 1.1.
 
+    The toy MLP 3-4-2 (seed 0) over 40 toy examples of 3 features in batches of 10.
+    """
+    def make(accountant, batch_size=10, **kwargs):
+        model = toy_model(dim=3, hidden=4, seed=0)
+        engine = PrivacyEngine(accountant=accountant)
+        dl = DataLoader(toy_data(40, dim=3), batch_size=batch_size,
+                        generator=torch.Generator().manual_seed(1))
+        out = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                  data_loader=dl, noise_multiplier=1.1, max_grad_norm=1.0, **kwargs)
+        return engine, out
 
-def _engine_parts(accountant, batch_size=10, **kwargs):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    engine = PrivacyEngine(accountant=accountant)
-    dl = DataLoader(_data(), batch_size=batch_size, generator=torch.Generator().manual_seed(1))
-    out = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                              data_loader=dl, noise_multiplier=1.1, max_grad_norm=1.0, **kwargs)
-    return engine, out
+    return make
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv", "pld"])
 @pytest.mark.parametrize("physical", [None, 3])
-def test_ledger_has_one_step_per_logical_batch(accountant, physical):
+def test_ledger_has_one_step_per_logical_batch(accountant, physical, engine_parts):
     """k logical steps (with or without virtual steps) -> exactly k steps at the logical q."""
-    engine, (model, optimizer, dl) = _engine_parts(accountant)
+    engine, (model, optimizer, dl) = engine_parts(accountant)
     logical, physical_batches = 0, 0
     for _ in range(2):
         with contextlib.ExitStack() as stack:
@@ -161,8 +164,8 @@ def test_ledger_has_one_step_per_logical_batch(accountant, physical):
     assert math.isfinite(engine.get_epsilon(1e-5)) and engine.get_epsilon(1e-5) > 0
 
 
-def test_noise_schedule_is_recorded_entry_by_entry():
-    engine, (model, optimizer, dl) = _engine_parts("rdp")
+def test_noise_schedule_is_recorded_entry_by_entry(engine_parts):
+    engine, (model, optimizer, dl) = engine_parts("rdp")
     scheduler = StepNoise(optimizer, step_size=1, gamma=0.5)
     for _ in range(2):
         for x, y in dl:
@@ -177,8 +180,8 @@ def test_noise_schedule_is_recorded_entry_by_entry():
     assert engine.get_epsilon(1e-5) == reference.get_epsilon(1e-5)
 
 
-def test_gdp_engine_warns_that_it_may_under_report():
-    engine, (model, optimizer, dl) = _engine_parts("gdp")
+def test_gdp_engine_warns_that_it_may_under_report(engine_parts):
+    engine, (model, optimizer, dl) = engine_parts("gdp")
     x, y = next(iter(dl))
     nn.CrossEntropyLoss()(model(x), y).backward()
     optimizer.step()
@@ -187,8 +190,8 @@ def test_gdp_engine_warns_that_it_may_under_report():
     assert eps > 0
 
 
-def test_accountant_state_dict_round_trip_is_the_ledger():
-    engine, (model, optimizer, dl) = _engine_parts("prv")
+def test_accountant_state_dict_round_trip_is_the_ledger(engine_parts):
+    engine, (model, optimizer, dl) = engine_parts("prv")
     for x, y in dl:
         nn.CrossEntropyLoss()(model(x), y).backward()
         optimizer.step()
