@@ -64,457 +64,36 @@ size, including one process without a process group.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import inspect
 import logging
-import math
-import numbers
 import os
-import warnings
-from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any, BinaryIO, Optional, Union
 
 import torch
 from torch import nn, optim
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
+from dp_torch import _checkpoint
+from dp_torch import _engine_checks as checks
+from dp_torch import distributed as dp_distributed
+from dp_torch._checkpoint import CHECKPOINT_KEYS
 from dp_torch.accountants import create_accountant
 from dp_torch.accountants.utils import get_noise_multiplier
 from dp_torch.data_loader import DPDataLoader
-from dp_torch import distributed as dp_distributed
-from dp_torch.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
-from dp_torch.grad_sample import (
-    AbstractGradSampleHooks,
-    AbstractGradSampleModule,
-    GradSampleHooksFastGradientClipping,
-    GradSampleModule,
-    get_gsm_class,
-    prepare_module,
-)
-from dp_torch.grad_sample.utils import GRAD_SAMPLE_MODES, check_mode_arguments
-from dp_torch.optimizers import DPOptimizer, DPPerLayerOptimizer, get_optimizer_class
-from dp_torch.optimizers.utils import params as _trainable_params
+from dp_torch.grad_sample import AbstractGradSampleHooks, AbstractGradSampleModule, prepare_module
+from dp_torch.optimizers import DPOptimizer, get_optimizer_class
 from dp_torch.schedulers import _GradClipScheduler, _NoiseScheduler
 from dp_torch.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from dp_torch.validators.module_validator import ModuleValidator
-from dpcore._checks import check_bool, check_choice
-from dpcore import clipping as core_clipping
 from dpcore import noise as core_noise
 from dpcore import sampling as core_sampling
-from dpcore.accounting import validate_history
-
-try:  # FSDP2 (torch >= 2.6); absent from trimmed builds
-    from torch.distributed.fsdp import FSDPModule as _FSDPModule
-except ImportError:  # pragma: no cover - depends on the torch build
-    _FSDPModule = None
+from dpcore.checks import check_bool
 
 __all__ = ["CHECKPOINT_KEYS", "PrivacyEngine"]
 
 logger = logging.getLogger(__name__)
 
-_CLIPPINGS = ("flat", "per_layer", "adaptive")
-_GRAD_SAMPLE_MODES = GRAD_SAMPLE_MODES
-_LOSS_REDUCTIONS = ("mean", "sum")
-_ADAPTIVE_KWARGS = (
-    "target_unclipped_quantile",
-    "clipbound_learning_rate",
-    "max_clipbound",
-    "min_clipbound",
-    "unclipped_num_std",
-)
-
-#: Checkpoint keys written by :meth:`PrivacyEngine.save_checkpoint`; user keys may not use them.
-CHECKPOINT_KEYS = (
-    "module_state_dict",
-    "privacy_accountant_state_dict",
-    "optimizer_state_dict",
-    "noise_scheduler_state_dict",
-    "grad_clip_scheduler_state_dict",
-    "dp_optimizer_state_dict",
-    "data_loader_sampler_state_dict",
-    "dp_torch_checkpoint_version",
-)
-_CHECKPOINT_VERSION = 1
-
 PathOrFile = Union[str, os.PathLike, BinaryIO, IO[bytes]]
 NoiseGenerator = Union[torch.Generator, core_noise.NoiseSource, None]
-
-
-# --------------------------------------------------------------------------- argument checks
-
-
-def _check_data_loader(data_loader: Any) -> None:
-    if not isinstance(data_loader, DataLoader):
-        raise TypeError(
-            f"data_loader must be a torch.utils.data.DataLoader, got "
-            f"{type(data_loader).__name__}; see the 'No DataLoader' section of the migration "
-            "guide for training without one."
-        )
-
-
-def _unwrap_optimizer(optimizer: Any) -> optim.Optimizer:
-    if isinstance(optimizer, DPOptimizer):
-        return optimizer.original_optimizer
-    if not isinstance(optimizer, optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; create "
-            "it from the model's parameters, e.g. torch.optim.SGD(model.parameters(), lr=0.05)."
-        )
-    return optimizer
-
-
-def _check_parameters(module: nn.Module, optimizer: optim.Optimizer) -> None:
-    """Every parameter the optimizer updates must belong to ``module`` (Opacus' check)."""
-    owned = {id(p) for p in module.parameters()}
-    names = {id(p): n for n, p in module.named_parameters()}
-    foreign = [
-        p for group in optimizer.param_groups for p in group["params"] if id(p) not in owned
-    ]
-    if foreign:
-        shapes = [tuple(p.shape) for p in foreign[:3]]
-        raise ValueError(
-            "Module parameters are different than optimizer Parameters: the optimizer updates "
-            f"{len(foreign)} tensor(s) that are not parameters of module (shapes {shapes}"
-            f"{', ...' if len(foreign) > 3 else ''}); the module has "
-            f"{sorted(names.values())[:5]}{' ...' if len(names) > 5 else ''}. Build the optimizer "
-            "from module.parameters() of the module you pass."
-        )
-
-
-def _check_noise_generator(generator: Any, secure_mode: bool) -> None:
-    if generator is None:
-        return
-    if not isinstance(generator, (torch.Generator, core_noise.NoiseSource)):
-        raise TypeError(
-            "noise_generator must be a torch.Generator, a dpcore.noise.NoiseSource or None, got "
-            f"{type(generator).__name__}."
-        )
-    secure_source = isinstance(generator, core_noise.NoiseSource) and generator.secure_mode
-    if secure_mode and not secure_source:
-        raise ValueError(
-            f"Passing a seed or generator is prohibited in secure mode: got noise_generator="
-            f"{generator!r}, whose noise is predictable. Pass noise_generator=None (secure noise "
-            "comes from OS entropy), or PrivacyEngine(secure_mode=False) for reproducible runs."
-        )
-
-
-def _distributed_kind(module: nn.Module) -> Optional[str]:
-    """The name of the distributed wrapper around ``module``, or ``None``."""
-    inner = module._module if isinstance(module, AbstractGradSampleModule) else module
-    for candidate in (module, inner):
-        if isinstance(candidate, DPDDP):
-            return "DifferentiallyPrivateDistributedDataParallel"
-        if isinstance(candidate, DDP):
-            return "torch DistributedDataParallel"
-        if _FSDPModule is not None and isinstance(candidate, _FSDPModule):
-            return "FSDP"
-    return None
-
-
-def _torch_ddp(module: nn.Module) -> Optional[DDP]:
-    """The ``torch`` ``DistributedDataParallel`` wrapper of ``module`` (or inside its GSM), if any."""
-    inner = module._module if isinstance(module, AbstractGradSampleModule) else module
-    for candidate in (module, inner):
-        if isinstance(candidate, DDP):
-            return candidate
-    return None
-
-
-def _check_distributed(
-    module: nn.Module, clipping: str, grad_sample_mode: str, data_loader: DataLoader
-) -> bool:
-    """Whether ``module`` is data-parallel; raise for a combination that cannot be private."""
-    kind = _distributed_kind(module)
-    if kind is None:
-        return False
-    if kind == "FSDP":
-        raise NotImplementedError(
-            "make_private got an FSDP model; dp_torch supports data parallelism through DPDDP or "
-            "torch DistributedDataParallel only (Opacus' ghost_fsdp mode is not provided)."
-        )
-    dp_distributed.require_process_group(f"make_private with a {kind} model")
-    get_optimizer_class(clipping=clipping, distributed=True, grad_sample_mode=grad_sample_mode)
-    ddp = _torch_ddp(module)
-    if ddp is not None:
-        dp_distributed.check_ddp(ddp)
-    if isinstance(data_loader, DPDataLoader) and not data_loader.distributed:
-        raise ValueError(
-            f"make_private got a {kind} model with a non-distributed DPDataLoader: every rank "
-            "would sample the whole data set, so an example could be used by several ranks in "
-            "one step and the accounting would be wrong. Pass the plain DataLoader (make_private "
-            "builds the distributed one) or DPDataLoader(..., distributed=True)."
-        )
-    return True
-
-
-def _check_bound(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite number > 0, got {value!r}.")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-
-
-def _check_max_grad_norm(max_grad_norm: Any, clipping: str, optimizer: optim.Optimizer) -> None:
-    if clipping == "per_layer" and isinstance(max_grad_norm, (list, tuple)):
-        for i, bound in enumerate(max_grad_norm):
-            _check_bound(bound, f"max_grad_norm[{i}]")
-    try:
-        core_clipping.clipping_spec("flat" if clipping == "adaptive" else clipping, max_grad_norm)
-    except TypeError as err:
-        if clipping == "per_layer":
-            raise ValueError(
-                f'clipping="per_layer" needs max_grad_norm as a list with one bound per trainable '
-                f"parameter of the optimizer, got {max_grad_norm!r}; pass e.g. [1.0] * "
-                "len(list(model.parameters()))."
-            ) from None
-        raise ValueError(
-            f"clipping={clipping!r} needs max_grad_norm as one float > 0, got {max_grad_norm!r}; "
-            'for one bound per parameter use clipping="per_layer".'
-        ) from err
-    if clipping == "per_layer":
-        n_params = len(_trainable_params(optimizer))
-        if len(max_grad_norm) != n_params:
-            raise ValueError(
-                f'clipping="per_layer": max_grad_norm has {len(max_grad_norm)} bounds but the '
-                f"optimizer has {n_params} trainable parameters; pass one bound per parameter, "
-                "in the optimizer's parameter order."
-            )
-
-
-def _check_optimizer_kwargs(
-    kwargs: Mapping[str, Any],
-    clipping: str,
-    noise_multiplier: float,
-    max_grad_norm: Any,
-    expected_batch_size: Optional[int],
-) -> None:
-    if clipping != "adaptive":
-        if kwargs:
-            raise TypeError(
-                f"make_private got unexpected keyword arguments {sorted(kwargs)} for "
-                f"clipping={clipping!r}; {list(_ADAPTIVE_KWARGS)} belong to "
-                'clipping="adaptive", and no other extra argument is accepted.'
-            )
-        return
-    unknown = sorted(set(kwargs) - set(_ADAPTIVE_KWARGS))
-    missing = [name for name in _ADAPTIVE_KWARGS if name not in kwargs]
-    if unknown or missing:
-        raise TypeError(
-            f'clipping="adaptive" takes exactly the keyword arguments {list(_ADAPTIVE_KWARGS)} '
-            f"(as Opacus' AdaClipDPOptimizer); missing {missing}, unexpected {unknown}."
-        )
-    if expected_batch_size is None:
-        raise ValueError(
-            'clipping="adaptive" needs expected_batch_size = int(len(dataset) * sample_rate) >= 1; '
-            "use a data loader with fewer, larger batches."
-        )
-    spec = core_clipping.AdaptiveClipping(initial_max_grad_norm=max_grad_norm, **kwargs)
-    spec.gradient_noise_multiplier(noise_multiplier, expected_batch_size)
-
-
-def _dataset_size(data_loader: DataLoader) -> int:
-    try:
-        size = len(data_loader.dataset)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(
-            f"data_loader.dataset ({type(data_loader.dataset).__name__}) has no len(); private "
-            "training needs a map-style dataset of known size."
-        ) from None
-    if size < 1:
-        raise ValueError("data_loader.dataset is empty; private training needs at least one example.")
-    return size
-
-
-def _sample_rate(data_loader: DataLoader) -> float:
-    """The logical sampling rate: the loader's own for a ``DPDataLoader``, else ``1/len``."""
-    if isinstance(data_loader, DPDataLoader):
-        return data_loader.sample_rate
-    try:
-        n_batches = len(data_loader)
-    except TypeError:
-        raise ValueError(
-            "len(data_loader) is undefined; the sampling rate is 1 / len(data_loader), so use a "
-            "DataLoader over a map-style dataset with a batch_size."
-        ) from None
-    if n_batches < 1:
-        raise ValueError(f"data_loader has {n_batches} batches; it needs at least one.")
-    return 1.0 / n_batches
-
-
-def _expected_batch_size(
-    num_samples: int, sample_rate: float, loss_reduction: str
-) -> Optional[int]:
-    try:
-        return core_sampling.expected_batch_size(num_samples, sample_rate)
-    except ValueError:
-        if loss_reduction == "sum":
-            return None  # not needed: "sum" never divides
-        raise
-
-
-def _steps_for_epochs(epochs: Any, steps_per_epoch: int) -> int:
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real):
-        raise TypeError(f"epochs must be a number > 0, got {epochs!r}.")
-    if not (math.isfinite(epochs) and epochs > 0):
-        raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}.")
-    total = float(epochs) * steps_per_epoch
-    nearest = round(total)
-    steps = nearest if abs(total - nearest) < 1e-9 * max(1.0, total) else math.ceil(total)
-    return max(1, int(steps))
-
-
-def _calibration_kwarg_names(accountant: Any) -> set[str]:
-    """Keyword arguments of ``accountant.get_epsilon`` (besides ``delta``), plus ``epsilon_tolerance``."""
-    names = {"epsilon_tolerance"}
-    for name, param in inspect.signature(accountant.get_epsilon).parameters.items():
-        if name != "delta" and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
-            names.add(name)
-    return names
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """What ``make_private`` will build, decided before anything is changed."""
-
-    optimizer: optim.Optimizer
-    criterion: Any
-    distributed: bool
-    sample_rate: float
-    expected_batch_size: Optional[int]
-
-
-# --------------------------------------------------------------------------- checkpoint helpers
-
-
-def _generator_state(optimizer: DPOptimizer) -> dict[str, Any]:
-    """The state of the optimizer's noise source, tagged with its kind."""
-    generator = optimizer.generator
-    if optimizer.secure_mode:
-        return {"kind": "secure"}
-    if isinstance(generator, torch.Generator):
-        return {"kind": "torch.Generator", "state": generator.get_state()}
-    if isinstance(generator, core_noise.NoiseSource):
-        return {"kind": "NoiseSource", "state": generator.state_dict()}
-    cuda = sorted({p.device.index or 0 for p in optimizer.params if p.device.type == "cuda"})
-    return {
-        "kind": "default",
-        "cpu": torch.get_rng_state(),
-        "cuda": {index: torch.cuda.get_rng_state(index) for index in cuda},
-    }
-
-
-def _restore_generator(optimizer: DPOptimizer, saved: Mapping[str, Any]) -> Callable[[], None]:
-    """Check that ``saved`` fits the optimizer's noise source; return the function that loads it."""
-    kind = saved.get("kind") if isinstance(saved, Mapping) else None
-    generator = optimizer.generator
-    if optimizer.secure_mode or kind == "secure":
-        return lambda: None  # OS entropy has no state; a secure run never takes a seeded one
-    current = (
-        "torch.Generator" if isinstance(generator, torch.Generator)
-        else "NoiseSource" if isinstance(generator, core_noise.NoiseSource)
-        else "default"
-    )
-    if kind != current:
-        raise ValueError(
-            f"the checkpoint's noise came from a {kind!r} source but this optimizer's noise "
-            f"generator is {current!r}; pass the same kind of noise_generator to make_private "
-            "(a torch.Generator, a dpcore.noise.NoiseSource, or None for torch's default "
-            "generator) before load_checkpoint."
-        )
-    if kind == "torch.Generator":
-        return lambda: generator.set_state(saved["state"])
-    if kind == "NoiseSource":
-        return lambda: generator.load_state_dict(saved["state"])
-
-    def restore_default() -> None:
-        torch.set_rng_state(saved["cpu"])
-        for index, state in saved.get("cuda", {}).items():
-            torch.cuda.set_rng_state(state, index)
-
-    return restore_default
-
-
-def _dp_optimizer_state(optimizer: DPOptimizer) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "class": type(optimizer).__name__,
-        "noise_multiplier": optimizer.noise_multiplier,
-        "num_nonfinite_grad_samples": optimizer.num_nonfinite_grad_samples,
-        "noise_generator": _generator_state(optimizer),
-    }
-    if isinstance(optimizer, DPPerLayerOptimizer):
-        state["max_grad_norms"] = list(optimizer.max_grad_norms)
-    else:
-        state["max_grad_norm"] = optimizer.max_grad_norm  # the adaptive bound for AdaClip
-    return state
-
-
-def _stateful_sampler(data_loader: Optional[DataLoader]) -> Any:
-    """The Poisson batch sampler behind ``data_loader`` (through BatchMemoryManager), or ``None``."""
-    sampler = getattr(data_loader, "batch_sampler", None)
-    while sampler is not None:
-        if callable(getattr(sampler, "state_dict", None)) and callable(
-            getattr(sampler, "load_state_dict", None)
-        ):
-            return sampler
-        sampler = getattr(sampler, "sampler", None)
-    return None
-
-
-def _process_rank() -> int:
-    """This process's rank (0 without an initialised process group)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
-def _toggle_ddp_prefix(key: str) -> str:
-    """``key`` with the ``module.`` of a DDP wrapper added or removed (after a GSM's ``_module.``)."""
-    head = "_module." if key.startswith("_module.") else ""
-    rest = key[len(head):]
-    if rest.startswith("module."):
-        return head + rest[len("module."):]
-    return head + "module." + rest
-
-
-def _match_ddp_prefix(saved: Any, module: nn.Module) -> Any:
-    """``saved`` re-keyed across a DDP wrapper's ``module.`` prefix when that makes the keys match.
-
-    A checkpoint of ``GradSampleModule(DPDDP(net))`` has keys ``_module.module.*``, one of
-    ``GradSampleModule(net)`` has ``_module.*``; either loads into the other. Anything else
-    is returned unchanged (and ``load_state_dict`` reports the mismatch as usual).
-    """
-    if not isinstance(saved, Mapping):
-        return saved
-    target = set(module.state_dict().keys())
-    if set(saved) == target:
-        return saved
-    toggled = {_toggle_ddp_prefix(k): v for k, v in saved.items()}
-    if len(toggled) == len(saved) and set(toggled) == target:
-        return type(saved)(toggled) if isinstance(saved, dict) else toggled
-    return saved
-
-
-def _module_snapshot(module: nn.Module) -> dict[str, Any]:
-    return {
-        k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-        for k, v in module.state_dict().items()
-    }
-
-
-def _apply_all(steps: list[tuple[Callable[[], Any], Callable[[], None], Callable[[Any], None]]]) -> None:
-    """Run ``(snapshot, apply, restore)`` steps in order; on an error undo the done ones."""
-    done: list[tuple[Callable[[Any], None], Any]] = []
-    try:
-        for snapshot, apply, restore in steps:
-            saved = snapshot()
-            done.append((restore, saved))
-            apply()
-    except BaseException:
-        for restore, saved in reversed(done):
-            restore(saved)
-        raise
 
 
 # --------------------------------------------------------------------------- engine
@@ -647,7 +226,9 @@ class PrivacyEngine:
         """
         self.validate(module=module, optimizer=None, data_loader=None)
         if wrap_model and isinstance(module, AbstractGradSampleModule):
-            _check_existing_wrapper(module, batch_first, loss_reduction, grad_sample_mode, max_grad_norm)
+            checks.check_existing_wrapper(
+                module, batch_first, loss_reduction, grad_sample_mode, max_grad_norm
+            )
             return module
         kwargs: dict[str, Any] = {"batch_first": batch_first, "loss_reduction": loss_reduction}
         if grad_sample_mode == "ghost":
@@ -694,7 +275,7 @@ class PrivacyEngine:
         **kwargs: Any,
     ) -> DPOptimizer:
         """Wrap ``optimizer`` in the DP optimizer class for ``clipping`` and ``grad_sample_mode``."""
-        optimizer = _unwrap_optimizer(optimizer)
+        optimizer = checks.unwrap_optimizer(optimizer)
         optim_class = get_optimizer_class(
             clipping=clipping, distributed=distributed, grad_sample_mode=grad_sample_mode
         )
@@ -735,90 +316,20 @@ class PrivacyEngine:
             "new_engine.accountant.load_state_dict(old_engine.accountant.state_dict())."
         )
 
-    def _plan(
-        self,
-        *,
-        module: Any,
-        optimizer: Any,
-        data_loader: Any,
-        criterion: Any,
-        noise_multiplier: Any,
-        max_grad_norm: Any,
-        batch_first: Any,
-        loss_reduction: Any,
-        poisson_sampling: Any,
-        clipping: Any,
-        noise_generator: Any,
-        grad_sample_mode: Any,
-        wrap_model: Any,
-        rand_on_empty: Any,
-        optimizer_kwargs: Mapping[str, Any],
-    ) -> _Plan:
-        """Validate every ``make_private`` argument; change nothing."""
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
-        base_optimizer = _unwrap_optimizer(optimizer)
-        _check_data_loader(data_loader)
-        for name, value in (
-            ("batch_first", batch_first),
-            ("poisson_sampling", poisson_sampling),
-            ("wrap_model", wrap_model),
-            ("rand_on_empty", rand_on_empty),
-        ):
-            check_bool(value, name)
-        check_choice(loss_reduction, "loss_reduction", _LOSS_REDUCTIONS,
-                      " It must be the reduction of your loss over the batch.")
-        check_choice(clipping, "clipping", _CLIPPINGS)
-        check_choice(grad_sample_mode, "grad_sample_mode", _GRAD_SAMPLE_MODES,
-                      " (Opacus' 'ghost_fsdp' and 'ghost_tp' are not provided.)")
-        check_mode_arguments(grad_sample_mode, wrap_model=wrap_model, batch_first=batch_first)
-        if grad_sample_mode == "ghost" and clipping != "flat":
-            raise ValueError(
-                f'grad_sample_mode="ghost" supports only clipping="flat", got clipping={clipping!r}; '
-                'use grad_sample_mode="hooks" for per-layer or adaptive clipping.'
-            )
-        _check_noise_generator(noise_generator, self.secure_mode)
-        core_noise.noise_std(noise_multiplier, 1.0)  # validates noise_multiplier
-        _check_max_grad_norm(max_grad_norm, clipping, base_optimizer)
-        _check_parameters(module, base_optimizer)
-        distributed = _check_distributed(module, clipping, grad_sample_mode, data_loader)
-        if isinstance(data_loader.dataset, IterableDataset) and poisson_sampling:
-            raise ValueError(
-                "Poisson sampling needs a map-style dataset; data_loader.dataset is an "
-                "IterableDataset. Use a map-style Dataset (with __len__ and __getitem__)."
-            )
-        if self.secure_mode and not poisson_sampling:
-            raise ValueError(
-                "secure_mode=True requires poisson_sampling=True: a shuffled or sequential "
-                "DataLoader draws its order from torch's seedable RNG, and the accountant's "
-                "guarantee assumes Poisson batches anyway."
-            )
-        if self.secure_mode and isinstance(data_loader, DPDataLoader) and not getattr(
-            data_loader.batch_sampler, "secure_mode", False
-        ):
-            raise ValueError(
-                "secure_mode=True was given a DPDataLoader whose sampler is not secure (seeded or "
-                "pseudo-random); pass the original DataLoader and let make_private build a "
-                "secure DPDataLoader."
-            )
-        num_samples = _dataset_size(data_loader)
-        sample_rate = _sample_rate(data_loader)
-        expected_batch_size = _expected_batch_size(num_samples, sample_rate, loss_reduction)
-        _check_optimizer_kwargs(
-            optimizer_kwargs, clipping, noise_multiplier, max_grad_norm, expected_batch_size
-        )
-        if wrap_model and isinstance(module, AbstractGradSampleModule):
-            _check_existing_wrapper(module, batch_first, loss_reduction, grad_sample_mode, max_grad_norm)
-        criterion = _check_criterion(criterion, grad_sample_mode, loss_reduction)
-        self._check_dataset(data_loader.dataset)
-        self.validate(module=module, optimizer=None, data_loader=None)
-        return _Plan(
-            optimizer=base_optimizer,
-            criterion=criterion,
-            distributed=distributed,
-            sample_rate=sample_rate,
-            expected_batch_size=expected_batch_size,
-        )
+    def _plan(self, **arguments: Any) -> checks.Plan:
+        """Validate every ``make_private`` argument; change nothing.
+
+        Args:
+            **arguments: ``make_private``'s arguments, the extra keywords as
+                ``optimizer_kwargs`` (see :func:`dp_torch._engine_checks.plan_make_private`).
+
+        Returns:
+            What ``make_private`` will build.
+        """
+        plan = checks.plan_make_private(secure_mode=self.secure_mode, **arguments)
+        self._check_dataset(arguments["data_loader"].dataset)
+        self.validate(module=arguments["module"], optimizer=None, data_loader=None)
+        return plan
 
     def make_private(
         self,
@@ -951,7 +462,7 @@ class PrivacyEngine:
                     module=wrapped, optimizer=dp_optimizer, criterion=plan.criterion,
                     loss_reduction=loss_reduction,
                 )
-            ddp = _torch_ddp(module)
+            ddp = checks.torch_ddp(module)
             if ddp is not None:
                 dp_distributed.disable_gradient_sync(ddp)  # last: a DDP hook cannot be removed
         except BaseException:
@@ -1033,15 +544,17 @@ class PrivacyEngine:
                 f"target_epsilon={target_epsilon!r}. Use a new PrivacyEngine for a new budget, or "
                 "make_private(noise_multiplier=...) to continue with a multiplier of your choice."
             )
-        _check_data_loader(data_loader)
-        steps = _steps_for_epochs(epochs, len(data_loader))
-        calibration_names = _calibration_kwarg_names(self.accountant)
+        checks.check_data_loader(data_loader)
+        n_batches = len(data_loader)
+        sample_rate = checks.sample_rate(data_loader)
+        steps = core_sampling.steps_for_epochs(epochs, n_batches)
+        calibration_names = checks.calibration_kwarg_names(self.accountant)
         calibration = {k: v for k, v in kwargs.items() if k in calibration_names}
         rest = {k: v for k, v in kwargs.items() if k not in calibration_names}
         noise_multiplier = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=target_delta,
-            sample_rate=_sample_rate(data_loader),
+            sample_rate=sample_rate,
             steps=steps,
             accountant=self.accountant.mechanism(),
             **calibration,
@@ -1089,8 +602,9 @@ class PrivacyEngine:
 
         Written with ``torch.save``: the module's and optimizer's state dicts, the
         accountant's history (the privacy ledger), the schedulers' states, the DP
-        optimizer's noise multiplier, clipping bound(s) (the current adaptive bound
-        included) and noise-generator state (a ``torch.Generator``'s state, a
+        optimizer's settings (:meth:`~dp_torch.optimizers.DPOptimizer.dp_state_dict`:
+        noise multiplier, clipping bound(s) with the current adaptive bound, expected
+        batch size, and noise-generator state: a ``torch.Generator``'s state, a
         ``NoiseSource``'s state, or torch's default generator when none was given;
         nothing in secure mode), the Poisson sampler's position, and the user's
         ``checkpoint_dict`` entries. Save between logical steps, with a loader
@@ -1121,37 +635,13 @@ class PrivacyEngine:
             ValueError: On a user key that clashes with an engine key, or when called
                 in the middle of a logical batch (``BatchMemoryManager`` chunks).
         """
-        user = dict(checkpoint_dict or {})
-        clash = sorted(set(user) & set(CHECKPOINT_KEYS))
-        if clash:
-            raise ValueError(
-                f"checkpoint_dict uses reserved keys {clash}; rename them (the engine writes "
-                f"{list(CHECKPOINT_KEYS)})."
-            )
-        if optimizer is not None and getattr(optimizer, "_is_last_step_skipped", False):
-            raise ValueError(
-                "save_checkpoint was called in the middle of a logical batch (the optimizer holds "
-                "clipped gradients of skipped BatchMemoryManager chunks, which a checkpoint does not "
-                "keep); save after the optimizer step that adds the noise."
-            )
-        if _distributed_kind(module) is not None and _process_rank() != 0:
-            return  # rank 0 writes; the ranks hold the same module, optimizer and ledger
-        checkpoint = dict(user)
-        checkpoint["dp_torch_checkpoint_version"] = _CHECKPOINT_VERSION
-        checkpoint["module_state_dict"] = module.state_dict(**(module_state_dict_kwargs or {}))
-        checkpoint["privacy_accountant_state_dict"] = self.accountant.state_dict()
-        if optimizer is not None:
-            checkpoint["optimizer_state_dict"] = optimizer.state_dict()
-            if isinstance(optimizer, DPOptimizer):
-                checkpoint["dp_optimizer_state_dict"] = _dp_optimizer_state(optimizer)
-        if noise_scheduler is not None:
-            checkpoint["noise_scheduler_state_dict"] = noise_scheduler.state_dict()
-        if grad_clip_scheduler is not None:
-            checkpoint["grad_clip_scheduler_state_dict"] = grad_clip_scheduler.state_dict()
-        sampler = _stateful_sampler(data_loader if data_loader is not None else self._data_loader)
-        if sampler is not None:
-            checkpoint["data_loader_sampler_state_dict"] = sampler.state_dict()
-        torch.save(checkpoint, path, **(torch_save_kwargs or {}))
+        _checkpoint.save_checkpoint(
+            path=path, accountant=self.accountant, module=module, optimizer=optimizer,
+            schedulers=_schedulers(noise_scheduler, grad_clip_scheduler),
+            checkpoint_dict=checkpoint_dict, module_state_dict_kwargs=module_state_dict_kwargs,
+            torch_save_kwargs=torch_save_kwargs,
+            data_loader=data_loader if data_loader is not None else self._data_loader,
+        )
 
     def load_checkpoint(
         self,
@@ -1214,190 +704,19 @@ class PrivacyEngine:
                 state is present (as Opacus), or when the checkpoint has a sampler
                 position but there is no loader to restore it into.
         """
-        load_kwargs = {"weights_only": True, **(torch_load_kwargs or {})}
-        checkpoint = torch.load(path, **load_kwargs)
-        if not isinstance(checkpoint, Mapping) or not {
-            "module_state_dict", "privacy_accountant_state_dict"
-        } <= set(checkpoint):
-            raise ValueError(
-                f"{path!r} is not a PrivacyEngine checkpoint: it needs the keys "
-                "'module_state_dict' and 'privacy_accountant_state_dict'."
-            )
-        steps = self._checkpoint_steps(
-            checkpoint, module, optimizer, noise_scheduler, grad_clip_scheduler,
-            module_load_dict_kwargs or {}, data_loader,
-        )
-        _apply_all(steps)
-        return {k: v for k, v in checkpoint.items() if k not in CHECKPOINT_KEYS}
-
-    def _checkpoint_steps(
-        self,
-        checkpoint: Mapping[str, Any],
-        module: nn.Module,
-        optimizer: Optional[DPOptimizer],
-        noise_scheduler: Optional[_NoiseScheduler],
-        grad_clip_scheduler: Optional[_GradClipScheduler],
-        module_kwargs: dict[str, Any],
-        data_loader: Optional[DataLoader],
-    ) -> list:
-        """Validate what can be validated up front; return ``(snapshot, apply, restore)`` steps."""
-        accountant_state = checkpoint["privacy_accountant_state_dict"]
-        if not isinstance(accountant_state, Mapping) or "history" not in accountant_state:
-            raise ValueError("the checkpoint's privacy_accountant_state_dict has no 'history'.")
-        validate_history(accountant_state["history"])
-        acc = self.accountant
-        module_state = _match_ddp_prefix(checkpoint["module_state_dict"], module)
-        steps: list = [
-            (lambda: _module_snapshot(module),
-             lambda: module.load_state_dict(module_state, **module_kwargs),
-             module.load_state_dict),
-            (acc.state_dict, lambda: acc.load_state_dict(accountant_state), acc.load_state_dict),
-        ]
-        optimizer_state = checkpoint.get("optimizer_state_dict")
-        if (optimizer is not None) != (optimizer_state is not None):
-            warnings.warn(
-                f"the checkpoint {'has' if optimizer_state is not None else 'has no'} optimizer "
-                f"state but optimizer={'None' if optimizer is None else 'given'}; the optimizer "
-                "state is not restored.",
-                UserWarning,
-                stacklevel=3,
-            )
-        if optimizer is not None and optimizer_state is not None:
-            steps.append((lambda: copy.deepcopy(optimizer.state_dict()),
-                          lambda: optimizer.load_state_dict(optimizer_state),
-                          optimizer.load_state_dict))
-        dp_state = checkpoint.get("dp_optimizer_state_dict")
-        if isinstance(optimizer, DPOptimizer) and dp_state is not None:
-            steps.append(_dp_optimizer_step(optimizer, dp_state, module))
-        for scheduler, key in ((noise_scheduler, "noise_scheduler_state_dict"),
-                               (grad_clip_scheduler, "grad_clip_scheduler_state_dict")):
-            if scheduler is not None and key in checkpoint:
-                steps.append(_scheduler_step(scheduler, checkpoint[key]))
-        sampler_state = checkpoint.get("data_loader_sampler_state_dict")
-        if sampler_state is not None:
-            sampler = _stateful_sampler(data_loader if data_loader is not None else self._data_loader)
-            if sampler is None:
-                warnings.warn(
-                    "the checkpoint holds the Poisson sampler's position but there is no data loader "
-                    "to restore it into; call make_private before load_checkpoint (or pass "
-                    "data_loader=) to continue with the same batches.",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            else:
-                steps.append((sampler.state_dict, lambda: sampler.load_state_dict(sampler_state),
-                              sampler.load_state_dict))
-        return steps
-
-
-# --------------------------------------------------------------------------- helpers (engine)
-
-
-def _check_existing_wrapper(
-    module: AbstractGradSampleModule,
-    batch_first: bool,
-    loss_reduction: str,
-    grad_sample_mode: str,
-    max_grad_norm: Any,
-) -> None:
-    expected = get_gsm_class(grad_sample_mode)
-    mismatch = (
-        module.batch_first != batch_first
-        or module.loss_reduction != loss_reduction
-        or type(module) is not expected
-        or (grad_sample_mode == "ghost" and getattr(module, "max_grad_norm", None) != max_grad_norm)
-        or (grad_sample_mode != "ghost" and isinstance(module, GradSampleModule)
-            and module.force_functorch != (grad_sample_mode == "functorch"))
-    )
-    if mismatch:
-        raise ValueError(
-            "Pre-existing GradSampleModule doesn't match the new arguments: it has "
-            f"type={type(module).__name__}, batch_first={module.batch_first}, "
-            f"loss_reduction={module.loss_reduction!r}"
-            + (f", max_grad_norm={module.max_grad_norm!r}" if hasattr(module, "max_grad_norm") else "")
-            + f"; requested grad_sample_mode={grad_sample_mode!r} ({expected.__name__}), "
-            f"batch_first={batch_first}, loss_reduction={loss_reduction!r}"
-            + (f", max_grad_norm={max_grad_norm!r}" if grad_sample_mode == "ghost" else "")
-            + ". Pass the plain nn.Module instead."
+        return _checkpoint.load_checkpoint(
+            path=path, accountant=self.accountant, module=module, optimizer=optimizer,
+            schedulers=_schedulers(noise_scheduler, grad_clip_scheduler),
+            module_load_dict_kwargs=module_load_dict_kwargs, torch_load_kwargs=torch_load_kwargs,
+            data_loader=data_loader if data_loader is not None else self._data_loader,
         )
 
 
-def _check_criterion(criterion: Any, grad_sample_mode: str, loss_reduction: str) -> Any:
-    if criterion is None:
-        return nn.CrossEntropyLoss(reduction=loss_reduction)
-    if not callable(criterion):
-        raise TypeError(f"criterion must be callable (a loss), got {type(criterion).__name__}.")
-    reduction = getattr(criterion, "reduction", loss_reduction)
-    if grad_sample_mode == "ghost" and reduction != loss_reduction:
-        raise ValueError(
-            f"criterion.reduction={reduction!r} differs from loss_reduction={loss_reduction!r}; "
-            "ghost clipping needs them equal (pass a criterion with the same reduction)."
-        )
-    return criterion
-
-
-def _dp_optimizer_step(optimizer: DPOptimizer, saved: Any, module: Any) -> tuple:
-    """Checkpoint step restoring the DP optimizer's settings and noise generator.
-
-    A ghost-clipping module clips inside the backward pass with its own bound, which
-    must stay the optimizer's bound (the noise is scaled by the latter): it is
-    restored together with the optimizer's.
-    """
-    if not isinstance(saved, Mapping) or "noise_multiplier" not in saved:
-        raise ValueError("the checkpoint's dp_optimizer_state_dict is malformed.")
-    per_layer = isinstance(optimizer, DPPerLayerOptimizer)
-    key = "max_grad_norms" if per_layer else "max_grad_norm"
-    if key not in saved:
-        raise ValueError(
-            f"the checkpoint was written by a {saved.get('class')} but this optimizer is a "
-            f"{type(optimizer).__name__}; use the same clipping mode as the saved run."
-        )
-    core_noise.noise_std(saved["noise_multiplier"], 1.0)
-    if per_layer:
-        core_clipping.per_layer_noise_norm(saved[key])
-        if len(saved[key]) != len(optimizer.max_grad_norms):
-            raise ValueError(
-                f"the checkpoint has {len(saved[key])} per-layer bounds, this optimizer "
-                f"{len(optimizer.max_grad_norms)}."
-            )
-    else:
-        core_noise.noise_std(1.0, saved[key])
-    restore_generator = _restore_generator(optimizer, saved.get("noise_generator", {}))
-    ghost = module if isinstance(module, GradSampleHooksFastGradientClipping) else None
-
-    def snapshot() -> dict[str, Any]:
-        state = _dp_optimizer_state(optimizer)
-        state["module_max_grad_norm"] = None if ghost is None else ghost.max_grad_norm
-        return state
-
-    def apply() -> None:
-        optimizer.noise_multiplier = saved["noise_multiplier"]
-        if per_layer:
-            optimizer.max_grad_norms = [float(c) for c in saved[key]]
-        else:
-            optimizer.max_grad_norm = saved[key]
-            if ghost is not None:
-                ghost.max_grad_norm = float(saved[key])
-        optimizer.num_nonfinite_grad_samples = int(saved.get("num_nonfinite_grad_samples", 0))
-        restore_generator()
-
-    def restore(state: dict[str, Any]) -> None:
-        optimizer.noise_multiplier = state["noise_multiplier"]
-        if per_layer:
-            optimizer.max_grad_norms = state["max_grad_norms"]
-        else:
-            optimizer.max_grad_norm = state["max_grad_norm"]
-        if ghost is not None:
-            ghost.max_grad_norm = state["module_max_grad_norm"]
-        optimizer.num_nonfinite_grad_samples = state["num_nonfinite_grad_samples"]
-        _restore_generator(optimizer, state["noise_generator"])()
-
-    return snapshot, apply, restore
-
-
-def _scheduler_step(scheduler: Any, saved: Any) -> tuple:
-    if not isinstance(saved, Mapping):
-        raise ValueError(f"a scheduler state in the checkpoint is not a dict: {type(saved).__name__}.")
-    return (lambda: copy.deepcopy(scheduler.state_dict()),
-            lambda: scheduler.load_state_dict(dict(saved)),
-            scheduler.load_state_dict)
+def _schedulers(
+    noise_scheduler: Optional[_NoiseScheduler], grad_clip_scheduler: Optional[_GradClipScheduler]
+) -> dict[str, Any]:
+    """The schedulers by checkpoint key, in the order they are saved and restored."""
+    return {
+        "noise_scheduler_state_dict": noise_scheduler,
+        "grad_clip_scheduler_state_dict": grad_clip_scheduler,
+    }

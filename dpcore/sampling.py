@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dpcore._checks import check_int, check_num_steps, check_sample_rate
+from dpcore.checks import check_choice, check_int, check_num_steps, check_sample_rate
 
 __all__ = [
     "DistributedPoissonSampler",
@@ -42,6 +42,7 @@ __all__ = [
     "pad_to_buckets",
     "poisson_batches",
     "shard_plan",
+    "steps_for_epochs",
     "steps_per_epoch",
 ]
 
@@ -113,7 +114,9 @@ def _validated_bit_generator_state(state: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- helpers
 
 
-def expected_batch_size(num_samples: int, sample_rate: float) -> int:
+def expected_batch_size(
+    num_samples: int, sample_rate: float, loss_reduction: str = "mean"
+) -> int | None:
     """Expected batch size ``int(num_samples * sample_rate)`` (DESIGN section 3).
 
     This is the denominator of ``loss_reduction="mean"``; it is public (it does
@@ -124,16 +127,24 @@ def expected_batch_size(num_samples: int, sample_rate: float) -> int:
     Args:
         num_samples: Number of examples in the data set, ``>= 1``.
         sample_rate: Poisson sampling rate ``q`` with ``0 < q <= 1``.
+        loss_reduction: ``"mean"`` (default) or ``"sum"``. ``"sum"`` never divides
+            by the expected batch size, so there a product that truncates to 0
+            gives ``None`` instead of an error.
 
     Returns:
-        ``int(num_samples * sample_rate)``, at least 1.
+        ``int(num_samples * sample_rate)``, at least 1; ``None`` only for
+        ``loss_reduction="sum"`` when the product truncates to 0.
 
     Raises:
-        ValueError: If the product truncates to 0.
+        ValueError: If the product truncates to 0 with ``loss_reduction="mean"``,
+            or ``loss_reduction`` is neither ``"mean"`` nor ``"sum"``.
     """
+    check_choice(loss_reduction, "loss_reduction", ("mean", "sum"))
     n = check_int(num_samples, "num_samples", 1)
     q = check_sample_rate(sample_rate)
     size = int(n * q)
+    if size == 0 and loss_reduction == "sum":
+        return None
     if size == 0:
         raise ValueError(
             f"expected batch size int(num_samples * sample_rate) = int({n} * {q!r}) is 0; "
@@ -141,6 +152,37 @@ def expected_batch_size(num_samples: int, sample_rate: float) -> int:
             f'loss_reduction="sum", which does not divide by the expected batch size.'
         )
     return size
+
+
+def steps_for_epochs(epochs: float, epoch_steps: int) -> int:
+    """Number of steps in ``epochs`` epochs of ``epoch_steps`` steps each.
+
+    ``epochs * epoch_steps`` rounded up, except that a product within a relative
+    ``1e-9`` of an integer is that integer (``epochs=3 / 17`` of 85 steps is 15
+    steps, not 16, although floating point gives ``15.000000000000002``); at
+    least 1. Used to calibrate the noise for the number of steps a run takes.
+
+    Args:
+        epochs: Planned number of epochs, a finite number ``> 0`` (fractions allowed).
+        epoch_steps: Steps per epoch, an integer ``>= 1`` (e.g. ``len(data_loader)``
+            or :func:`steps_per_epoch`).
+
+    Returns:
+        The step count, ``>= 1``.
+
+    Raises:
+        TypeError: If ``epochs`` is not a real number or ``epoch_steps`` not an integer.
+        ValueError: If ``epochs`` is not finite and ``> 0``, or ``epoch_steps < 1``.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real):
+        raise TypeError(f"epochs must be a number > 0, got {epochs!r}.")
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}.")
+    per_epoch = check_int(epoch_steps, "epoch_steps", 1)
+    total = float(epochs) * per_epoch
+    nearest = round(total)
+    steps = nearest if abs(total - nearest) < 1e-9 * max(1.0, total) else math.ceil(total)
+    return max(1, int(steps))
 
 
 def steps_per_epoch(sample_rate: float) -> int:

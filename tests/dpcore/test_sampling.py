@@ -26,6 +26,7 @@ from dpcore.sampling import (
     pad_to_buckets,
     poisson_batches,
     shard_plan,
+    steps_for_epochs,
     steps_per_epoch,
 )
 
@@ -82,6 +83,52 @@ def test_expected_batch_size_zero_raises_with_advice() -> None:
         expected_batch_size(10.0, 0.5)
     with pytest.raises(ValueError, match="sample_rate"):
         expected_batch_size(10, 0.0)
+
+
+def test_expected_batch_size_sum_reduction_allows_zero() -> None:
+    assert expected_batch_size(100, 0.001, "sum") is None  # "sum" never divides by it
+    assert expected_batch_size(100, 0.29, "sum") == 28 == expected_batch_size(100, 0.29, "mean")
+    with pytest.raises(ValueError, match="loss_reduction must be one of 'mean', 'sum', got 'avg'"):
+        expected_batch_size(100, 0.5, "avg")
+    with pytest.raises(ValueError, match="sample_rate"):
+        expected_batch_size(100, 0.0, "sum")  # invalid input still raises
+
+
+@pytest.mark.parametrize(
+    "epochs, epoch_steps, steps",
+    [(1, 7, 7), (2.5, 3, 8), (0.5, 7, 4), (1e-6, 3, 1), (3 / 17, 85, 15), (3 / 11, 55, 15)],
+)
+def test_steps_for_epochs_rounds_up_except_near_integers(
+    epochs: float, epoch_steps: int, steps: int
+) -> None:
+    assert steps_for_epochs(epochs, epoch_steps) == steps
+    product = epochs * epoch_steps
+    if abs(product - round(product)) > 1e-6:
+        assert steps == max(1, math.ceil(product))  # the closed form away from integers
+
+
+def test_steps_for_epochs_near_integer_is_not_one_too_many() -> None:
+    assert 3 / 17 * 85 > 15  # floating point lands just above 15
+    assert steps_for_epochs(3 / 17, 85) == 15
+
+
+@pytest.mark.parametrize(
+    "epochs, epoch_steps, error, match",
+    [
+        (True, 3, TypeError, "epochs must be a number"),
+        ("2", 3, TypeError, "epochs must be a number"),
+        (0, 3, ValueError, "epochs must be a finite number > 0, got 0"),
+        (math.inf, 3, ValueError, "epochs must be a finite number > 0, got inf"),
+        (math.nan, 3, ValueError, "epochs must be a finite number"),
+        (1.0, 0, ValueError, "epoch_steps must be an integer >= 1, got 0"),
+        (1.0, 2.0, TypeError, "epoch_steps must be an integer"),
+    ],
+)
+def test_steps_for_epochs_rejects_bad_arguments(
+    epochs: object, epoch_steps: object, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        steps_for_epochs(epochs, epoch_steps)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
