@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch is pinned to the CPU build that lies on this machine's disk (see README).
+# The torch release the suite is tested with (a CPU wheel keeps the install small).
 TORCH_PIN := torch==2.13.0
 
 .PHONY: demo test test-quick bench venv

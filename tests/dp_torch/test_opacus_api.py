@@ -39,109 +39,52 @@ README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 SECTION = "## Differs from Opacus on purpose"
 
 #: Opacus path (module, or canonical ``module.Class.method`` / ``module.function``) -> reason.
-#: A module entry covers everything under it. Kept equal to the README section.
+#: A module entry covers everything under it. Kept equal to the README section (the long
+#: form of each reason is in docs/opacus_differences.md).
 DIFFERS_ON_PURPOSE: dict[str, str] = {
-    "opacus.lightning": (
-        "Opacus' PyTorch Lightning integration needs `pytorch_lightning`, which is not a "
-        "dependency of dp-parity; the plain PyTorch training loop is supported."
-    ),
-    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping_fsdp": (
-        "FSDP support (a sharded parameter clipped by the norm over all its shards and "
-        "noised once) is planned as its own piece of work; `make_private` refuses an FSDP "
-        "model with `NotImplementedError` until then."
-    ),
-    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping_tp": (
-        "tensor-parallel ghost clipping shards parameters too and comes with the FSDP work."
-    ),
-    "opacus.optimizers.fsdpoptimizer_fast_gradient_clipping": (
-        "the FSDP optimizer comes with the FSDP work."
-    ),
-    "opacus.utils.fsdp_utils": "FSDP helpers come with the FSDP work.",
-    "opacus.accountants.analysis.prv": (
-        "the working objects of Opacus' PRV accountant (`Domain`, `DiscretePRV`, "
-        "`discretize`, `compose_heterogeneous`, ...). dp_torch's `PRVAccountant` is "
-        "`dpcore`'s: the same method and constants (Gopi et al. 2021), but the Fourier "
-        "composition runs on a proven spectral cut-off without a discretised domain object, "
-        "so these internals have no counterpart. The accountant's public API is Opacus'."
-    ),
-    "opacus.utils.adaptive_clipping": (
-        "adaptive clipping with ghost clipping. Opacus' version divides the noised "
-        "unclipped count by the realised Poisson batch size, which leaks privacy (its own "
-        "comment says so), and rescales the optimizer's noise from outside it; adaptive "
-        'clipping is `make_private(clipping="adaptive")` (`AdaClipDPOptimizer`, hooks '
-        "mode), which uses the expected batch size."
-    ),
-    "opacus.accountants.accountant.IAccountant.get_epsilon": (
-        "declared as `get_epsilon(delta, **kwargs)`, without Opacus' `*args`: every "
-        "accountant's options have names (`alphas`, `eps_error`, `poisson`, ...), and the "
-        "RDP and PRV accountants refuse names they do not know (below)."
-    ),
-    "opacus.accountants.rdp.RDPAccountant.get_epsilon": (
-        "no `**kwargs`: an unknown keyword raises `TypeError` instead of being ignored, so "
-        "a misspelled option cannot go unnoticed."
-    ),
-    "opacus.accountants.prv.PRVAccountant.get_epsilon": (
-        "no `**kwargs`: an unknown keyword (a misspelled `eps_error`, say) raises "
-        "`TypeError` instead of being ignored."
-    ),
-    "opacus.grad_sample.grad_sample_module.GradSampleHooks.capture_activations_hook": (
-        "a forward hook called by torch, not by users: dp_torch registers it with keyword "
-        "inputs (`with_kwargs=True`) and pairs each call's inputs with a gradient hook on "
-        "that call's own output, so it takes `(module, args, kwargs, output)`."
-    ),
-    "opacus.grad_sample.grad_sample_module.GradSampleHooks.capture_backprops_hook": (
-        "Opacus' module backward hook; dp_torch captures each call's backprops with a "
-        "gradient hook on the call's output instead, so a forward pass that is never "
-        "backpropagated cannot shift the pairing of later calls."
-    ),
-    "opacus.grad_sample.grad_sample_module.GradSampleHooks.rearrange_grad_samples": (
-        "an internal step of the backward hook; dp_torch's takes the recorded call and its "
-        "backprops (the batch dimension and the `mean` factor come from the record)."
-    ),
-    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping."
-    "GradSampleHooksFastGradientClipping.capture_activations_hook": (
-        "as `GradSampleHooks.capture_activations_hook`."
-    ),
-    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping."
-    "GradSampleHooksFastGradientClipping.capture_backprops_hook": (
-        "as `GradSampleHooks.capture_backprops_hook`."
-    ),
-    "opacus.optimizers.ddpoptimizer.DistributedDPOptimizer.reduce_gradients": (
-        "Opacus all-reduces `p.grad` in a step of its own after the noise; dp_torch's "
-        "`add_noise` adds the noise on rank 0 and all-reduces the sums in one step, before "
-        "scaling and before the accountant's hook, so a failed collective raises "
-        "`DistributedStepError` with nothing applied."
-    ),
-    "opacus.optimizers.ddpoptimizer_fast_gradient_clipping."
-    "DistributedDPOptimizerFastGradientClipping.reduce_gradients": (
-        "as `DistributedDPOptimizer.reduce_gradients`."
-    ),
-    "opacus.layers.dp_multihead_attention.DPMultiheadAttention.forward": (
-        "follows `torch.nn.MultiheadAttention.forward` (with `average_attn_weights` before "
-        "`is_causal`), so it stays a drop-in for the layer `ModuleValidator.fix` replaces; "
-        "Opacus drops `average_attn_weights`."
-    ),
-    "opacus.layers.dp_multihead_attention.DPMultiheadAttention.state_dict": (
-        "follows `torch.nn.Module.state_dict` (`*args`, then keyword-only `destination`, "
-        "`prefix`, `keep_vars`; torch deprecates passing them by position)."
-    ),
-    "opacus.layers.dp_multihead_attention.DPMultiheadAttention.unsqueeze_0_2": (
-        "a helper of Opacus' `state_dict`; dp_torch renames the state dict with hooks and "
-        "needs no such method."
-    ),
-    "opacus.layers.dp_rnn.DPRNNBase.forward": (
-        "the second parameter is `torch.nn`'s `hx` (positional or keyword) and Opacus' "
-        "`state_init` is accepted as a keyword, so every Opacus call (and every torch.nn "
-        "call) works."
-    ),
-    "opacus.layers.param_rename.RenameParamsMixin.load_state_dict": (
-        "the mixin renames through state-dict hooks, so the layers using it keep "
-        "`nn.Module.load_state_dict` (with `assign`) and need no override."
-    ),
-    "opacus.layers.param_rename.filter_out_old_keys": (
-        "a state-dict hook of Opacus' renaming, which registers every parameter twice; "
-        "dp_torch keeps each parameter in one place and renames only the state dict."
-    ),
+    "opacus.lightning": "needs `pytorch_lightning`, which is not a dependency.",
+    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping_fsdp":
+        "FSDP is planned work; `make_private` refuses an FSDP model until then.",
+    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping_tp":
+        "tensor parallelism comes with the FSDP work.",
+    "opacus.optimizers.fsdpoptimizer_fast_gradient_clipping": "comes with the FSDP work.",
+    "opacus.utils.fsdp_utils": "comes with the FSDP work.",
+    "opacus.accountants.analysis.prv":
+        "internals of Opacus' PRV code; dpcore's PRV accountant has no such objects.",
+    "opacus.utils.adaptive_clipping":
+        'divides by the realised batch size, which leaks it; use `make_private(clipping="adaptive")`.',
+    "opacus.accountants.accountant.IAccountant.get_epsilon":
+        "every option has a name; no `*args`.",
+    "opacus.accountants.rdp.RDPAccountant.get_epsilon":
+        "an unknown keyword raises instead of being ignored.",
+    "opacus.accountants.prv.PRVAccountant.get_epsilon":
+        "an unknown keyword raises instead of being ignored.",
+    "opacus.grad_sample.grad_sample_module.GradSampleHooks.capture_activations_hook":
+        "a forward hook with keyword inputs: `(module, args, kwargs, output)`.",
+    "opacus.grad_sample.grad_sample_module.GradSampleHooks.capture_backprops_hook":
+        "backprops come from a gradient hook on each call's own output.",
+    "opacus.grad_sample.grad_sample_module.GradSampleHooks.rearrange_grad_samples":
+        "takes the recorded call and its backprops.",
+    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping.GradSampleHooksFastGradientClipping.capture_activations_hook":
+        "as `GradSampleHooks.capture_activations_hook`.",
+    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping.GradSampleHooksFastGradientClipping.capture_backprops_hook":
+        "as `GradSampleHooks.capture_backprops_hook`.",
+    "opacus.optimizers.ddpoptimizer.DistributedDPOptimizer.reduce_gradients":
+        "the all-reduce is part of `add_noise`, before scaling and accounting.",
+    "opacus.optimizers.ddpoptimizer_fast_gradient_clipping.DistributedDPOptimizerFastGradientClipping.reduce_gradients":
+        "as `DistributedDPOptimizer.reduce_gradients`.",
+    "opacus.layers.dp_multihead_attention.DPMultiheadAttention.forward":
+        "follows `nn.MultiheadAttention.forward` (keeps `average_attn_weights`).",
+    "opacus.layers.dp_multihead_attention.DPMultiheadAttention.state_dict":
+        "follows `nn.Module.state_dict`.",
+    "opacus.layers.dp_multihead_attention.DPMultiheadAttention.unsqueeze_0_2":
+        "not needed: state dicts are renamed by hooks.",
+    "opacus.layers.dp_rnn.DPRNNBase.forward":
+        "the second parameter is torch's `hx`; `state_init` is accepted as a keyword.",
+    "opacus.layers.param_rename.RenameParamsMixin.load_state_dict":
+        "renaming goes through state-dict hooks; no override needed.",
+    "opacus.layers.param_rename.filter_out_old_keys":
+        "renaming goes through state-dict hooks; each parameter is kept once.",
 }
 
 #: Differences that are not on purpose: work still to do. Opacus path -> what is missing.
