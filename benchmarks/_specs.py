@@ -20,7 +20,7 @@ class ModelSpec:
     Attributes:
         name: Key used by ``build_model``.
         title: Human-readable description for reports (without the sequence length).
-        batch: Batch size of REFERENCE.md's table (the GPU batch).
+        batch: Batch size of the published reference table (the GPU batch).
         seq_len: Sequence length for token models, else ``None``.
         vocab: Vocabulary size for token models, else ``None``.
         num_classes: Number of output classes.

@@ -1,7 +1,7 @@
 """DP-SGD step time in JAX: non-private, dp_jax and optax's contrib DP-SGD, side by side.
 
 For each of the four flax models of :mod:`benchmarks.models_flax` (MLP, CNN, LSTM,
-transformer; REFERENCE.md's shapes, twins of :mod:`benchmarks.models`) this script times,
+transformer; the reference table's shapes, twins of :mod:`benchmarks.models`) this script times,
 in one run, one jitted training step (plain SGD everywhere, learning rate 1e-3) of:
 
 * ``nonprivate``: ``jax.grad`` of the batch-mean cross-entropy of the batched model (no

@@ -1,4 +1,4 @@
-"""The four benchmark models (PyTorch), with the shapes of REFERENCE.md's speed table.
+"""The four benchmark models (PyTorch), with the shapes of the published reference speed table.
 
 Each architecture is described exactly so that a flax twin can be written from the
 docstring alone. Conventions: ``Linear(a, b)`` is ``y = x W^T + b`` with a bias,

@@ -1,7 +1,7 @@
 """DP-SGD step time and peak memory: non-private, dp_torch and Opacus 1.6, side by side.
 
 For each of the four models of :mod:`benchmarks.models` (MLP, CNN, LSTM, transformer;
-REFERENCE.md's shapes) this script measures, in one run, one training step
+the reference table's shapes) this script measures, in one run, one training step
 (``zero_grad``, forward, loss, backward, ``optimizer.step()``; plain SGD everywhere) of:
 
 * ``nonprivate``: the plain model and ``torch.optim.SGD``;

@@ -1,6 +1,6 @@
 """Data-parallel DP training across processes (Opacus' ``opacus.distributed``).
 
-How one DP-SGD step runs on ``W`` ranks (DESIGN section 3, identical to one
+How one DP-SGD step runs on ``W`` ranks (docs/design.md, Semantics; identical to one
 process training on the union of the ranks' batches):
 
 1. every rank samples its shard of the data set with the *global* Poisson rate

@@ -2,8 +2,8 @@
 
 Mirrors ``opacus.privacy_engine`` (Opacus 1.x API: ``make_private``,
 ``make_private_with_epsilon``, ``get_epsilon``, ``save_checkpoint``,
-``load_checkpoint``). What one step means is fixed by :mod:`dpcore` (DESIGN
-section 3): each example's gradient is clipped to ``max_grad_norm`` (L2 over all
+``load_checkpoint``). What one step means is fixed by :mod:`dpcore` (docs/design.md,
+Semantics): each example's gradient is clipped to ``max_grad_norm`` (L2 over all
 trainable parameters), the clipped sum gets ``N(0, (noise_multiplier * C)**2)``
 noise once per logical step, ``loss_reduction="mean"`` divides by
 ``expected_batch_size = int(N * sample_rate)`` (never the realised batch size),

@@ -117,7 +117,7 @@ def _validated_bit_generator_state(state: Any) -> dict[str, Any]:
 def expected_batch_size(
     num_samples: int, sample_rate: float, loss_reduction: str = "mean"
 ) -> int | None:
-    """Expected batch size ``int(num_samples * sample_rate)`` (DESIGN section 3).
+    """Expected batch size ``int(num_samples * sample_rate)`` (docs/design.md, Semantics).
 
     This is the denominator of ``loss_reduction="mean"``; it is public (it does
     not depend on the realised batch, whose size would leak information).
@@ -339,7 +339,7 @@ class UniformWithReplacementSampler(PoissonSampler):
     In Opacus, "uniform with replacement" means every batch is an independent
     Poisson draw (each example included with probability ``sample_rate``), which
     is exactly :class:`PoissonSampler`. One difference from Opacus: the default
-    ``steps`` is ``round(1 / q)`` (DESIGN section 3), not ``int(1 / q)``.
+    ``steps`` is ``round(1 / q)`` (docs/design.md, Semantics), not ``int(1 / q)``.
     Batches are numpy ``int64`` arrays; a PyTorch ``DataLoader`` accepts them as
     index lists.
     """

@@ -45,7 +45,7 @@ __all__ = [
     "create_norm_sample",
 ]
 
-#: Constant added to the norm in the clip factor (DESIGN section 3, Opacus).
+#: Constant added to the norm in the clip factor (docs/design.md, Semantics; as in Opacus).
 CLIP_EPSILON = 1e-6
 
 

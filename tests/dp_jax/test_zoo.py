@@ -17,7 +17,7 @@ and the :class:`dp_jax.PrivacyEngine` step with noise 0. In ghost mode the tests
 assert which parameters took the ghost path (:func:`dp_jax.ghost_plan`), so a fall-back to
 vmap cannot pass for ghost clipping, and a parameter ghost clipping cannot handle exactly
 (LoRA factors, the tied table, convolutions, normalisation layers) must fall back. A
-bfloat16 model checks the precision rule of DESIGN section 3 (float32 norms and factors).
+bfloat16 model checks the precision rule of docs/design.md (float32 norms and factors).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_engine_step_with_zero_noise_takes_the_clipped_sum(name, mode):
 
 @pytest.mark.parametrize("mode,rtol", [("vmap", 1e-5), ("ghost", 1e-3)])
 def test_bfloat16_model_is_clipped_with_float32_norms(mode, rtol):
-    # DESIGN section 3, precision: norms and clip factors are float32 or wider whatever the
+    # docs/design.md, precision: norms and clip factors are float32 or wider whatever the
     # model's dtype. Norms summed in bfloat16 were off by up to 1% here, and so were the
     # clip factors: a clipped example could exceed the bound. vmap clips the bfloat16
     # per-example gradients (rtol: float32 rounding); ghost forms A^T G in float32 from

@@ -1,7 +1,7 @@
 """dp_torch.accountants: Opacus' names and module paths, and the engine's ledger.
 
 Oracles: the dpcore accountants fed the same history, and published figures
-(Opacus 1.6 accountant tests, see shared/REFERENCE.md).
+(the figures of Opacus 1.6's accountant tests).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every snippet of the Opacus 1.x migration guide, with ``opacus`` replaced by ``dp_torch``.
 
-One test per section of shared/seed/opacus-1x-migration-guide.txt. The snippets are
+One test per section of the Opacus 1.x migration guide. The snippets are
 kept as close to the guide's text as possible (its names, its numbers); the guide
 leaves the model, the data and the training loop to the reader, so those are filled
 in with a small network and a synthetic data set.

@@ -70,7 +70,7 @@ def test_uniform_and_poisson_agree_for_large_noise(sigma: float) -> None:
 
 
 def test_known_under_report_warns_loudly() -> None:
-    # REFERENCE.md: sigma 0.5, q 0.002, 5000 steps, delta 1e-7: CLT ~5.6, tight ~9.6.
+    # Published figure: sigma 0.5, q 0.002, 5000 steps, delta 1e-7: CLT ~5.6, tight ~9.6.
     acc = GDPAccountant()
     acc.step(noise_multiplier=0.5, sample_rate=0.002, num_steps=5000)
     with pytest.warns(GDPUnderReportWarning, match=r"true epsilon is at least 9\.\d"):
