@@ -23,14 +23,17 @@ Public API:
   (participation counts ``~ Binomial(T, q)``, batch sizes ``~ Binomial(N, q)``).
 
 Simultaneous confidence. The bounds take the best of many threshold tests, so the
-significance is split (Bonferroni) over every one-sided confidence statement that
-the reported maximum relies on. With ``thresholds=None`` the statements are indexed
-by the possible *counts* (``0..n`` positives on each side, one statement per count
-and per direction); a count-indexed Clopper-Pearson statement covers every threshold
-that yields that count, so the bound stays valid however the candidate thresholds
-were chosen, even from the scores themselves. With explicit ``thresholds`` fixed
-before looking at the scores, the split is over those thresholds instead when that
-is smaller.
+significance is split (Bonferroni) over every one-sided Clopper-Pearson statement the
+reported maximum relies on: an upper bound on the false positive rate and a lower
+bound on the true positive rate per threshold (the mirrored rates are their
+complements, ``TNR = 1 - FPR`` and ``FNR = 1 - TPR``, and add no statements). With
+``thresholds=None`` the statements are indexed by the possible *counts* instead
+(``n_in + 1`` plus ``n_out + 1`` of them): the Clopper-Pearson bound for ``k`` of
+``n`` is exactly the confidence bound of the order statistic that ends the run of
+thresholds giving count ``k``, so one statement per count covers every threshold at
+once, and the bound stays valid however the candidate thresholds were chosen, even
+from the scores themselves. With explicit ``thresholds`` fixed before looking at the
+scores, the split is over ``2 * len(thresholds)`` statements when that is smaller.
 
 Guarantee:
     If the mechanism satisfies the (epsilon, delta)-DP claim being audited (for
@@ -183,7 +186,7 @@ def _check_scores(scores: Any, name: str) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(array))
     if bad.size:
         raise ValueError(
-            f"{name} must be finite, got {array[bad[0]]!r} at index {int(bad[0])} "
+            f"{name} must be finite, got {float(array[bad[0]])!r} at index {int(bad[0])} "
             f"({bad.size} non-finite in all); drop or fix those canaries' scores."
         )
     return array
@@ -225,36 +228,38 @@ def _cp_lower(k: np.ndarray, n: int, level: float) -> np.ndarray:
     return np.where(k <= 0, 0.0, stats.beta.ppf(level, safe, n - safe + 1))
 
 
-def _num_statements(
-    n_in: int, n_out: int, thresholds: np.ndarray | None, per_threshold: int
-) -> int:
-    by_counts = (per_threshold // 2) * (n_in + 1 + n_out + 1)
+def _num_statements(n_in: int, n_out: int, thresholds: np.ndarray | None) -> int:
+    by_counts = n_in + 1 + n_out + 1
     if thresholds is None:
         return by_counts
-    return min(by_counts, per_threshold * thresholds.size)
+    return min(by_counts, 2 * thresholds.size)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Rates:
-    thresholds: np.ndarray
+    """Confidence bounds at each threshold; the mirrored rates are their complements
+    (``TNR_lb = 1 - FPR_ub``, ``FNR_ub = 1 - TPR_lb``), so they add no statements."""
+
     tpr_lb: np.ndarray
     fpr_ub: np.ndarray
-    tnr_lb: np.ndarray
-    fnr_ub: np.ndarray
+
+    @property
+    def tnr_lb(self) -> np.ndarray:
+        return 1.0 - self.fpr_ub
+
+    @property
+    def fnr_ub(self) -> np.ndarray:
+        return 1.0 - self.tpr_lb
 
 
 def _rates(
     in_scores: np.ndarray, out_scores: np.ndarray, thresholds: np.ndarray, level: float
 ) -> _Rates:
-    n_in, n_out = in_scores.size, out_scores.size
     tp = _at_or_above(np.sort(in_scores), thresholds)
     fp = _at_or_above(np.sort(out_scores), thresholds)
     return _Rates(
-        thresholds=thresholds,
-        tpr_lb=_cp_lower(tp, n_in, level),
-        fpr_ub=_cp_upper(fp, n_out, level),
-        tnr_lb=_cp_lower(n_out - fp, n_out, level),
-        fnr_ub=_cp_upper(n_in - tp, n_in, level),
+        tpr_lb=_cp_lower(tp, in_scores.size, level),
+        fpr_ub=_cp_upper(fp, out_scores.size, level),
     )
 
 
@@ -319,7 +324,7 @@ def clopper_pearson_bound(
         in_scores, out_scores, delta, significance, thresholds
     )
     candidates = _candidates(ins, outs) if fixed is None else fixed
-    count = _num_statements(ins.size, outs.size, fixed, per_threshold=4)
+    count = _num_statements(ins.size, outs.size, fixed)
     rates = _rates(ins, outs, candidates, significance / count)
     values = np.stack([
         _log_ratio(rates.tpr_lb - delta, rates.fpr_ub),
@@ -382,7 +387,7 @@ def gdp_bound(
         in_scores, out_scores, delta, significance, thresholds
     )
     candidates = _candidates(ins, outs) if fixed is None else fixed
-    count = _num_statements(ins.size, outs.size, fixed, per_threshold=2)
+    count = _num_statements(ins.size, outs.size, fixed)
     rates = _rates(ins, outs, candidates, significance / count)
     mus = special.ndtri(1.0 - rates.fpr_ub) - special.ndtri(rates.fnr_ub)
     best = int(np.argmax(mus))
