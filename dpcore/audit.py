@@ -88,7 +88,8 @@ class AuditBound:
         threshold: The score threshold of the best test (``score >= threshold``
             guesses "in"); ``None`` when no test gave a positive bound.
         tpr_lb: Lower confidence bound on the true positive rate of the best test
-            (for the mirrored direction, on the true negative rate).
+            (for the mirrored direction, on the true negative rate; for the GDP
+            method, ``1 - FNR_ub``).
         fpr_ub: Upper confidence bound on the false positive rate of the best test
             (for the mirrored direction, on the false negative rate).
         significance: Probability that the bound is wrong for a mechanism that
@@ -504,10 +505,13 @@ def one_run_bound(
 ) -> OneRunBound:
     """The largest epsilon that the one-run audit rejects at ``significance``.
 
-    Finds the largest ``eps`` with ``one_run_p_value(m, r, v, eps, delta) <=
-    significance`` (by bracketing and Brent's method; the p-value grows with
-    ``eps``). The numbers of guesses must be chosen before seeing the scores;
-    choosing the best of several ``r`` needs the significance split over them.
+    Finds, by doubling from ``eps = 1`` and Brent's method, the first ``eps`` where
+    ``one_run_p_value(m, r, v, eps, delta)`` reaches ``significance``, stepped down by
+    the root tolerance so that its p-value is at most ``significance``. Rejecting
+    (eps, delta)-DP also rejects every smaller eps (an eps'-DP mechanism with
+    ``eps' < eps`` is eps-DP), so the result is a lower bound. The numbers of guesses
+    must be chosen before seeing the scores; choosing the best of several ``r``
+    needs the significance split over them.
 
     Args:
         num_canaries: ``m``, canaries each included independently with probability 1/2.
@@ -533,7 +537,11 @@ def one_run_bound(
         high = 1.0
         while gap(high) > 0 and high < 1024.0:
             high *= 2.0
-        epsilon = high if gap(high) > 0 else float(optimize.brentq(gap, 0.0, high, xtol=1e-9))
+        if gap(high) > 0:
+            epsilon = high
+        else:
+            root = float(optimize.brentq(gap, 0.0, high, xtol=1e-10))
+            epsilon = max(0.0, root - 1e-9)
     return OneRunBound(epsilon, m, r, v, significance, delta)
 
 

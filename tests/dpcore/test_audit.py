@@ -151,7 +151,8 @@ def test_false_alarms_at_most_what_significance_allows() -> None:
     for seed in range(20):
         ins, outs = _gaussian_scores(mu, 2000, seed=100 + seed)
         counts += [
-            audit.clopper_pearson_bound(ins, outs, delta=delta, significance=sig).epsilon > true_eps,
+            audit.clopper_pearson_bound(ins, outs, delta=delta, significance=sig).epsilon
+            > true_eps,
             audit.gdp_bound(ins, outs, delta=delta, significance=sig).epsilon > true_eps,
             audit.clopper_pearson_bound(
                 ins, outs, delta=delta, significance=sig, thresholds=[t]
@@ -175,7 +176,8 @@ def test_epsilon_at_deltas_inverts_the_gdp_delta_curve() -> None:
     epsilons = audit.epsilon_at_deltas(mu, deltas)
     assert list(epsilons) == sorted(epsilons)
     for eps, delta in zip(epsilons, deltas):
-        curve = stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+        norm = stats.norm.cdf
+        curve = norm(-eps / mu + mu / 2) - math.exp(eps) * norm(-eps / mu - mu / 2)
         assert curve == pytest.approx(delta, rel=1e-6)
     assert audit.epsilon_at_deltas(0.0, [1e-5]) == (0.0,)
 
@@ -204,6 +206,9 @@ def test_one_run_p_value_is_the_binomial_tail_plus_the_delta_term() -> None:
 def test_one_run_bound_shrinks_as_delta_grows() -> None:
     bounds = [audit.one_run_bound(10_000, 400, 390, delta=d).epsilon for d in (1e-9, 1e-6, 1e-4)]
     assert bounds[0] > bounds[1] > bounds[2] >= 0.0
+    # The returned epsilon is itself rejected: its p-value is at most the significance.
+    bound = audit.one_run_bound(10_000, 400, 390, delta=1e-6)
+    assert audit.one_run_p_value(10_000, 400, 390, bound.epsilon, 1e-6) <= bound.significance
 
 
 def test_one_run_bound_below_true_epsilon_and_grows_with_m() -> None:
@@ -333,6 +338,8 @@ def test_audit_imports_no_framework() -> None:
         "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'torch', 'jax', 'jaxlib', 'flax', 'optax', 'dp_torch', 'dp_jax', 'tensorflow'})))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
