@@ -1,29 +1,31 @@
 """dp_jax: differentially private training in JAX, optax-style.
 
-Per-example gradients by ``jax.vmap(jax.grad(...))`` or ghost clipping (norms
-from layer inputs and output gradients, no per-example gradients), DP aggregation as optax
-gradient transformations, Poisson batches padded to a few fixed shapes for
-``jax.jit``, a ``PrivacyEngine`` with the accountants of :mod:`dpcore`, flax
-(linen and nnx) helpers, model validation, checkpoints, and data-parallel
-training over a ``jax.sharding`` mesh (one host or many).
+The top level holds what a user starts with: :class:`PrivacyEngine`, the DP
+optimizers :func:`dp_sgd`, :func:`dp_adam` and :func:`dp_aggregate`, the
+clipped-gradient functions :func:`clipped_grad` and :func:`ghost_clipped_grad`,
+Poisson batches (:func:`poisson_batches`), flax helpers (:func:`linen_loss`,
+:func:`nnx_loss`), model validation (:func:`validate`, :func:`fix`) and
+:func:`data_mesh`. The rest lives in three public submodules:
+
+* :mod:`dp_jax.transforms`: every DP optax transformation and its state;
+* :mod:`dp_jax.distributed`: data-parallel training over a ``jax.sharding`` mesh;
+* :mod:`dp_jax.checkpoint`: checkpoints of a private run.
+
+Compatibility: every name those submodules hold is also resolved at the top
+level (``dp_jax.dp_accumulate_sums``, ``dp_jax.save_checkpoint``, ...) by a
+module ``__getattr__``, silently, so code written against the former flat
+namespace keeps working; new code should import them from the submodules.
 """
 
-from dp_jax._checkpoint import load_checkpoint
-from dp_jax._checkpoint import load_pytree
-from dp_jax._checkpoint import save_checkpoint
-from dp_jax._checkpoint import save_pytree
+from typing import Any
+
+from dp_jax import checkpoint
+from dp_jax import distributed
+from dp_jax import transforms
 from dp_jax._data import PhysicalChunk
 from dp_jax._data import PoissonBatches
 from dp_jax._data import ShuffledBatches
 from dp_jax._data import poisson_batches
-from dp_jax._distributed import ShardedBatches
-from dp_jax._distributed import data_mesh
-from dp_jax._distributed import make_sharded_step
-from dp_jax._distributed import pad_to_multiple
-from dp_jax._distributed import psum_clipped
-from dp_jax._distributed import replicate
-from dp_jax._distributed import shard_batch
-from dp_jax._distributed import sharded_clipped_grad
 from dp_jax._engine import PrivacyEngine
 from dp_jax._engine import PrivateTraining
 from dp_jax._engine import TrainState
@@ -38,26 +40,10 @@ from dp_jax._grads import ClipAux
 from dp_jax._grads import clip_per_example
 from dp_jax._grads import clipped_grad
 from dp_jax._grads import per_example_grads
-from dp_jax._transforms import AdaptiveClipState
-from dp_jax._transforms import ClipAggregateState
-from dp_jax._transforms import DPAccumulateAdaptiveState
-from dp_jax._transforms import DPAccumulateState
-from dp_jax._transforms import DPAggregateState
-from dp_jax._transforms import DPMultiStepsState
-from dp_jax._transforms import NoiseState
-from dp_jax._transforms import adaptive_clip_update
-from dp_jax._transforms import add_gaussian_noise
-from dp_jax._transforms import clip_and_aggregate
-from dp_jax._transforms import current_hyperparams
-from dp_jax._transforms import dp_accumulate
-from dp_jax._transforms import dp_accumulate_sums
-from dp_jax._transforms import dp_accumulate_sums_adaptive
+from dp_jax._mesh import data_mesh
 from dp_jax._transforms import dp_adam
 from dp_jax._transforms import dp_aggregate
-from dp_jax._transforms import dp_aggregate_adaptive
-from dp_jax._transforms import dp_multi_steps
 from dp_jax._transforms import dp_sgd
-from dp_jax._transforms import noise_from_normals
 from dp_jax._validate import GroupNormLinen
 from dp_jax._validate import UnsupportedModuleError
 from dp_jax._validate import fix
@@ -65,59 +51,60 @@ from dp_jax._validate import is_valid
 from dp_jax._validate import validate
 
 __all__ = [
-    "AdaptiveClipState",
-    "ClipAggregateState",
     "ClipAux",
-    "DPAccumulateAdaptiveState",
-    "DPAccumulateState",
-    "DPAggregateState",
-    "DPMultiStepsState",
     "GhostPlan",
     "GroupNormLinen",
-    "NoiseState",
     "PhysicalChunk",
     "PoissonBatches",
     "PrivacyEngine",
     "PrivateTraining",
-    "ShardedBatches",
     "ShuffledBatches",
     "TrainState",
     "UnsupportedModuleError",
-    "adaptive_clip_update",
-    "add_gaussian_noise",
-    "clip_and_aggregate",
+    "checkpoint",
     "clip_per_example",
     "clipped_grad",
-    "current_hyperparams",
     "data_mesh",
-    "dp_accumulate",
-    "dp_accumulate_sums",
-    "dp_accumulate_sums_adaptive",
+    "distributed",
     "dp_adam",
     "dp_aggregate",
-    "dp_aggregate_adaptive",
-    "dp_multi_steps",
     "dp_sgd",
     "fix",
     "ghost_clipped_grad",
     "ghost_plan",
     "is_valid",
     "linen_loss",
-    "load_checkpoint",
-    "load_pytree",
-    "make_sharded_step",
     "nnx_loss",
     "nnx_merge",
     "nnx_split_params",
-    "noise_from_normals",
-    "pad_to_multiple",
     "per_example_grads",
     "poisson_batches",
-    "psum_clipped",
-    "replicate",
-    "save_checkpoint",
-    "save_pytree",
-    "shard_batch",
-    "sharded_clipped_grad",
+    "transforms",
     "validate",
 ]
+
+_COMPAT_MODULES = (transforms, distributed, checkpoint)
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve a name of the former flat namespace from its public submodule.
+
+    Args:
+        name: An attribute of :mod:`dp_jax` not defined at the top level.
+
+    Returns:
+        The object of that name in :mod:`dp_jax.transforms`,
+        :mod:`dp_jax.distributed` or :mod:`dp_jax.checkpoint`.
+
+    Raises:
+        AttributeError: If no submodule exports ``name``.
+    """
+    for module in _COMPAT_MODULES:
+        if name in module.__all__:
+            return getattr(module, name)
+    raise AttributeError(f"module 'dp_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The top-level names plus those resolved for compatibility."""
+    return sorted({*globals(), *(n for m in _COMPAT_MODULES for n in m.__all__)})

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dp_jax import _tree
+from dp_jax._types import PyTree
 from dpcore.accounting import Accountant
 from dpcore.ledger import Ledger
 
@@ -49,7 +50,7 @@ def _leaf_to_numpy(leaf: Any) -> tuple[np.ndarray, str | None]:
     return _tree.host_array(leaf), None
 
 
-def _flatten(tree: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _flatten(tree: PyTree) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     arrays, key_impls = {}, {}
     for i, leaf in enumerate(leaves):
@@ -94,12 +95,12 @@ def _unflatten(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], templa
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def save_pytree(path: PathOrFile, tree: Any, *, metadata: Mapping[str, Any] | None = None) -> None:
+def save_pytree(path: PathOrFile, tree: PyTree, *, metadata: Mapping[str, Any] | None = None) -> None:
     """Write ``tree``'s leaves and a JSON ``metadata`` document to one ``.npz`` file.
 
     Args:
         path: File path or binary file object.
-        tree: Any pytree of arrays (typed PRNG keys allowed).
+        tree: PyTree pytree of arrays (typed PRNG keys allowed).
         metadata: JSON-serialisable mapping stored alongside.
 
     Raises:

@@ -22,10 +22,17 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from dpcore._checks import check_int
+from dp_jax._types import PyTree
+from dpcore.checks import check_int
 from dpcore import sampling as core_sampling
 
-__all__ = ["PhysicalChunk", "PoissonBatches", "ShuffledBatches", "poisson_batches"]
+__all__ = [
+    "PhysicalChunk",
+    "PoissonBatches",
+    "ShuffledBatches",
+    "count_examples",
+    "poisson_batches",
+]
 
 _STATE_VERSION = 1
 
@@ -40,7 +47,7 @@ class PhysicalChunk(NamedTuple):
             which must contribute exactly zero to the gradient.
     """
 
-    batch: Any
+    batch: PyTree
     mask: np.ndarray
 
 
@@ -48,7 +55,7 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (np.ndarray, jax.Array))
 
 
-def _array_pytree_size(data: Any) -> int | None:
+def _array_pytree_size(data: PyTree) -> int | None:
     """``N`` if ``data`` is an array or a non-list pytree of arrays sharing axis 0, else None."""
     if isinstance(data, list):
         return None
@@ -69,13 +76,33 @@ def _array_pytree_size(data: Any) -> int | None:
     return sizes.pop()
 
 
-def _dataset_size(data: Any) -> int:
+def _dataset_size(data: PyTree) -> int:
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise TypeError(
             f"data must be an array, a pytree (dict/tuple) of arrays with a shared leading axis, "
             f"or an indexable dataset with __len__ and __getitem__; got {type(data).__name__}."
         )
     return len(data)
+
+
+def count_examples(data: PyTree) -> int:
+    """The number of examples ``N`` in ``data`` (arrays or an indexable dataset).
+
+    Args:
+        data: As :class:`PoissonBatches` takes it.
+
+    Returns:
+        ``N``.
+
+    Raises:
+        TypeError: If ``data`` is neither arrays nor an indexable dataset.
+        ValueError: If ``data`` is empty, its arrays disagree on ``N`` or a leaf is a scalar.
+    """
+    size = _array_pytree_size(data)
+    num_samples = size if size is not None else _dataset_size(data)
+    if num_samples < 1:
+        raise ValueError("data is empty; Poisson sampling needs at least one example.")
+    return num_samples
 
 
 def _stack_examples(examples: Sequence[Any]) -> Any:
@@ -96,89 +123,27 @@ def _seed_from_key(key: Any) -> int:
     return int(((bits[0] << np.uint64(31)) ^ bits[1]) & np.uint64((1 << 63) - 1))
 
 
-class PoissonBatches:
-    """An iterator over Poisson logical batches, each a list of fixed-shape chunks.
+class _ChunkedBatches:
+    """Logical batches of indices from a sampler, gathered and padded into fixed-shape chunks.
 
-    Iterating yields ``len(self)`` logical batches (one epoch of
-    ``round(1 / sample_rate)`` steps unless ``steps`` is given); each is a list of
-    one or more :class:`PhysicalChunk` ``(batch, mask)`` pairs. The concatenation of
-    the chunks' unmasked rows is exactly the Poisson batch that
-    :class:`dpcore.sampling.PoissonSampler` draws for the same ``seed``. A new
-    ``for`` loop continues the random stream (epochs differ); an epoch left
-    unfinished is resumed.
+    Subclasses set ``sampler`` (iterable of index arrays, with ``len`` and
+    ``state_dict``/``load_state_dict``), ``sample_rate``, ``buckets``,
+    ``secure_mode`` and ``max_physical_batch_size``.
 
     Args:
-        data: Either an array or a (non-list) pytree of arrays whose leaves share the
-            leading axis ``N`` (numpy or JAX; gathered with fancy indexing), or any
-            indexable dataset (``__len__`` and ``__getitem__`` returning a pytree per
-            example; a Python list counts as a dataset), whose examples are stacked
-            with numpy.
-        sample_rate: Poisson inclusion probability ``q`` in ``(0, 1]``.
-        steps: Logical batches per epoch (default ``round(1 / q)``).
-        seed: Non-negative integer seed of the index stream (reproducible, not secure).
-        key: A JAX PRNG key to derive the seed from instead of ``seed``.
-        secure_mode: Draw the indices from OS entropy (refuses ``seed`` and ``key``).
-        max_physical_batch_size: Largest chunk; bigger batches are split.
-        buckets: Explicit strictly increasing bucket sizes; default
-            ``dpcore.sampling.bucket_sizes(int(N * q), max_physical_batch_size=...)``.
-
-    Attributes:
-        num_samples: ``N``.
-        sample_rate: ``q``.
-        buckets: The bucket sizes (the only leading-axis sizes a chunk can have).
-        sampler: The underlying :class:`dpcore.sampling.PoissonSampler`.
-
-    Raises:
-        TypeError: If ``data`` is neither arrays nor an indexable dataset.
-        ValueError: On an invalid value, a ``seed``/``key`` in secure mode, or both of
-            ``seed`` and ``key``.
+        data: As :class:`PoissonBatches`.
     """
 
-    def __init__(
-        self,
-        data: Any,
-        sample_rate: float,
-        *,
-        steps: int | None = None,
-        seed: int | None = None,
-        key: Any = None,
-        secure_mode: bool = False,
-        max_physical_batch_size: int | None = None,
-        buckets: Sequence[int] | None = None,
-    ) -> None:
-        if seed is not None and key is not None:
-            raise ValueError(
-                f"poisson_batches got both seed={seed!r} and key={key!r}; pass only one of them."
-            )
-        if secure_mode is True and key is not None:
-            raise ValueError(
-                "key was given with secure_mode=True; secure sampling draws from OS entropy and "
-                "cannot be seeded. Pass key=None and seed=None."
-            )
-        size = _array_pytree_size(data)
-        self._is_arrays = size is not None
-        self.num_samples = size if size is not None else _dataset_size(data)
-        if self.num_samples < 1:
-            raise ValueError("data is empty; Poisson sampling needs at least one example.")
-        if key is not None:
-            seed = _seed_from_key(key)
-        sampler = core_sampling.PoissonSampler(
-            self.num_samples, sample_rate, steps=steps, seed=seed, secure_mode=secure_mode
-        )
-        if max_physical_batch_size is not None:
-            check_int(max_physical_batch_size, "max_physical_batch_size", 1)
-        if buckets is None:
-            m = max(1, int(self.num_samples * sampler.sample_rate))
-            sizes = core_sampling.bucket_sizes(m, max_physical_batch_size=max_physical_batch_size)
-        else:
-            sizes = core_sampling.check_buckets(buckets)
-            _check_bucket_cap(sizes, max_physical_batch_size)
+    sampler: Any
+    sample_rate: float
+    buckets: tuple[int, ...]
+    secure_mode: bool
+    max_physical_batch_size: int | None
+
+    def __init__(self, data: PyTree) -> None:
+        self.num_samples = count_examples(data)
+        self._is_arrays = _array_pytree_size(data) is not None
         self.data = data
-        self.sampler = sampler
-        self.sample_rate = sampler.sample_rate
-        self.secure_mode = secure_mode
-        self.buckets: tuple[int, ...] = tuple(sizes)
-        self.max_physical_batch_size = max_physical_batch_size
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -250,7 +215,88 @@ class PoissonBatches:
         self.sampler.load_state_dict(state_dict["sampler"])
 
 
-class ShuffledBatches(PoissonBatches):
+
+class PoissonBatches(_ChunkedBatches):
+    """An iterator over Poisson logical batches, each a list of fixed-shape chunks.
+
+    Iterating yields ``len(self)`` logical batches (one epoch of
+    ``round(1 / sample_rate)`` steps unless ``steps`` is given); each is a list of
+    one or more :class:`PhysicalChunk` ``(batch, mask)`` pairs. The concatenation of
+    the chunks' unmasked rows is exactly the Poisson batch that
+    :class:`dpcore.sampling.PoissonSampler` draws for the same ``seed``. A new
+    ``for`` loop continues the random stream (epochs differ); an epoch left
+    unfinished is resumed.
+
+    Args:
+        data: Either an array or a (non-list) pytree of arrays whose leaves share the
+            leading axis ``N`` (numpy or JAX; gathered with fancy indexing), or any
+            indexable dataset (``__len__`` and ``__getitem__`` returning a pytree per
+            example; a Python list counts as a dataset), whose examples are stacked
+            with numpy.
+        sample_rate: Poisson inclusion probability ``q`` in ``(0, 1]``.
+        steps: Logical batches per epoch (default ``round(1 / q)``).
+        seed: Non-negative integer seed of the index stream (reproducible, not secure).
+        key: A JAX PRNG key to derive the seed from instead of ``seed``.
+        secure_mode: Draw the indices from OS entropy (refuses ``seed`` and ``key``).
+        max_physical_batch_size: Largest chunk; bigger batches are split.
+        buckets: Explicit strictly increasing bucket sizes; default
+            ``dpcore.sampling.bucket_sizes(int(N * q), max_physical_batch_size=...)``.
+
+    Attributes:
+        num_samples: ``N``.
+        sample_rate: ``q``.
+        buckets: The bucket sizes (the only leading-axis sizes a chunk can have).
+        sampler: The underlying :class:`dpcore.sampling.PoissonSampler`.
+
+    Raises:
+        TypeError: If ``data`` is neither arrays nor an indexable dataset.
+        ValueError: On an invalid value, a ``seed``/``key`` in secure mode, or both of
+            ``seed`` and ``key``.
+    """
+
+    def __init__(
+        self,
+        data: PyTree,
+        sample_rate: float,
+        *,
+        steps: int | None = None,
+        seed: int | None = None,
+        key: Any = None,
+        secure_mode: bool = False,
+        max_physical_batch_size: int | None = None,
+        buckets: Sequence[int] | None = None,
+    ) -> None:
+        if seed is not None and key is not None:
+            raise ValueError(
+                f"poisson_batches got both seed={seed!r} and key={key!r}; pass only one of them."
+            )
+        if secure_mode is True and key is not None:
+            raise ValueError(
+                "key was given with secure_mode=True; secure sampling draws from OS entropy and "
+                "cannot be seeded. Pass key=None and seed=None."
+            )
+        super().__init__(data)
+        if key is not None:
+            seed = _seed_from_key(key)
+        sampler = core_sampling.PoissonSampler(
+            self.num_samples, sample_rate, steps=steps, seed=seed, secure_mode=secure_mode
+        )
+        if max_physical_batch_size is not None:
+            check_int(max_physical_batch_size, "max_physical_batch_size", 1)
+        if buckets is None:
+            m = max(1, int(self.num_samples * sampler.sample_rate))
+            sizes = core_sampling.bucket_sizes(m, max_physical_batch_size=max_physical_batch_size)
+        else:
+            sizes = core_sampling.check_buckets(buckets)
+            _check_bucket_cap(sizes, max_physical_batch_size)
+        self.sampler = sampler
+        self.sample_rate = sampler.sample_rate
+        self.secure_mode = secure_mode
+        self.buckets: tuple[int, ...] = tuple(sizes)
+        self.max_physical_batch_size = max_physical_batch_size
+
+
+class ShuffledBatches(_ChunkedBatches):
     """Shuffled fixed-size batches in the same chunk format (NOT Poisson sampling).
 
     For non-private baselines and ``make_private(poisson_sampling=False)``: each
@@ -268,26 +314,26 @@ class ShuffledBatches(PoissonBatches):
 
     def __init__(
         self,
-        data: Any,
+        data: PyTree,
         batch_size: int,
         *,
         seed: int | None = None,
         max_physical_batch_size: int | None = None,
     ) -> None:
-        super().__init__(data, 1.0, steps=1, seed=seed, buckets=[1])
-        sampler = core_sampling.ShuffledBatchSampler(self.num_samples, batch_size, seed=seed)
+        super().__init__(data)
+        self.sampler = core_sampling.ShuffledBatchSampler(self.num_samples, batch_size, seed=seed)
         top = batch_size
         if max_physical_batch_size is not None:
             top = min(batch_size, check_int(
                 max_physical_batch_size, "max_physical_batch_size", 1))
-        self.sampler = sampler  # type: ignore[assignment]
         self.sample_rate = batch_size / self.num_samples
+        self.secure_mode = False
         self.buckets = (top,)
         self.max_physical_batch_size = max_physical_batch_size
 
 
 def poisson_batches(
-    data: Any,
+    data: PyTree,
     sample_rate: float,
     *,
     steps: int | None = None,

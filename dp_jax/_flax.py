@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dp_jax._types import PyTree
+
 __all__ = ["linen_loss", "nnx_loss", "nnx_merge", "nnx_split_params"]
 
 LossSpec = Union[str, Callable[[Any, Any], Any]]
@@ -49,7 +51,7 @@ def _resolve_loss(loss: LossSpec) -> Callable[[Any, Any], Any]:
     )
 
 
-def _split_example(example: Any, input_key: str, label_key: str) -> tuple[Any, Any]:
+def _split_example(example: PyTree, input_key: str, label_key: str) -> tuple[Any, Any]:
     if isinstance(example, Mapping):
         return example[input_key], example[label_key]
     x, y = example
@@ -93,7 +95,7 @@ def linen_loss(
     if "params" in extra:
         raise ValueError("variables must not contain 'params'; params are loss_fn's argument.")
 
-    def loss_fn(params: Any, example: Any) -> Any:
+    def loss_fn(params: PyTree, example: PyTree) -> Any:
         x, y = _split_example(example, input_key, label_key)
         out = module.apply({"params": params, **extra}, jnp.asarray(x)[None], **apply_kwargs)
         return loss_of(out[0], y)
@@ -118,7 +120,7 @@ def nnx_split_params(model: nnx.Module) -> tuple[Any, Any, Any]:
     return graphdef, params, rest
 
 
-def nnx_merge(graphdef: Any, params: Any, rest: Any) -> nnx.Module:
+def nnx_merge(graphdef: Any, params: PyTree, rest: Any) -> nnx.Module:
     """Rebuild the nnx model from :func:`nnx_split_params`' parts (e.g. trained params).
 
     Args:
@@ -160,7 +162,7 @@ def nnx_loss(
     """
     loss_of = _resolve_loss(loss)
 
-    def loss_fn(params: Any, example: Any) -> Any:
+    def loss_fn(params: PyTree, example: PyTree) -> Any:
         x, y = _split_example(example, input_key, label_key)
         model = nnx.merge(graphdef, params, rest)
         out = model(jnp.asarray(x)[None], **call_kwargs)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dp_jax import _tree
+from dp_jax._types import PyTree
 from dpcore.clipping import CLIP_EPSILON
 
 __all__ = [
@@ -115,7 +116,7 @@ def _wide(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _sq_norms(per_example: Any) -> list[jax.Array]:
+def _sq_norms(per_example: PyTree) -> list[jax.Array]:
     """``[B]`` squared L2 norm of each leaf of each example, in float32 or wider."""
     out = []
     for g in jax.tree_util.tree_leaves(per_example):
@@ -153,7 +154,7 @@ def _norm_dtype(leaves: list[jax.Array]) -> Any:
     return jnp.result_type(*[x.dtype for x in leaves])
 
 
-def _clip_flat(grads: Any, bound: Any, mask: jax.Array) -> tuple[Any, ClipAux]:
+def _clip_flat(grads: PyTree, bound: Any, mask: jax.Array) -> tuple[Any, ClipAux]:
     sq = _sq_norms(grads)
     dtype = _norm_dtype(sq)
     norms = jnp.sqrt(sum(s.astype(dtype) for s in sq))
@@ -170,7 +171,7 @@ def _clip_flat(grads: Any, bound: Any, mask: jax.Array) -> tuple[Any, ClipAux]:
     return clipped, aux
 
 
-def _clip_per_layer(grads: Any, bounds: Any, mask: jax.Array) -> tuple[Any, ClipAux]:
+def _clip_per_layer(grads: PyTree, bounds: Any, mask: jax.Array) -> tuple[Any, ClipAux]:
     leaves, treedef = jax.tree_util.tree_flatten(grads)
     bound_list = _tree.leaf_bounds(bounds, grads)
     sq = _sq_norms(grads)
@@ -195,7 +196,7 @@ def _clip_per_layer(grads: Any, bounds: Any, mask: jax.Array) -> tuple[Any, Clip
 
 
 def clip_per_example(
-    per_example_grads: Any,
+    per_example_grads: PyTree,
     max_grad_norm: Any,
     mask: Any = None,
     *,
@@ -225,8 +226,8 @@ def clip_per_example(
 
 def per_example_grads(
     loss_fn: Callable[[Any, Any], jax.Array],
-    params: Any,
-    batch: Any,
+    params: PyTree,
+    batch: PyTree,
     *,
     microbatch_size: Optional[int] = None,
 ) -> Any:
@@ -255,7 +256,7 @@ def per_example_grads(
 
 
 def _chunk_step(
-    vgrad: Callable, params: Any, batch: Any, mask: jax.Array, bound: Any, clipping: str
+    vgrad: Callable, params: PyTree, batch: PyTree, mask: jax.Array, bound: Any, clipping: str
 ) -> tuple[Any, ClipAux, jax.Array]:
     losses, grads = vgrad(params, batch)
     clipped, aux = clip_per_example(grads, bound, mask, clipping=clipping)
@@ -299,7 +300,7 @@ def clipped_grad(
     vgrad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))
     default_bound = max_grad_norm
 
-    def grad_fn(params: Any, batch: Any, mask: Any = None, *, max_grad_norm: Any = None):
+    def grad_fn(params: PyTree, batch: PyTree, mask: Any = None, *, max_grad_norm: Any = None):
         bound = default_bound if max_grad_norm is None else max_grad_norm
         size = _tree.batch_size_of(batch)
         m = _as_mask(mask, size)
@@ -312,7 +313,7 @@ def clipped_grad(
 
 
 def _scan_chunks(
-    vgrad: Callable, params: Any, batch: Any, mask: jax.Array, bound: Any, kind: str,
+    vgrad: Callable, params: PyTree, batch: PyTree, mask: jax.Array, bound: Any, kind: str,
     size: int, chunk: int,
 ) -> tuple[Any, ClipAux]:
     chunks, _ = _tree.pad_and_chunk(batch, size, chunk)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from dp_jax._grads import ClipAux
+from dp_jax._types import PyTree
 
 __all__ = ["make_step_fn"]
 
@@ -25,7 +26,7 @@ def _takes_extra_args(tx: Any) -> bool:
     return isinstance(tx, optax.GradientTransformationExtraArgs)
 
 
-def _tx_kwargs(tx: Any, aux: ClipAux, apply: Any, noise: Any, count_noise: Any) -> dict:
+def _tx_kwargs(tx: Any, aux: ClipAux, apply: Any, noise: PyTree, count_noise: PyTree) -> dict:
     """The keyword arguments ``tx.update`` takes (none for a plain transformation)."""
     if not _takes_extra_args(tx):
         if noise is not None or count_noise is not None:
@@ -71,8 +72,8 @@ def make_step_fn(
         and ``step``; metrics are ``{"loss", "applied"}``.
     """
 
-    def step(state: Any, batch: Any, mask: Any, apply_update: Any, noise: Any = None,
-             count_noise: Any = None) -> tuple[Any, dict[str, Any]]:
+    def step(state: Any, batch: PyTree, mask: Any, apply_update: Any, noise: PyTree = None,
+             count_noise: PyTree = None) -> tuple[Any, dict[str, Any]]:
         mask = jnp.asarray(mask, dtype=bool)
         apply = jnp.asarray(apply_update, dtype=bool)
         bound = None if bound_of is None else bound_of(state.opt_state)

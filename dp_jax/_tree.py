@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dp_jax._types import PyTree
+
 __all__ = [
     "batch_size_of",
     "concrete_or_none",
@@ -21,7 +23,7 @@ __all__ = [
 ]
 
 
-def batch_size_of(tree: Any, name: str = "batch") -> int:
+def batch_size_of(tree: PyTree, name: str = "batch") -> int:
     """The common leading-axis size of every leaf of ``tree``.
 
     Raises:
@@ -58,7 +60,7 @@ def concrete_or_none(value: Any) -> np.ndarray | None:
         return None
 
 
-def per_leaf_sq_norms(per_example_grads: Any) -> list[jax.Array]:
+def per_leaf_sq_norms(per_example_grads: PyTree) -> list[jax.Array]:
     """Squared L2 norm of each leaf of each example: one ``[B]`` array per leaf (leaf order)."""
     out = []
     for g in jax.tree_util.tree_leaves(per_example_grads):
@@ -67,7 +69,7 @@ def per_leaf_sq_norms(per_example_grads: Any) -> list[jax.Array]:
     return out
 
 
-def tree_zeros_like(tree: Any) -> Any:
+def tree_zeros_like(tree: PyTree) -> Any:
     """Zeros with the shapes and dtypes of ``tree``."""
     return jax.tree_util.tree_map(jnp.zeros_like, tree)
 
@@ -80,7 +82,7 @@ def _is_number(x: Any) -> bool:
     return hasattr(x, "shape") and np.ndim(x) == 0
 
 
-def leaf_bounds(max_grad_norm: Any, grads_tree: Any) -> list[Any]:
+def leaf_bounds(max_grad_norm: Any, grads_tree: PyTree) -> list[Any]:
     """Per-layer bounds in the leaf order of ``grads_tree``.
 
     Args:
@@ -124,7 +126,7 @@ def leaf_bounds(max_grad_norm: Any, grads_tree: Any) -> list[Any]:
     return list(bounds)
 
 
-def pad_and_chunk(tree: Any, size: int, chunk: int) -> tuple[Any, int]:
+def pad_and_chunk(tree: PyTree, size: int, chunk: int) -> tuple[Any, int]:
     """Pad the leading axis of every leaf to a multiple of ``chunk`` and reshape to chunks.
 
     Padded rows are zeros; the caller must mask them out.
@@ -144,7 +146,7 @@ def pad_and_chunk(tree: Any, size: int, chunk: int) -> tuple[Any, int]:
     return jax.tree_util.tree_map(one, tree), num_chunks
 
 
-def unchunk(tree: Any, size: int) -> Any:
+def unchunk(tree: PyTree, size: int) -> Any:
     """Inverse of :func:`pad_and_chunk`: merge the two leading axes and drop padding."""
 
     def one(x: jax.Array) -> jax.Array:

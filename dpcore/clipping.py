@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Union
 
 import numpy as np
 
-from dpcore._checks import check_noise_multiplier, check_positive, check_probability
+from dpcore.checks import check_noise_multiplier, check_positive, check_probability
 
 __all__ = [
     "CLIP_EPSILON",

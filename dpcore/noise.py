@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from dpcore._checks import check_noise_multiplier, check_positive
+from dpcore.checks import check_noise_multiplier, check_positive
 
 __all__ = [
     "NoiseSource",

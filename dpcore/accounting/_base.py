@@ -18,7 +18,7 @@ import abc
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
-from dpcore._checks import check_noise_multiplier, check_num_steps, check_sample_rate
+from dpcore.checks import check_noise_multiplier, check_num_steps, check_sample_rate
 
 __all__ = ["Accountant", "HistoryEntry", "validate_history"]
 

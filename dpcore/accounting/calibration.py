@@ -7,7 +7,7 @@ import numbers
 import warnings
 from typing import Any
 
-from dpcore._checks import check_delta, check_num_steps, check_positive, check_sample_rate
+from dpcore.checks import check_delta, check_num_steps, check_positive, check_sample_rate
 from dpcore.accounting._registry import create_accountant
 
 __all__ = ["MAX_SIGMA", "get_noise_multiplier"]

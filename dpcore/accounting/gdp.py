@@ -24,7 +24,7 @@ from typing import Any
 
 from scipy import optimize, special
 
-from dpcore._checks import check_delta
+from dpcore.checks import check_delta
 from dpcore.accounting._base import Accountant
 from dpcore.accounting._registry import register_accountant
 

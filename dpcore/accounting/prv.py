@@ -71,7 +71,7 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import special
 
-from dpcore._checks import check_delta, check_positive
+from dpcore.checks import check_delta, check_positive
 from dpcore.accounting._base import Accountant
 from dpcore.accounting._registry import register_accountant
 

@@ -35,7 +35,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import special
 
-from dpcore._checks import check_delta, check_noise_multiplier, check_num_steps, check_sample_rate
+from dpcore.checks import check_delta, check_noise_multiplier, check_num_steps, check_sample_rate
 from dpcore.accounting._base import Accountant
 from dpcore.accounting._registry import register_accountant
 

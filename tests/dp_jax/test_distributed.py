@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import dp_jax  # noqa: E402
 from dp_jax import _distributed as dist  # noqa: E402
+from dp_jax import _sharded_batches  # noqa: E402
 from dpcore import sampling as core_sampling  # noqa: E402
 from tests.dp_jax import _dist_checks as checks  # noqa: E402
 from tests.dp_jax import _dist_common as common  # noqa: E402
@@ -160,7 +161,7 @@ def _linear_problem():
 
 
 def _clipped_sum_numpy(x, y, w, mask, c):
-    """Closed form: g_i = (x_i . w - y_i) x_i, clipped to C (with DESIGN's 1e-6), summed."""
+    """Closed form: g_i = (x_i . w - y_i) x_i, clipped to C (with the clip factor's 1e-6), summed."""
     grads = (x @ w - y)[:, None] * x
     norms = np.linalg.norm(grads, axis=1)
     factors = np.minimum(1.0, c / (norms + 1e-6))
@@ -248,7 +249,7 @@ def test_sharded_batches_refuses_what_is_not_poisson_batches():
 
 def test_broadcast_buffer_lengths_come_from_the_buckets():
     buckets = (4, 8, 16)
-    assert [dist._broadcast_length(n, buckets) for n in (0, 4, 5, 16, 17, 40)] == [
+    assert [_sharded_batches._broadcast_length(n, buckets) for n in (0, 4, 5, 16, 17, 40)] == [
         5, 5, 9, 17, 33, 49]
 
 

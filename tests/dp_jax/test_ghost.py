@@ -19,9 +19,17 @@ from flax import linen as nn
 from flax import nnx
 
 import dp_jax
-from dp_jax import _ghost
+from dp_jax import _ghost_norms
 from dp_jax._ghost import ghost_clipped_grad, ghost_plan
 from dpcore import clipping as core
+from tests.dp_jax.toy_models import (
+    LinenBlock,
+    LinenConvDense,
+    LinenMLP,
+    LinenShared,
+    NnxMLP,
+    NnxTokenEmbed,
+)
 from tests.tolerance import assert_close
 
 F64, F32 = jnp.float64, jnp.float32
@@ -29,85 +37,6 @@ RTOL = {F64: 1e-10, F32: 1e-5}
 B = 7
 MASK = np.array([1, 1, 0, 1, 1, 1, 0], bool)  # rows 2 and 6 are padding (NaN / bad ids)
 _NNX_LINEAR_CALL = nnx.Linear.__dict__["__call__"]
-
-
-# --------------------------------------------------------------------------- models
-
-
-class LinenMLP(nn.Module):
-    dtype: object
-
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.tanh(nn.Dense(6, param_dtype=self.dtype, dtype=self.dtype)(x))
-        x = jnp.tanh(nn.Dense(5, use_bias=False, param_dtype=self.dtype, dtype=self.dtype)(x))
-        return nn.Dense(3, param_dtype=self.dtype, dtype=self.dtype)(x)
-
-
-class LinenConvDense(nn.Module):
-    dtype: object
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.Conv(3, (3, 3), strides=(2, 2), param_dtype=self.dtype, dtype=self.dtype)(x)
-        x = jnp.reshape(jnp.tanh(x), (x.shape[0], -1))
-        return nn.Dense(3, param_dtype=self.dtype, dtype=self.dtype)(x)
-
-
-class LinenBlock(nn.Module):
-    """Token + position embeddings, pre-LN attention (DenseGeneral) and an MLP block."""
-
-    dtype: object
-
-    @nn.compact
-    def __call__(self, tokens):  # [1, T]
-        kw = {"param_dtype": self.dtype, "dtype": self.dtype}
-        x = nn.Embed(12, 6, **kw)(tokens) + nn.Embed(5, 6, **kw)(jnp.arange(tokens.shape[1]))
-        x = jnp.nan_to_num(x)  # an out-of-range id gives NaN; its gradient row is dropped
-        h = nn.LayerNorm(**kw)(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4, **kw)(h, h)
-        h = nn.gelu(nn.Dense(8, **kw)(nn.LayerNorm(**kw)(x)))
-        x = x + nn.Dense(6, **kw)(h)
-        return nn.Dense(3, **kw)(jnp.mean(x, axis=1))
-
-
-class LinenShared(nn.Module):
-    """One Dense applied twice per position of a sequence (rows of both calls add up)."""
-
-    dtype: object
-
-    @nn.compact
-    def __call__(self, x):  # [1, T, 4]
-        shared = nn.Dense(4, param_dtype=self.dtype, dtype=self.dtype)
-        h = jnp.tanh(shared(x))
-        h = jnp.tanh(shared(h + x))
-        return nn.Dense(3, param_dtype=self.dtype, dtype=self.dtype)(jnp.mean(h, axis=1))
-
-
-class NnxMLP(nnx.Module):
-    """LinearGeneral over two axes, a Linear called twice, LayerNorm, a bias-free Linear."""
-
-    def __init__(self, dtype, rngs):
-        kw = {"param_dtype": dtype, "dtype": dtype, "rngs": rngs}
-        self.first = nnx.LinearGeneral((2, 3), 5, axis=(-2, -1), **kw)
-        self.shared = nnx.Linear(5, 5, **kw)
-        self.norm = nnx.LayerNorm(5, **kw)
-        self.out = nnx.Linear(5, 3, use_bias=False, **kw)
-
-    def __call__(self, x):  # [1, 2, 3]
-        h = jnp.tanh(self.first(x))
-        h = jnp.tanh(self.shared(jnp.tanh(self.shared(h))))
-        return self.out(self.norm(h))
-
-
-class NnxEmbed(nnx.Module):
-    def __init__(self, dtype, rngs):
-        kw = {"param_dtype": dtype, "dtype": dtype, "rngs": rngs}
-        self.embed = nnx.Embed(7, 4, **kw)
-        self.out = nnx.Linear(4, 3, **kw)
-
-    def __call__(self, tokens):  # [1, T]
-        return self.out(jnp.mean(jnp.nan_to_num(self.embed(tokens)), axis=1))
 
 
 def _tokens(rng, high, length):
@@ -131,7 +60,7 @@ def make_case(name: str, dtype):
     rng = np.random.default_rng(3)
     y = rng.standard_normal((B, 3)).astype(np.dtype(dtype))
     if name in ("nnx_mlp", "nnx_embed"):
-        module = (NnxMLP if name == "nnx_mlp" else NnxEmbed)(dtype, nnx.Rngs(0))
+        module = (NnxMLP if name == "nnx_mlp" else NnxTokenEmbed)(dtype, nnx.Rngs(0))
         graphdef, params, rest = dp_jax.nnx_split_params(module)
         loss_fn = dp_jax.nnx_loss(graphdef, rest, "mse")
         x = _floats(rng, (2, 3), dtype) if name == "nnx_mlp" else _tokens(rng, 7, 6)
@@ -283,7 +212,7 @@ def test_per_layer_matches_dpcore(name, as_tree):
 @pytest.mark.parametrize("form", ["gram", "direct"])
 def test_gram_and_direct_forms_match_loop(form, monkeypatch):
     # The automatic choice picks the direct form for long rows; force each in turn.
-    monkeypatch.setattr(_ghost, "_use_direct", lambda size, n, d_in, d_out: form == "direct")
+    monkeypatch.setattr(_ghost_norms, "_use_direct", lambda size, n, d_in, d_out: form == "direct")
     loss_fn, params, batch, _, want, _ = float64_case("shared")
     rows = np.flatnonzero(MASK)
     c = float(np.median(core.per_example_norms(want)))
@@ -294,10 +223,10 @@ def test_gram_and_direct_forms_match_loop(form, monkeypatch):
 
 
 def test_direct_form_is_chosen_only_when_cheaper():
-    assert not _ghost._use_direct(64, 1, 784, 512)  # no sequence: |a|^2 |g|^2
-    assert not _ghost._use_direct(64, 4, 256, 256)  # short rows: Gram
-    assert _ghost._use_direct(8, 128, 256, 768)  # long rows: per-example products
-    assert not _ghost._use_direct(10**4, 128, 4096, 4096)  # ... unless they would not fit
+    assert not _ghost_norms._use_direct(64, 1, 784, 512)  # no sequence: |a|^2 |g|^2
+    assert not _ghost_norms._use_direct(64, 4, 256, 256)  # short rows: Gram
+    assert _ghost_norms._use_direct(8, 128, 256, 768)  # long rows: per-example products
+    assert not _ghost_norms._use_direct(10**4, 128, 4096, 4096)  # ... unless they would not fit
 
 
 def test_nonfinite_masked_in_example_is_dropped_and_counted():

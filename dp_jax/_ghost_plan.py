@@ -1,0 +1,218 @@
+"""Ghost clipping, trace side: which parameters may take the ghost path, and the vmapped pass.
+
+Guarantee:
+    A parameter takes the ghost path only if a trace in which the intercepted
+    calls read a substitute copy of their parameters never reads the original
+    one (the jaxpr is inspected); anything else (tied weights, ``Embed.attend``,
+    a regulariser on a kernel, calls inside ``jax.lax.scan``, ``jax.checkpoint``,
+    a nested ``jax.jit`` or a flax lifted transformation) is differentiated per
+    example. :func:`ghost_plan` lists which parameters took which path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core.tracers import current_trace
+
+from dp_jax._ghost_layers import _Call, _intercept, _layer_out, _matcher, _record
+from dp_jax._types import PyTree
+
+
+# An embedding takes the ghost path when rows**2 <= this * num_embeddings.
+_EMBED_GRAM_FACTOR = 64
+
+
+class _Site(NamedTuple):
+    """One probed layer call: which ghost leaves it feeds and its per-example shapes."""
+
+    kind: str  # "linear" or "embed"
+    kernel: Optional[int]  # leaf index of a ghost kernel / table, else None
+    bias: Optional[int]  # leaf index of a ghost bias, else None
+    d_in: int  # kernel rows (embedding: num_embeddings)
+    d_out: int  # kernel columns (embedding: features)
+    rows: int  # rows per example (positions)
+    out_shape: tuple[int, ...]
+    dtype: Any  # the layer's computation (output) dtype
+    precision: Any
+
+    def role(self, leaf: int) -> tuple:
+        if leaf == self.bias:
+            return ("bias", self.d_out)
+        return (self.kind, self.d_in, self.d_out)
+
+
+class _Plan(NamedTuple):
+    ghost: frozenset[int]  # leaf indices taking the ghost path
+    sites: tuple[_Site, ...]  # probed calls in call order
+
+
+def _site_of(call: _Call, out: jax.Array, kernel: Optional[int], bias: Optional[int]) -> _Site:
+    n_in = 1 if call.kind == "embed" else len(call.axes)
+    shape = jnp.shape(call.kernel)
+    d_in, d_out = int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:]))
+    rows = int(np.prod(out.shape)) // d_out
+    return _Site(call.kind, kernel, bias, d_in, d_out, rows, tuple(out.shape), out.dtype,
+                 call.precision)
+
+
+def _used_inputs(jaxpr: Any) -> set[int]:
+    """Positions of ``jaxpr``'s inputs that any equation or output reads."""
+    read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+    read |= {id(v) for v in jaxpr.outvars}
+    return {i for i, v in enumerate(jaxpr.invars) if id(v) in read}
+
+
+def _trace_sites(loss_fn: Callable, treedef: Any, leaves: list, example: PyTree
+                 ) -> tuple[list[_Site], set[int]]:
+    """Trace one example with substituted parameters: the calls seen, the originals read."""
+    sites: list[_Site] = []
+
+    def check_fn(orig: list, sub: list, ex: Any) -> Any:
+        match = _matcher(orig, current_trace())
+
+        def handler(framework, module, next_fun, args, kwargs):
+            found = match(framework, module, args, kwargs)
+            if found is None:
+                return next_fun(*args, **kwargs)
+            call, k, b = found
+            out = _layer_out(call, call.kernel if k is None else sub[k],
+                             call.bias if b is None else sub[b])
+            sites.append(_site_of(call, out, k, b))
+            return out
+
+        with _intercept(handler):
+            return loss_fn(jax.tree_util.tree_unflatten(treedef, list(orig)), ex)
+
+    closed = jax.make_jaxpr(check_fn)(leaves, leaves, example)
+    used = _used_inputs(closed.jaxpr)
+    return sites, {i for i in range(len(leaves)) if i in used}
+
+
+def _ghost_leaves(sites: list[_Site], orig_read: set[int], leaves: list) -> frozenset[int]:
+    """Leaves read only by intercepted calls, always in one role with one shape."""
+    roles: dict[int, set[tuple]] = {}
+    rows: dict[int, int] = {}
+    for s in sites:
+        for leaf in (s.kernel, s.bias):
+            if leaf is not None:
+                roles.setdefault(leaf, set()).add(s.role(leaf))
+                rows[leaf] = rows.get(leaf, 0) + s.rows
+    ghost = set()
+    for i, r in roles.items():
+        if len(r) != 1 or i in orig_read or not jnp.issubdtype(leaves[i].dtype, jnp.inexact):
+            continue
+        (role,) = r
+        if role[0] == "embed" and rows[i] ** 2 > _EMBED_GRAM_FACTOR * role[1]:
+            continue
+        ghost.add(i)
+    return frozenset(ghost)
+
+
+def _make_plan(loss_fn: Callable, params: PyTree, batch: PyTree) -> _Plan:
+    leaves, treedef = jax.tree_util.tree_flatten(params)  # arrays, tracers or shapes
+    example = jax.eval_shape(lambda b: jax.tree_util.tree_map(lambda x: x[0], b), batch)
+    sites, orig_read = _trace_sites(loss_fn, treedef, leaves, example)
+    ghost = _ghost_leaves(sites, orig_read, leaves)
+    probed = []
+    for s in sites:
+        k = s.kernel if s.kernel in ghost else None
+        b = s.bias if s.bias in ghost else None
+        if k is not None or b is not None:
+            probed.append(s._replace(kernel=k, bias=b))
+    return _Plan(ghost, tuple(probed))
+
+
+class GhostPlan(NamedTuple):
+    """Which parameters :func:`ghost_clipped_grad` handles how.
+
+    Attributes:
+        ghost: Key paths (``jax.tree_util.keystr``) of the parameters whose per-example
+            norms and clipped sum come from layer inputs and output gradients.
+        fallback: Key paths of the parameters differentiated per example by
+            ``jax.vmap(jax.grad(...))``.
+        calls: Number of intercepted layer calls per example.
+    """
+
+    ghost: tuple[str, ...]
+    fallback: tuple[str, ...]
+    calls: int
+
+
+def ghost_plan(loss_fn: Callable[[Any, Any], jax.Array], params: PyTree, batch: PyTree) -> GhostPlan:
+    """Report how :func:`ghost_clipped_grad` treats each parameter (traces shapes only).
+
+    Args:
+        loss_fn: ``loss_fn(params, example) -> scalar``.
+        params: The parameters (arrays or ``jax.ShapeDtypeStruct``).
+        batch: A batch with a leading axis ``B`` (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+        A :class:`GhostPlan`.
+    """
+    plan = _make_plan(loss_fn, params, batch)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return GhostPlan(
+        ghost=tuple(p for i, p in enumerate(paths) if i in plan.ghost),
+        fallback=tuple(p for i, p in enumerate(paths) if i not in plan.ghost),
+        calls=len(plan.sites),
+    )
+
+
+# ------------------------------------------------------------------ the pass (run time)
+
+
+def _sequence_error(detail: str) -> RuntimeError:
+    return RuntimeError(
+        f"ghost clipping: the model's layer calls differ between two traces of the same loss "
+        f"({detail}); does the model depend on Python-level state? Use dp_jax.clipped_grad "
+        f"for this model."
+    )
+
+
+def _per_example_fn(loss_fn: Callable, treedef: Any, plan: _Plan, rest_idx: list[int],
+                    ghost_idx: list[int]) -> Callable:
+    """``f(rest, probes, ghost, example) -> (loss, records)`` to vmap and differentiate."""
+    n = len(rest_idx) + len(ghost_idx)
+    sites = plan.sites
+
+    def per_example(rest: list, probes: list, ghost: list, example: PyTree):
+        leaves: list[Any] = [None] * n
+        for i, x in zip(rest_idx, rest):
+            leaves[i] = x
+        for i, x in zip(ghost_idx, ghost):
+            leaves[i] = x
+        match = _matcher(leaves, current_trace())
+        records: list[Any] = [None] * len(sites)
+        count = [0]
+
+        def handler(framework, module, next_fun, args, kwargs):
+            found = match(framework, module, args, kwargs)
+            if found is None:
+                return next_fun(*args, **kwargs)
+            call, k, b = found
+            k = k if k in plan.ghost else None
+            b = b if b in plan.ghost else None
+            if k is None and b is None:
+                return next_fun(*args, **kwargs)
+            i = count[0]
+            count[0] += 1
+            out = next_fun(*args, **kwargs)
+            if i >= len(sites) or (sites[i].kernel, sites[i].bias) != (k, b) or (
+                    tuple(out.shape), out.dtype) != (sites[i].out_shape, sites[i].dtype):
+                raise _sequence_error(f"unexpected call {i}")
+            if k is not None:
+                records[i] = _record(call, out.dtype)
+            return out + probes[i]
+
+        with _intercept(handler):
+            loss = loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
+        if count[0] != len(sites):
+            raise _sequence_error(f"{len(sites)} calls planned, {count[0]} traced")
+        return loss, records
+
+    return per_example
