@@ -365,7 +365,7 @@ class PrivacyEngine:
         q = _engine_args.resolve_sample_rate(sample_rate, batch_size, count_examples(data))
         _engine_args.check_int_or_none(steps, "steps")
         per_epoch = core_sampling.steps_per_epoch(q) if steps is None else steps
-        total = _engine_args.steps_for_epochs(epochs, per_epoch)
+        total = core_sampling.steps_for_epochs(epochs, per_epoch)
         tolerance = kwargs.pop("epsilon_tolerance", 0.01)
         sigma = get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=q,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import secrets
 from collections.abc import Mapping
@@ -25,7 +24,6 @@ __all__ = [
     "noise_key",
     "plan_run",
     "resolve_sample_rate",
-    "steps_for_epochs",
 ]
 
 
@@ -132,26 +130,6 @@ def resolve_sample_rate(sample_rate: Any, batch_size: Any, num_samples: int) -> 
     return float(sample_rate)
 
 
-def expected_batch_size(num_samples: int, q: float, loss_reduction: str) -> Optional[int]:
-    try:
-        return core_sampling.expected_batch_size(num_samples, q)
-    except ValueError:
-        if loss_reduction == "sum":
-            return None
-        raise
-
-
-def steps_for_epochs(epochs: Any, steps_per_epoch: int) -> int:
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Real):
-        raise TypeError(f"epochs must be a number > 0, got {epochs!r}.")
-    if not (math.isfinite(epochs) and epochs > 0):
-        raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}.")
-    total = float(epochs) * steps_per_epoch
-    nearest = round(total)
-    steps = nearest if abs(total - nearest) < 1e-9 * max(1.0, total) else math.ceil(total)
-    return max(1, int(steps))
-
-
 def noise_key(key: Any, seed: Optional[int], secure_mode: bool) -> Optional[jax.Array]:
     """The noise key: none in secure mode, else ``key``, one derived from ``seed``, or fresh."""
     if secure_mode:
@@ -232,7 +210,7 @@ def plan_run(
     _check_max_grad_norm(max_grad_norm, clipping, params)
     num_samples = count_examples(data)
     q = resolve_sample_rate(sample_rate, batch_size, num_samples)
-    m = expected_batch_size(num_samples, q, loss_reduction)
+    m = core_sampling.expected_batch_size(num_samples, q, loss_reduction)
     if not poisson_sampling and m is None:
         raise ValueError("poisson_sampling=False needs int(N * sample_rate) >= 1.")
     _check_adaptive_kwargs(adaptive_kwargs, clipping, noise_multiplier, max_grad_norm, m)

@@ -1,6 +1,6 @@
 """Per-example gradients and per-example clipping in JAX.
 
-Semantics are those of DESIGN section 3 and :mod:`dpcore.clipping`:
+Semantics are those of docs/design.md and :mod:`dpcore.clipping`:
 
 * per-example norm: L2 norm over all leaves of one example's gradient;
 * clip factor ``min(1, C / (norm + 1e-6))``; a non-finite norm gives factor 0,
