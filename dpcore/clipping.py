@@ -1,6 +1,6 @@
 """Clipping specs (flat, per-layer, adaptive) and the numpy reference math.
 
-Semantics fixed by DESIGN section 3:
+Semantics (docs/design.md):
 
 * per-example norm: the L2 norm over *all* trainable parameters of one
   example's gradient;

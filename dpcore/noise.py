@@ -1,6 +1,6 @@
 """Noise spec, the reference noise rule, and seeded and secure Gaussian sources.
 
-Rule (DESIGN section 3): once per logical step, add ``N(0, (sigma * C)**2)`` to
+Rule (docs/design.md, Semantics): once per logical step, add ``N(0, (sigma * C)**2)`` to
 each coordinate of the *sum* of clipped per-example gradients, where ``sigma``
 is the noise multiplier and ``C`` the clipping norm (``sqrt(sum C_i**2)`` for
 per-layer clipping).
