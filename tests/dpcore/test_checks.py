@@ -35,8 +35,3 @@ def test_bool_int_and_choice_name_the_argument():
     with pytest.raises(ValueError, match="hint text"):
         checks.check_choice("x", "mode", ("a",), " hint text")
 
-
-def test_private_path_reexports_the_same_functions():
-    from dpcore import _checks
-
-    assert all(getattr(_checks, name) is getattr(checks, name) for name in checks.__all__)
