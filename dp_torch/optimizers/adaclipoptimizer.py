@@ -92,10 +92,9 @@ class AdaClipDPOptimizer(DPOptimizer):
         secure_mode: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Create the wrapper.
+        """Create the wrapper; see :class:`~dp_torch.optimizers.DPOptimizer` for the other arguments.
 
         Args:
-            optimizer: The optimizer to wrap.
             noise_multiplier: The accounted ``sigma`` for gradient and count together.
             target_unclipped_quantile: Target fraction ``gamma`` in ``[0, 1]``.
             clipbound_learning_rate: ``eta >= 0``.
@@ -105,10 +104,6 @@ class AdaClipDPOptimizer(DPOptimizer):
             max_grad_norm: Initial bound, within ``[min_clipbound, max_clipbound]``.
             expected_batch_size: ``int(N * q) >= 1``; required for both reductions
                 (it is the denominator of the unclipped fraction).
-            loss_reduction: ``"mean"`` or ``"sum"``.
-            generator: Noise source (see ``DPOptimizer``).
-            secure_mode: Hardened OS-entropy noise.
-            **kwargs: Ignored (Opacus compatibility).
 
         Raises:
             ValueError: On an invalid value, or ``unclipped_num_std <= noise_multiplier / 2``.

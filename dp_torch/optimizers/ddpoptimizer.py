@@ -11,16 +11,12 @@ logical step, after the all-reduce succeeded. See :mod:`dp_torch.distributed`.
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import torch
 import torch.distributed as dist
-from torch.optim import Optimizer
 
 from dp_torch.distributed import DistributedStepError, all_reduce_sum, require_process_group
 from dp_torch.optimizers.optimizer import (
     DPOptimizer,
-    NoiseGenerator,
     _check_processed_flag,
     _generate_noise,
     _mark_as_processed,
@@ -63,50 +59,22 @@ class DistributedDPOptimizer(DPOptimizer):
       raises :class:`~dp_torch.distributed.DistributedStepError` with nothing
       applied and no step recorded by the accountant.
 
+    Arguments are those of :class:`~dp_torch.optimizers.DPOptimizer`, with the
+    **global** ``expected_batch_size`` ``int(N * q)``; ``generator`` is used on
+    rank 0 only.
+
     Attributes:
         rank: This process's rank.
         world_size: Number of ranks.
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: Any,
-        expected_batch_size: Optional[int],
-        loss_reduction: str = "mean",
-        generator: NoiseGenerator = None,
-        secure_mode: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """Create the wrapper; arguments as for :class:`~dp_torch.optimizers.DPOptimizer`.
-
-        Args:
-            optimizer: The optimizer to wrap.
-            noise_multiplier: ``sigma >= 0``.
-            max_grad_norm: Clipping bound ``C > 0``.
-            expected_batch_size: The **global** expected batch size ``int(N * q)``
-                (required for ``"mean"``).
-            loss_reduction: ``"mean"`` or ``"sum"``.
-            generator: Noise source (used on rank 0 only).
-            secure_mode: Hardened OS-entropy noise (see the class docstring).
-            **kwargs: Ignored (Opacus compatibility).
+    def _check_environment(self) -> None:
+        """Refuse to start without a process group; record :attr:`rank` and :attr:`world_size`.
 
         Raises:
             RuntimeError: If no process group is initialised.
         """
         require_process_group(type(self).__name__)
-        super().__init__(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction=loss_reduction,
-            generator=generator,
-            secure_mode=secure_mode,
-            **kwargs,
-        )
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 

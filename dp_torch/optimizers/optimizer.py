@@ -86,6 +86,18 @@ def _check_processed_flag(obj: Union[torch.Tensor, list[torch.Tensor], None]) ->
             _check_processed_flag_tensor(tensor)
 
 
+def _wrapped_attribute(name: str, doc: str) -> property:
+    """A property that reads and writes attribute ``name`` of ``self.original_optimizer``."""
+
+    def get(self: Any) -> Any:
+        return getattr(self.original_optimizer, name)
+
+    def set_(self: Any, value: Any) -> None:
+        setattr(self.original_optimizer, name, value)
+
+    return property(get, set_, doc=doc)
+
+
 # --------------------------------------------------------------------------- noise
 
 
@@ -412,6 +424,8 @@ class DPOptimizer(Optimizer):
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
                 "create e.g. torch.optim.SGD(model.parameters(), lr=...) first."
             )
+        self._check_environment()
+        max_grad_norm = self._noise_bound(optimizer, max_grad_norm)
         core_noise.noise_std(noise_multiplier, max_grad_norm)  # validates both
         _check_reduction(loss_reduction, expected_batch_size)
         generator = _check_generator(generator, secure_mode)
@@ -439,32 +453,26 @@ class DPOptimizer(Optimizer):
         """The trainable parameters of every param group, in order."""
         return _trainable_params(self)
 
-    @property
-    def param_groups(self) -> list[dict]:
-        """The wrapped optimizer's ``param_groups`` (shared, not copied)."""
-        return self.original_optimizer.param_groups
+    def _check_environment(self) -> None:
+        """Check what the optimizer needs around it, before anything else (DDP: a process group)."""
 
-    @param_groups.setter
-    def param_groups(self, param_groups: list[dict]) -> None:
-        self.original_optimizer.param_groups = param_groups
+    def _noise_bound(self, optimizer: Optimizer, max_grad_norm: Any) -> Any:
+        """The sensitivity ``C`` the noise is scaled by, from the ``max_grad_norm`` argument.
 
-    @property
-    def state(self) -> Any:
-        """The wrapped optimizer's per-parameter state."""
-        return self.original_optimizer.state
+        Args:
+            optimizer: The optimizer being wrapped (already type-checked).
+            max_grad_norm: The constructor argument.
 
-    @state.setter
-    def state(self, state: Any) -> None:
-        self.original_optimizer.state = state
+        Returns:
+            ``max_grad_norm`` itself here; per-layer clipping derives it from a list of bounds.
+        """
+        return max_grad_norm
 
-    @property
-    def defaults(self) -> dict:
-        """The wrapped optimizer's default hyperparameters."""
-        return self.original_optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, defaults: dict) -> None:
-        self.original_optimizer.defaults = defaults
+    param_groups = _wrapped_attribute(
+        "param_groups", "The wrapped optimizer's ``param_groups`` (shared, not copied)."
+    )
+    state = _wrapped_attribute("state", "The wrapped optimizer's per-parameter state.")
+    defaults = _wrapped_attribute("defaults", "The wrapped optimizer's default hyperparameters.")
 
     def __repr__(self) -> str:
         return self.original_optimizer.__repr__()

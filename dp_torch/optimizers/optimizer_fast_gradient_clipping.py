@@ -7,12 +7,9 @@ only accumulates it, adds the noise once per logical step, scales and steps.
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import torch
-from torch.optim import Optimizer
 
-from dp_torch.optimizers.optimizer import DPOptimizer, NoiseGenerator, _check_processed_flag
+from dp_torch.optimizers.optimizer import DPOptimizer, _check_processed_flag
 
 __all__ = ["DPOptimizerFastGradientClipping"]
 
@@ -29,36 +26,10 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
     contributes zero; the step, noise and hook still happen.
 
     ``clip_and_accumulate`` does nothing (clipping happened in the backward pass)
-    and ``accumulated_iterations`` is always 1, as in Opacus.
+    and ``accumulated_iterations`` is always 1, as in Opacus. Arguments are those
+    of :class:`~dp_torch.optimizers.DPOptimizer`; ``max_grad_norm`` is the bound
+    the backward pass clipped to, and here it only scales the noise.
     """
-
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: Optional[int],
-        loss_reduction: str = "mean",
-        generator: NoiseGenerator = None,
-        secure_mode: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """Create the wrapper; arguments as for :class:`~dp_torch.optimizers.DPOptimizer`.
-
-        ``max_grad_norm`` is the bound the backward pass clipped to; here it only
-        scales the noise.
-        """
-        super().__init__(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction=loss_reduction,
-            generator=generator,
-            secure_mode=secure_mode,
-            **kwargs,
-        )
 
     @property
     def accumulated_iterations(self) -> int:

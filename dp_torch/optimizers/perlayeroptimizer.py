@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch.optim import Optimizer
@@ -12,7 +12,6 @@ from torch.optim import Optimizer
 from dp_torch.optimizers.optimizer import (
     ClipFactors,
     DPOptimizer,
-    NoiseGenerator,
     _clip_factor,
     _row_norms,
 )
@@ -35,40 +34,18 @@ class DPPerLayerOptimizer(DPOptimizer):
 
     An example whose norm is non-finite in any parameter is dropped from every
     parameter's sum (dpcore's ``clip_and_sum_per_layer``).
+
+    Arguments are those of :class:`~dp_torch.optimizers.DPOptimizer` except
+    ``max_grad_norm``: one bound ``C_i > 0`` per trainable parameter.
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: Sequence[float],
-        expected_batch_size: Optional[int],
-        loss_reduction: str = "mean",
-        generator: NoiseGenerator = None,
-        secure_mode: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """Create the wrapper.
-
-        Args:
-            optimizer: The optimizer to wrap.
-            noise_multiplier: ``sigma >= 0``.
-            max_grad_norm: One bound ``C_i > 0`` per trainable parameter.
-            expected_batch_size: Averaging denominator (see ``DPOptimizer``).
-            loss_reduction: ``"mean"`` or ``"sum"``.
-            generator: Noise source (see ``DPOptimizer``).
-            secure_mode: Hardened OS-entropy noise.
-            **kwargs: Ignored (Opacus compatibility).
+    def _noise_bound(self, optimizer: Optimizer, max_grad_norm: Sequence[float]) -> float:
+        """Keep the bounds in :attr:`max_grad_norms`; return ``sqrt(sum_i C_i**2)``.
 
         Raises:
             ValueError: If the number of bounds differs from the number of
-                trainable parameters, or any value is invalid.
+                trainable parameters, or any bound is invalid.
         """
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
-            )
         combined = core_clipping.per_layer_noise_norm(max_grad_norm)  # validates the list
         n_params = len(_trainable_params(optimizer))
         if len(max_grad_norm) != n_params:
@@ -77,16 +54,7 @@ class DPPerLayerOptimizer(DPOptimizer):
                 f"{n_params} trainable parameters; pass one bound per parameter."
             )
         self.max_grad_norms = [float(c) for c in max_grad_norm]
-        super().__init__(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=combined,
-            expected_batch_size=expected_batch_size,
-            loss_reduction=loss_reduction,
-            generator=generator,
-            secure_mode=secure_mode,
-            **kwargs,
-        )
+        return combined
 
     @property
     def max_grad_norm(self) -> float:
