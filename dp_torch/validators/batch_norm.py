@@ -16,21 +16,13 @@ from typing import Optional, Union
 import torch.nn as nn
 
 from ..layers import FrozenBatchNorm
-from ._common import factory_kwargs, is_unmaterialised
+from ._common import by_dimension, factory_kwargs, is_unmaterialised
 from .errors import ShouldReplaceModuleError, UnsupportableModuleError, UnsupportedModuleError
 from .utils import register_module_fixer, register_module_validator
 
 __all__ = ["validate", "fix"]
 
-BATCH_NORMS = [
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.LazyBatchNorm1d,
-    nn.LazyBatchNorm2d,
-    nn.LazyBatchNorm3d,
-]
+BATCH_NORMS = [*by_dimension("BatchNorm"), nn.SyncBatchNorm, *by_dimension("LazyBatchNorm")]
 BatchNorm = nn.modules.batchnorm._BatchNorm
 
 _WHY = (

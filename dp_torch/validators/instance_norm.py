@@ -13,20 +13,13 @@ from typing import Union
 import torch
 import torch.nn as nn
 
-from ._common import factory_kwargs, is_unmaterialised
+from ._common import by_dimension, factory_kwargs, is_unmaterialised
 from .errors import IllegalModuleConfigurationError, UnsupportedModuleError
 from .utils import register_module_fixer, register_module_validator
 
 __all__ = ["validate", "fix"]
 
-INSTANCE_NORMS = [
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-    nn.LazyInstanceNorm1d,
-    nn.LazyInstanceNorm2d,
-    nn.LazyInstanceNorm3d,
-]
+INSTANCE_NORMS = by_dimension("InstanceNorm", "LazyInstanceNorm")
 InstanceNorm = Union[nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d]
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..layers import DPMultiheadAttention
-from ._common import factory_kwargs, has_trainable_params
-from .errors import ShouldReplaceModuleError, UnsupportedModuleError
+from ._common import factory_kwargs, has_trainable_params, replacement_errors
+from .errors import UnsupportedModuleError
 from .utils import register_module_fixer, register_module_validator
 
 __all__ = ["validate", "fix"]
@@ -14,24 +14,14 @@ __all__ = ["validate", "fix"]
 
 @register_module_validator(nn.MultiheadAttention)
 def validate(module: nn.MultiheadAttention) -> list[UnsupportedModuleError]:
-    """Reports a trainable nn.MultiheadAttention.
-
-    Args:
-        module: The layer.
-
-    Returns:
-        One ``ShouldReplaceModuleError``, or nothing if the layer is frozen.
-    """
-    if not has_trainable_params(module):
-        return []
-    return [
-        ShouldReplaceModuleError(
-            "nn.MultiheadAttention keeps its input projections in one packed parameter used "
-            "through a functional kernel, out of reach of per-layer gradient hooks. Fix: "
-            "ModuleValidator.fix(model) replaces it with dp_torch.layers.DPMultiheadAttention, "
-            "the same function built from nn.Linear modules, keeping its weights."
-        )
-    ]
+    """One ``ShouldReplaceModuleError`` for a trainable nn.MultiheadAttention, else nothing."""
+    return replacement_errors(
+        module,
+        "nn.MultiheadAttention keeps its input projections in one packed parameter used "
+        "through a functional kernel, out of reach of per-layer gradient hooks. Fix: "
+        "ModuleValidator.fix(model) replaces it with dp_torch.layers.DPMultiheadAttention, "
+        "the same function built from nn.Linear modules, keeping its weights.",
+    )
 
 
 def _param_targets(new: DPMultiheadAttention) -> dict[str, list[nn.Parameter]]:

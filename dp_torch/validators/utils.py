@@ -29,6 +29,21 @@ def _target_list(target_class_or_classes: Union[type, Sequence[type]]) -> list[t
     return targets
 
 
+def _registering(
+    target_class_or_classes: Union[type, Sequence[type]], validator_class: type, registry: str
+) -> Callable[[F], F]:
+    """A decorator storing its function in ``validator_class.<registry>`` for each target."""
+    targets = _target_list(target_class_or_classes)
+
+    def decorator(f: F) -> F:
+        table = getattr(validator_class, registry)
+        for target in targets:
+            table[target] = f
+        return f
+
+    return decorator
+
+
 def register_module_validator(
     target_class_or_classes: Union[type, Sequence[type]],
     validator_class: type = DEFAULT_MODULE_VALIDATOR,
@@ -53,14 +68,7 @@ def register_module_validator(
     Returns:
         The decorator, which returns the function unchanged.
     """
-    targets = _target_list(target_class_or_classes)
-
-    def decorator(f: F) -> F:
-        for target in targets:
-            validator_class.VALIDATORS[target] = f
-        return f
-
-    return decorator
+    return _registering(target_class_or_classes, validator_class, "VALIDATORS")
 
 
 def register_module_fixer(
@@ -78,18 +86,7 @@ def register_module_fixer(
         ... def fix(module: MyLayer, **kwargs) -> nn.Module:
         ...     return MyDPLayer.from_module(module)
 
-    Args:
-        target_class_or_classes: The class, or classes, the fixer applies to.
-        validator_class: The ``ModuleValidator`` (sub)class whose ``FIXERS`` registry receives it.
-
-    Returns:
-        The decorator, which returns the function unchanged.
+    Arguments and result are those of :func:`register_module_validator`, with the ``FIXERS``
+    registry in place of ``VALIDATORS``.
     """
-    targets = _target_list(target_class_or_classes)
-
-    def decorator(f: F) -> F:
-        for target in targets:
-            validator_class.FIXERS[target] = f
-        return f
-
-    return decorator
+    return _registering(target_class_or_classes, validator_class, "FIXERS")
