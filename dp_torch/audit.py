@@ -220,6 +220,17 @@ def _check_significance(value: Any) -> float:
     return level
 
 
+def _draw_included(count: int, seed: int, name: str) -> np.ndarray:
+    """Each of ``count`` canaries in with probability 1/2; both sides must be non-empty."""
+    included = np.random.default_rng(seed).random(count) < 0.5
+    if included.all() or not included.any():
+        raise ValueError(
+            f"all {name}={count} canaries fell on one side ({int(included.sum())} in); "
+            f"pass more {name} (hundreds or more give useful bounds) or another seed."
+        )
+    return included
+
+
 def _seeds(seed: Optional[int], count: int) -> list[int]:
     entropy = None if seed is None else check_int(seed, "seed", 0)
     return [int(s) for s in np.random.SeedSequence(entropy).generate_state(count)]
@@ -234,7 +245,8 @@ def _std_check(name: str, values: np.ndarray, expected: float, level: float) -> 
     total = float(np.sum(np.square(values, dtype=np.float64)))
     low = math.sqrt(total / stats.chi2.ppf(1.0 - level / 2.0, n))
     high = math.sqrt(total / stats.chi2.ppf(level / 2.0, n))
-    return CalibrationCheck(name, expected, math.sqrt(total / n), low, high, low <= expected <= high)
+    observed = math.sqrt(total / n)
+    return CalibrationCheck(name, expected, observed, low, high, low <= expected <= high)
 
 
 def _mean_check(name: str, values: np.ndarray, expected: float, level: float) -> CalibrationCheck:
@@ -364,7 +376,7 @@ def _step_scores(
     physical_batch_size: Optional[int], seed: Optional[int],
 ) -> tuple[np.ndarray, np.ndarray]:
     seeds = _seeds(seed, 4)
-    included = np.random.default_rng(seeds[2]).random(trials) < 0.5
+    included = _draw_included(trials, seeds[2], "trials")
     private = _make_private(
         _features(included, max_grad_norm, seeds[3]), noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, sample_rate=1.0, grad_sample_mode=grad_sample_mode,
@@ -493,8 +505,9 @@ def _run_bounds(
     scores: np.ndarray, included: np.ndarray, deltas: tuple[float, ...], level: float,
     num_guesses: int,
 ) -> tuple[tuple[core_audit.OneRunBound, ...], tuple[core_audit.AuditBound, ...]]:
+    positive = num_guesses // 2
     r, v = core_audit.count_guesses(
-        scores, included, num_positive=num_guesses // 2, num_negative=num_guesses - num_guesses // 2)
+        scores, included, num_positive=positive, num_negative=num_guesses - positive)
     one_run = tuple(core_audit.one_run_bound(included.size, r, v, delta=d, significance=level)
                     for d in deltas)
     ins, outs = scores[included], scores[~included]
@@ -567,7 +580,7 @@ def run_audit(
     bound = check_positive(max_grad_norm, "max_grad_norm")
     setting = _RunSetting(sigma, q, t, mode, accountant, checked, level, guesses)
     seeds = _seeds(seed, 4)
-    included = np.random.default_rng(seeds[2]).random(m) < 0.5
+    included = _draw_included(m, seeds[2], "num_canaries")
     private = _make_private(
         _features(included, bound, seeds[3]), noise_multiplier=sigma, max_grad_norm=bound,
         sample_rate=q, grad_sample_mode=mode, accountant=accountant, seeds=seeds,

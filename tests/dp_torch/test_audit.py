@@ -254,3 +254,14 @@ def test_module_runs_as_a_subprocess() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["step"]["flagged"] is False
+
+
+def test_canaries_all_on_one_side_are_refused() -> None:
+    outcomes = []
+    for seed in range(64):
+        try:
+            outcomes.append(int(audit._draw_included(4, seed, "trials").sum()))
+        except ValueError as error:
+            assert "fell on one side" in str(error) and "trials" in str(error)
+            outcomes.append(-1)
+    assert -1 in outcomes and set(outcomes) - {-1} <= {1, 2, 3}
