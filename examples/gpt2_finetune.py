@@ -30,7 +30,7 @@ Before and after training it reports, on the held-out sequences, the mean next-t
 cross-entropy and its perplexity (a perfect model reaches ``ln(3) / 15 = 0.073`` and
 1.076) and the accuracy of the tokens that the first two determine (perfect: 1). With
 the defaults the perplexity falls from about 34 to 1.16-1.19 and the accuracy rises
-from 0 to 0.98-0.99 (seeds 0-3), in under a minute on one thread of a 2-core CPU
+from 0 to 0.98-0.99 (seeds 0-3), in under a minute on one CPU thread
 (imports take a few seconds more).
 
 Usage::
@@ -51,14 +51,12 @@ import dataclasses
 import math
 import pathlib
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
@@ -67,6 +65,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 from dp_torch import PrivacyEngine  # noqa: E402
 from dp_torch.utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
 from examples._cli import digits_parser, parse_checked  # noqa: E402
+from examples._common import fit, run_torch_isolated  # noqa: E402
 
 __all__ = [
     "FULL",
@@ -301,12 +300,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args.setting)
     before = evaluate(model, test)
     engine, wrapped, optimizer, criterion, loader = _make_private(args, model, train)
-    bar = tqdm(range(args.epochs), desc="DP-Adam", unit="epoch", disable=args.no_progress)
-    loss = float("nan")
-    for _ in bar:
-        loss = train_epoch(wrapped, optimizer, criterion, loader, args.physical_batch)
-        bar.set_postfix(loss=f"{loss:.3f}", epsilon=f"{engine.get_epsilon(args.delta):.2f}")
-    bar.close()
+    loss = fit(args.epochs,
+               lambda: train_epoch(wrapped, optimizer, criterion, loader, args.physical_batch),
+               lambda: engine.get_epsilon(args.delta), desc="DP-Adam", hide=args.no_progress)
     return {
         "before": before,
         "after": evaluate(wrapped, test),
@@ -350,15 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         (logical steps taken), ``epochs``, ``grad_sample_mode`` and ``seconds``.
     """
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    start = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            result = _run(args)
-    finally:
-        torch.set_num_threads(threads)
-    result["seconds"] = time.perf_counter() - start
+    result = run_torch_isolated(_run, args)
     _report(result)
     return result
 

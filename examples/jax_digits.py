@@ -14,20 +14,14 @@ multiplier calibrated by :meth:`dp_jax.PrivacyEngine.make_private_with_epsilon` 
 accountant) so that the whole run spends at most ``--epsilon`` at ``--delta``. A tqdm
 bar shows the loss of the last epoch and the epsilon spent so far. With the defaults
 (epsilon 3, delta 1e-5, 30 epochs) it reaches about 94 % test accuracy in well under a
-minute on a 2-core CPU, JAX compilation included.
+minute on a CPU, JAX compilation included.
 
 The script works whether or not ``jax_enable_x64`` is on (the tests may turn it on
 globally): data and parameters are float32 either way.
 
-Usage::
-
-    python examples/jax_digits.py                 # full run
-    python examples/jax_digits.py --smoke         # a few seconds, for the tests
-    python examples/jax_digits.py --epsilon 1 --epochs 20 --seed 3
-
-The last line printed is, for example::
-
-    dp_jax digits: test accuracy 0.944 at epsilon 2.99 (delta 1e-05)
+Run ``python examples/jax_digits.py`` (``--smoke``: two epochs, for the tests; see
+``--help``). It ends with a line such as
+``dp_jax digits: test accuracy 0.944 at epsilon 2.99 (delta 1e-05)``.
 """
 
 from __future__ import annotations
@@ -36,7 +30,6 @@ import argparse
 import math
 import pathlib
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -45,24 +38,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import dp_jax  # noqa: E402
 from examples._cli import digits_parser, parse_checked  # noqa: E402
+from examples._common import (  # noqa: E402
+    NUM_IMAGES,
+    TEST_SIZE,
+    digits_split,
+    fit,
+    result_line,
+    run_timed,
+)
 
-__all__ = ["MLP", "init_params", "load_data", "main", "parse_args"]
+__all__ = ["MLP", "accuracy", "init_params", "load_data", "main", "parse_args", "private_options"]
 
-#: Size of the held-out test split (stratified, fixed ``random_state``).
-TEST_SIZE = 360
 #: Epochs used by ``--smoke``.
 SMOKE_EPOCHS = 2
-#: Number of digits images in scikit-learn's bundle.
-NUM_IMAGES = 1797
 
 
 class MLP(nn.Module):
@@ -83,14 +77,7 @@ class MLP(nn.Module):
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line.
-
-    Args:
-        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        The parsed options.
-    """
+    """Parse and check the command line (``argv=None`` reads ``sys.argv``)."""
     parser = digits_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -107,16 +94,10 @@ def load_data() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     Returns:
         ``(train, test)``, each ``{"x": float32 [n, 64], "y": int32 [n]}``.
     """
-    features, labels = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        features, labels, test_size=TEST_SIZE, random_state=0, stratify=labels
-    )
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std = np.where(std > 0, std, 1.0)  # a few border pixels are always 0
+    x_train, y_train, x_test, y_test = digits_split()
 
     def to_arrays(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-        return {"x": ((x - mean) / std).astype(np.float32), "y": y.astype(np.int32)}
+        return {"x": x.astype(np.float32), "y": y.astype(np.int32)}
 
     return to_arrays(x_train, y_train), to_arrays(x_test, y_test)
 
@@ -135,7 +116,8 @@ def init_params(model: MLP, seed: int) -> Any:
     return model.init(jax.random.key(seed), dummy)["params"]
 
 
-def _accuracy(model: MLP, params: Any, data: dict[str, np.ndarray]) -> float:
+def accuracy(model: MLP, params: Any, data: dict[str, np.ndarray]) -> float:
+    """Test accuracy of ``model`` with ``params`` on ``{"x", "y"}`` host arrays."""
     logits = model.apply({"params": params}, jnp.asarray(data["x"]))
     return float(np.mean(np.asarray(jnp.argmax(logits, axis=-1)) == data["y"]))
 
@@ -153,6 +135,32 @@ def _train_epoch(private: dp_jax.PrivateTraining, state: dp_jax.TrainState) -> t
     return state, total / max(count, 1)
 
 
+def private_options(args: argparse.Namespace, train: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The ``make_private_with_epsilon`` options both JAX digits examples pass.
+
+    The sample rate follows Opacus' rule, as dp_torch applies it to torch_digits'
+    DataLoader: ``q = 1 / len(loader)``, so the examples train the same private model
+    (same ``q``, steps and noise multiplier).
+
+    Args:
+        args: The parsed command line.
+        train: The training arrays.
+
+    Returns:
+        Keyword arguments: optimizer, data, privacy target, epochs, bound, rate and seed.
+    """
+    return dict(
+        optimizer=optax.sgd(args.lr),
+        data=train,
+        target_epsilon=args.epsilon,
+        target_delta=args.delta,
+        epochs=args.epochs,
+        max_grad_norm=args.max_grad_norm,
+        sample_rate=1.0 / math.ceil(len(train["y"]) / args.batch_size),
+        seed=args.seed,
+    )
+
+
 def _run(args: argparse.Namespace) -> dict[str, float]:
     train, test = load_data()
     model = MLP(hidden=args.hidden)
@@ -161,26 +169,19 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
     private = engine.make_private_with_epsilon(
         loss_fn=dp_jax.linen_loss(model, "cross_entropy"),
         params=params,
-        optimizer=optax.sgd(args.lr),
-        data=train,
-        target_epsilon=args.epsilon,
-        target_delta=args.delta,
-        epochs=args.epochs,
-        max_grad_norm=args.max_grad_norm,
-        # Opacus' rule, as dp_torch applies it to torch_digits' DataLoader: q = 1 / len(loader),
-        # so both examples train the same private model (same q, steps and noise multiplier).
-        sample_rate=1.0 / math.ceil((NUM_IMAGES - TEST_SIZE) / args.batch_size),
-        seed=args.seed,
+        **private_options(args, train),
     )
     state = private.state
-    bar = tqdm(range(args.epochs), desc="DP-SGD", unit="epoch", disable=args.no_progress)
-    loss = float("nan")
-    for _ in bar:
+
+    def train_epoch() -> float:
+        nonlocal state
         state, loss = _train_epoch(private, state)
-        bar.set_postfix(loss=f"{loss:.3f}", epsilon=f"{engine.get_epsilon(args.delta):.2f}")
-    bar.close()
+        return loss
+
+    loss = fit(args.epochs, train_epoch, lambda: engine.get_epsilon(args.delta),
+               hide=args.no_progress)
     return {
-        "accuracy": _accuracy(model, state.params, test),
+        "accuracy": accuracy(model, state.params, test),
         "epsilon": engine.get_epsilon(args.delta),
         "delta": args.delta,
         "noise_multiplier": private.noise_multiplier,
@@ -201,14 +202,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         (wall time of training and evaluation, JAX compilation included).
     """
     args = parse_args(argv)
-    start = time.perf_counter()
-    result = _run(args)
-    result["seconds"] = time.perf_counter() - start
-    print(
-        f"dp_jax digits: test accuracy {result['accuracy']:.3f} at epsilon "
-        f"{result['epsilon']:.2f} (delta {args.delta:g})",
-        flush=True,
-    )
+    result = run_timed(_run, args)
+    print(result_line("dp_jax digits", result, args.delta), flush=True)
     return result
 
 

@@ -32,14 +32,9 @@ process feeds the rows of the batch that land on its devices::
 
 (with 4 host devices each: a mesh of 8). Only process 0 prints.
 
-Usage::
-
-    python examples/jax_sharded_digits.py            # full run
-    python examples/jax_sharded_digits.py --smoke    # a few seconds, for the tests
-
-The last line printed is, for example::
-
-    dp_jax sharded digits (4 devices): test accuracy 0.944 at epsilon 2.99 (delta 1e-05)
+Run ``python examples/jax_sharded_digits.py`` (``--smoke``: two epochs, for the tests;
+see ``--help``). It ends with a line such as
+``dp_jax sharded digits (4 devices): test accuracy 0.944 at epsilon 2.99 (delta 1e-05)``.
 """
 
 from __future__ import annotations
@@ -58,16 +53,12 @@ if __name__ == "__main__" and _COUNT_FLAG not in os.environ.get("XLA_FLAGS", "")
     )
 
 import argparse  # noqa: E402
-import math  # noqa: E402
 import pathlib  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -75,6 +66,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 import dp_jax  # noqa: E402
 from examples import jax_digits  # noqa: E402
 from examples._cli import Check, digits_parser, parse_checked  # noqa: E402
+from examples._common import NUM_IMAGES, TEST_SIZE, result_line, run_timed  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
@@ -83,14 +75,7 @@ SMOKE_EPOCHS = 2
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line.
-
-    Args:
-        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        The parsed options.
-    """
+    """Parse and check the command line (``argv=None`` reads ``sys.argv``)."""
     parser = digits_parser(__doc__.split("\n\n")[0], hidden=False)
     parser.add_argument("--devices", type=int, default=None,
                         help="use the first K devices (default: all of them)")
@@ -100,7 +85,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--num-processes", type=int, default=1, help="processes in the run")
     parser.add_argument("--process-id", type=int, default=0, help="this process, 0-based")
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
-    return parse_checked(parser, argv, train_size=jax_digits.NUM_IMAGES - jax_digits.TEST_SIZE,
+    return parse_checked(parser, argv, train_size=NUM_IMAGES - TEST_SIZE,
                          smoke_epochs=SMOKE_EPOCHS, extra_checks=_own_checks)
 
 
@@ -124,11 +109,6 @@ def _mesh(args: argparse.Namespace) -> jax.sharding.Mesh:
     return dp_jax.data_mesh(devices)
 
 
-def _accuracy(model: jax_digits.MLP, params: Any, data: dict[str, np.ndarray]) -> float:
-    logits = model.apply({"params": params}, jnp.asarray(data["x"]))
-    return float(np.mean(np.asarray(jnp.argmax(logits, axis=-1)) == data["y"]))
-
-
 def _host(x: jax.Array) -> np.ndarray:
     """A replicated global array's value, read from this process's first copy."""
     return np.asarray(x.addressable_data(0))
@@ -145,16 +125,8 @@ def _run(args: argparse.Namespace, say: Any) -> dict[str, Any]:
     private = engine.make_private_with_epsilon(
         loss_fn=dp_jax.linen_loss(model, "cross_entropy"),
         params=jax_digits.init_params(model, args.seed),
-        optimizer=optax.sgd(args.lr),
-        data=train,
-        target_epsilon=args.epsilon,
-        target_delta=args.delta,
-        epochs=args.epochs,
-        max_grad_norm=args.max_grad_norm,
-        # Opacus' rule (as in jax_digits.py): q = 1 / number of batches per epoch.
-        sample_rate=1.0 / math.ceil(len(train["y"]) / args.batch_size),
-        seed=args.seed,
         mesh=mesh,
+        **jax_digits.private_options(args, train),
     )
     say(f"{mesh.devices.size} devices in {jax.process_count()} process(es); noise multiplier "
         f"{private.noise_multiplier:.3f}, sample rate {private.sample_rate:.4f}")
@@ -168,7 +140,7 @@ def _run(args: argparse.Namespace, say: Any) -> dict[str, Any]:
         say(f"epoch {epoch:3d}  loss {loss:.3f}  epsilon {engine.get_epsilon(args.delta):.2f}")
     host_params = jax.tree_util.tree_map(_host, state.params)
     return {
-        "accuracy": _accuracy(model, host_params, test),
+        "accuracy": jax_digits.accuracy(model, host_params, test),
         "epsilon": engine.get_epsilon(args.delta),
         "delta": args.delta,
         "noise_multiplier": private.noise_multiplier,
@@ -200,11 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if lead:
             print(text, flush=True)
 
-    start = time.perf_counter()
-    result = _run(args, say)
-    result["seconds"] = time.perf_counter() - start
-    say(f"dp_jax sharded digits ({result['devices']} devices): test accuracy "
-        f"{result['accuracy']:.3f} at epsilon {result['epsilon']:.2f} (delta {args.delta:g})")
+    result = run_timed(lambda parsed: _run(parsed, say), args)
+    say(result_line(f"dp_jax sharded digits ({result['devices']} devices)", result, args.delta))
     return result
 
 

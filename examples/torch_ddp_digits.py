@@ -22,19 +22,16 @@ measured on rank 0 (every rank holds the same parameters). With the defaults
 (epsilon 3, delta 1e-5, 30 epochs) on 2 processes it reaches about the accuracy of
 ``torch_digits.py`` (93-95 %).
 
-Usage::
-
-    torchrun --nproc_per_node 2 examples/torch_ddp_digits.py            # 2 processes
-    torchrun --nproc_per_node 2 examples/torch_ddp_digits.py --smoke    # a few seconds
-    python examples/torch_ddp_digits.py --smoke                        # 1 process, no torchrun
+Run ``torchrun --nproc_per_node 2 examples/torch_ddp_digits.py`` for 2 processes, or
+``python examples/torch_ddp_digits.py`` for one without torchrun (``--smoke``: two
+epochs, for the tests; see ``--help``).
 
 If a rank dies, the others stop at their next optimizer step with
 ``dp_torch.distributed.DistributedStepError`` (nothing applied); ``--timeout`` sets the
 process group's timeout, the bound for a rank that hangs instead.
 
-The last line printed (rank 0) is, for example::
-
-    dp_torch DDP digits (2 processes): test accuracy 0.936 at epsilon 3.00 (delta 1e-05)
+The last line (printed by rank 0) reads like
+``dp_torch DDP digits (2 processes): test accuracy 0.936 at epsilon 3.00 (delta 1e-05)``.
 """
 
 from __future__ import annotations
@@ -46,14 +43,12 @@ import os
 import pathlib
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -62,13 +57,19 @@ from dp_torch import PrivacyEngine  # noqa: E402
 from dp_torch.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP  # noqa: E402
 from dp_torch.utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
 from examples.torch_digits import (  # noqa: E402
-    TEST_SIZE,
     accuracy,
     build_model,
     load_data,
     train_epoch,
 )
 from examples._cli import Check, digits_parser, parse_checked  # noqa: E402
+from examples._common import (  # noqa: E402
+    NUM_IMAGES,
+    TEST_SIZE,
+    fit,
+    result_line,
+    run_torch_isolated,
+)
 
 __all__ = ["main", "parse_args", "process_group"]
 
@@ -77,14 +78,7 @@ SMOKE_EPOCHS = 2
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line.
-
-    Args:
-        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        The parsed options.
-    """
+    """Parse and check the command line (``argv=None`` reads ``sys.argv``)."""
     parser = digits_parser(__doc__.split("\n\n")[0],
                            batch_help="global expected Poisson batch (all ranks together)")
     parser.add_argument("--physical-batch", type=int, default=None,
@@ -94,7 +88,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="process-group timeout in seconds (bound for a hung rank)")
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parse_checked(parser, argv, train_size=1797 - TEST_SIZE, smoke_epochs=SMOKE_EPOCHS,
+    return parse_checked(parser, argv, train_size=NUM_IMAGES - TEST_SIZE, smoke_epochs=SMOKE_EPOCHS,
                          extra_checks=_own_checks)
 
 
@@ -152,19 +146,18 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         module=model, optimizer=optimizer, data_loader=loader, target_epsilon=args.epsilon,
         target_delta=args.delta, epochs=args.epochs, max_grad_norm=args.max_grad_norm,
     )
-    bar = tqdm(range(args.epochs), desc=f"DP-SGD x{world}", unit="epoch",
-               disable=args.no_progress or rank != 0)
-    loss = float("nan")
-    for _ in bar:
+
+    def epoch() -> float:
         if args.physical_batch is None:
             local = train_epoch(model, optimizer, loader)
         else:
             with BatchMemoryManager(data_loader=loader, optimizer=optimizer,
                                     max_physical_batch_size=args.physical_batch) as chunks:
                 local = train_epoch(model, optimizer, chunks)
-        loss = _mean_over_ranks(local, 1)
-        bar.set_postfix(loss=f"{loss:.3f}", epsilon=f"{engine.get_epsilon(args.delta):.2f}")
-    bar.close()
+        return _mean_over_ranks(local, 1)
+
+    loss = fit(args.epochs, epoch, lambda: engine.get_epsilon(args.delta),
+               desc=f"DP-SGD x{world}", hide=args.no_progress or rank != 0)
     return {
         "accuracy": accuracy(model, test_set),
         "epsilon": engine.get_epsilon(args.delta),
@@ -192,21 +185,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         ``epochs``, ``world_size``, ``rank``, ``steps`` and ``seconds``.
     """
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    start = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    try:
-        with process_group(args.timeout), torch.random.fork_rng(devices=[]):
-            result = _run(args)
-    finally:
-        torch.set_num_threads(threads)
-    result["seconds"] = time.perf_counter() - start
+    result = run_torch_isolated(_run, args, process_group(args.timeout))
     if result["rank"] == 0:
-        print(
-            f"dp_torch DDP digits ({result['world_size']} processes): test accuracy "
-            f"{result['accuracy']:.3f} at epsilon {result['epsilon']:.2f} (delta {args.delta:g})",
-            flush=True,
-        )
+        label = f"dp_torch DDP digits ({result['world_size']} processes)"
+        print(result_line(label, result, args.delta), flush=True)
     return result
 
 

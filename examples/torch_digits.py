@@ -12,17 +12,11 @@ learning rate 0.5, and a noise multiplier calibrated by
 whole run spends at most ``--epsilon`` at ``--delta``. A tqdm bar shows the loss of the
 last epoch and the epsilon spent so far. With the defaults (epsilon 3, delta 1e-5,
 30 epochs) it reaches 93-95 % test accuracy (0.931-0.953 over seeds 0-9; epsilon 2.996)
-in about 5 seconds, imports included, on a 2-core CPU.
+in a few seconds on a CPU, imports included.
 
-Usage::
-
-    python examples/torch_digits.py                 # full run
-    python examples/torch_digits.py --smoke         # a few seconds, for the tests
-    python examples/torch_digits.py --epsilon 1 --epochs 20 --seed 3
-
-The last line printed is, for example::
-
-    dp_torch digits: test accuracy 0.933 at epsilon 3.00 (delta 1e-05)
+Run ``python examples/torch_digits.py`` (``--smoke``: two epochs, for the tests; see
+``--help``). It ends with a line such as
+``dp_torch digits: test accuracy 0.933 at epsilon 3.00 (delta 1e-05)``.
 """
 
 from __future__ import annotations
@@ -30,41 +24,35 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from dp_torch import PrivacyEngine  # noqa: E402
 from examples._cli import digits_parser, parse_checked  # noqa: E402
+from examples._common import (  # noqa: E402
+    NUM_IMAGES,
+    TEST_SIZE,
+    digits_split,
+    fit,
+    result_line,
+    run_torch_isolated,
+)
 
 __all__ = ["accuracy", "build_model", "load_data", "main", "parse_args", "train_epoch"]
 
-#: Size of the held-out test split (stratified, fixed ``random_state``).
-TEST_SIZE = 360
 #: Epochs used by ``--smoke``.
 SMOKE_EPOCHS = 2
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line.
-
-    Args:
-        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        The parsed options.
-    """
+    """Parse and check the command line (``argv=None`` reads ``sys.argv``)."""
     parser = digits_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
         "--threads",
@@ -75,7 +63,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parse_checked(
-        parser, argv, train_size=1797 - TEST_SIZE, smoke_epochs=SMOKE_EPOCHS,
+        parser, argv, train_size=NUM_IMAGES - TEST_SIZE, smoke_epochs=SMOKE_EPOCHS,
         extra_checks=lambda args: [("--threads", args.threads, args.threads >= 1)],
     )
 
@@ -86,17 +74,10 @@ def load_data() -> tuple[TensorDataset, TensorDataset]:
     Returns:
         ``(train, test)`` datasets of ``float32`` features (64 columns) and ``int64`` labels.
     """
-    features, labels = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        features, labels, test_size=TEST_SIZE, random_state=0, stratify=labels
-    )
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std = np.where(std > 0, std, 1.0)  # a few border pixels are always 0
+    x_train, y_train, x_test, y_test = digits_split()
 
-    def to_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        x_std = torch.tensor((x - mean) / std, dtype=torch.float32)
-        return TensorDataset(x_std, torch.tensor(y, dtype=torch.int64))
+    def to_dataset(x: Any, y: Any) -> TensorDataset:
+        return TensorDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64))
 
     return to_dataset(x_train, y_train), to_dataset(x_test, y_test)
 
@@ -164,12 +145,8 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
         max_grad_norm=args.max_grad_norm,
         poisson_sampling=True,
     )
-    bar = tqdm(range(args.epochs), desc="DP-SGD", unit="epoch", disable=args.no_progress)
-    loss = float("nan")
-    for _ in bar:
-        loss = train_epoch(model, optimizer, loader)
-        bar.set_postfix(loss=f"{loss:.3f}", epsilon=f"{engine.get_epsilon(args.delta):.2f}")
-    bar.close()
+    loss = fit(args.epochs, lambda: train_epoch(model, optimizer, loader),
+               lambda: engine.get_epsilon(args.delta), hide=args.no_progress)
     return {
         "accuracy": accuracy(model, test_set),
         "epsilon": engine.get_epsilon(args.delta),
@@ -194,20 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         ``noise_multiplier``, ``train_loss`` (last epoch), ``epochs`` and ``seconds``.
     """
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    start = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            result = _run(args)
-    finally:
-        torch.set_num_threads(threads)
-    result["seconds"] = time.perf_counter() - start
-    print(
-        f"dp_torch digits: test accuracy {result['accuracy']:.3f} at epsilon "
-        f"{result['epsilon']:.2f} (delta {args.delta:g})",
-        flush=True,
-    )
+    result = run_torch_isolated(_run, args)
+    print(result_line("dp_torch digits", result, args.delta), flush=True)
     return result
 
 
