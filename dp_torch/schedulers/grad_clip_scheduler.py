@@ -6,12 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dp_torch.optimizers.perlayeroptimizer import DPPerLayerOptimizer
-from dp_torch.schedulers.noise_scheduler import (
-    _check_positive_int,
-    _check_positive_real,
-    _EpochScheduler,
-    _state_without,
-)
+from dp_torch.schedulers.noise_scheduler import _EpochScheduler, _Exponential, _Lambda, _Step
 
 __all__ = ["ExponentialGradClip", "LambdaGradClip", "StepGradClip", "_GradClipScheduler"]
 
@@ -44,41 +39,26 @@ class _GradClipScheduler(_EpochScheduler):
             )
 
     def get_max_grad_norm(self) -> float:
-        """The bound for epoch ``self.last_epoch`` (implemented by subclasses)."""
-        raise NotImplementedError
+        """The bound for epoch ``self.last_epoch``."""
+        return self._scheduled()
 
     def _next_value(self) -> float:
         return self.get_max_grad_norm()
 
 
-class ExponentialGradClip(_GradClipScheduler):
+class ExponentialGradClip(_GradClipScheduler, _Exponential):
     """Multiply the bound by ``gamma`` every epoch: ``C_t = C_0 * gamma**t``."""
 
-    def __init__(self, optimizer: Any, *, gamma: float, last_epoch: int = -1) -> None:
-        """Create the scheduler (it calls ``step()`` once).
 
-        Args:
-            optimizer: The DP optimizer.
-            gamma: Multiplicative factor per epoch (``> 0``).
-            last_epoch: Index of the last epoch.
-        """
-        self.gamma = _check_positive_real(gamma, "gamma")
-        super().__init__(optimizer, last_epoch=last_epoch)
-
-    def get_max_grad_norm(self) -> float:
-        """Previous bound times ``gamma`` (unchanged at epoch 0)."""
-        if self.last_epoch == 0:
-            return self.optimizer.max_grad_norm
-        return self.optimizer.max_grad_norm * self.gamma
-
-
-class LambdaGradClip(_GradClipScheduler):
+class LambdaGradClip(_GradClipScheduler, _Lambda):
     """Set the bound to ``base * scheduler_function(epoch)`` (factors do not accumulate).
 
     ``base`` is the optimizer's bound when the scheduler is created. The function
     is not part of :meth:`state_dict`; re-create the scheduler with it before
     loading.
     """
+
+    _function_name = "scheduler_function"
 
     def __init__(
         self,
@@ -94,47 +74,12 @@ class LambdaGradClip(_GradClipScheduler):
             scheduler_function: Epoch -> multiplicative factor.
             last_epoch: Index of the last epoch.
         """
-        if not callable(scheduler_function):
-            raise TypeError(
-                "scheduler_function must be callable (epoch -> factor), got "
-                f"{scheduler_function!r}."
-            )
-        self.scheduler_function = scheduler_function
-        self.base_max_grad_norm = getattr(optimizer, "max_grad_norm", None)
+        self._set_function(optimizer, scheduler_function)
         super().__init__(optimizer, last_epoch=last_epoch)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Every attribute but the optimizer and ``scheduler_function``."""
-        return _state_without(self, "optimizer", "scheduler_function")
 
-    def get_max_grad_norm(self) -> float:
-        """``base_max_grad_norm * scheduler_function(last_epoch)``."""
-        return self.base_max_grad_norm * self.scheduler_function(self.last_epoch)
-
-
-class StepGradClip(_GradClipScheduler):
+class StepGradClip(_GradClipScheduler, _Step):
     """Multiply the bound by ``gamma`` every ``step_size`` epochs.
 
     ``C_t = C_0 * gamma ** (t // step_size)``.
     """
-
-    def __init__(
-        self, optimizer: Any, *, step_size: int, gamma: float, last_epoch: int = -1
-    ) -> None:
-        """Create the scheduler (it calls ``step()`` once).
-
-        Args:
-            optimizer: The DP optimizer.
-            step_size: Period in epochs (``>= 1``).
-            gamma: Multiplicative factor (``> 0``).
-            last_epoch: Index of the last epoch.
-        """
-        self.step_size = _check_positive_int(step_size, "step_size")
-        self.gamma = _check_positive_real(gamma, "gamma")
-        super().__init__(optimizer, last_epoch=last_epoch)
-
-    def get_max_grad_norm(self) -> float:
-        """Previous bound, times ``gamma`` at positive multiples of ``step_size``."""
-        if self.last_epoch == 0 or self.last_epoch % self.step_size != 0:
-            return self.optimizer.max_grad_norm
-        return self.gamma * self.optimizer.max_grad_norm

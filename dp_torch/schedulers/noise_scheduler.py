@@ -79,6 +79,82 @@ class _EpochScheduler:
         setattr(self.optimizer, self._attribute, self._next_value())
 
 
+    def _scheduled(self) -> float:
+        """The value for epoch ``self.last_epoch`` under the schedule (given by a subclass)."""
+        raise NotImplementedError
+
+
+class _Exponential(_EpochScheduler):
+    """Schedule: the previous value times ``gamma`` every epoch (unchanged at epoch 0)."""
+
+    def __init__(self, optimizer: Any, *, gamma: float, last_epoch: int = -1) -> None:
+        """Create the scheduler (it calls ``step()`` once).
+
+        Args:
+            optimizer: The DP optimizer.
+            gamma: Multiplicative factor per epoch (``> 0``).
+            last_epoch: Index of the last epoch.
+        """
+        self.gamma = _check_positive_real(gamma, "gamma")
+        super().__init__(optimizer, last_epoch=last_epoch)
+
+    def _scheduled(self) -> float:
+        current = getattr(self.optimizer, self._attribute)
+        return current if self.last_epoch == 0 else current * self.gamma
+
+
+class _Step(_EpochScheduler):
+    """Schedule: the previous value, times ``gamma`` at positive multiples of ``step_size``."""
+
+    def __init__(
+        self, optimizer: Any, *, step_size: int, gamma: float, last_epoch: int = -1
+    ) -> None:
+        """Create the scheduler (it calls ``step()`` once).
+
+        Args:
+            optimizer: The DP optimizer.
+            step_size: Period in epochs (``>= 1``).
+            gamma: Multiplicative factor (``> 0``).
+            last_epoch: Index of the last epoch.
+        """
+        self.step_size = _check_positive_int(step_size, "step_size")
+        self.gamma = _check_positive_real(gamma, "gamma")
+        super().__init__(optimizer, last_epoch=last_epoch)
+
+    def _scheduled(self) -> float:
+        current = getattr(self.optimizer, self._attribute)
+        if self.last_epoch == 0 or self.last_epoch % self.step_size != 0:
+            return current
+        return self.gamma * current
+
+
+class _Lambda(_EpochScheduler):
+    """Schedule: ``base * function(epoch)``, ``base`` the value when the scheduler is created.
+
+    The function is kept under the attribute ``_function_name`` (Opacus' argument
+    name) and left out of :meth:`state_dict` (a lambda cannot be pickled).
+    """
+
+    _function_name: str = ""
+
+    def _set_function(self, optimizer: Any, function: Callable[[int], float]) -> None:
+        """Keep ``function`` and the optimizer's current value as ``base_<attribute>``."""
+        if not callable(function):
+            raise TypeError(
+                f"{self._function_name} must be callable (epoch -> factor), got {function!r}."
+            )
+        setattr(self, self._function_name, function)
+        setattr(self, f"base_{self._attribute}", getattr(optimizer, self._attribute, None))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every attribute but the optimizer and the function."""
+        return _state_without(self, "optimizer", self._function_name)
+
+    def _scheduled(self) -> float:
+        base = getattr(self, f"base_{self._attribute}")
+        return base * getattr(self, self._function_name)(self.last_epoch)
+
+
 class _NoiseScheduler(_EpochScheduler):
     """Base class: changes ``optimizer.noise_multiplier`` once per :meth:`step` (epoch).
 
@@ -98,41 +174,26 @@ class _NoiseScheduler(_EpochScheduler):
     _hint = "Wrap it in a dp_torch DPOptimizer (make_private does this for you)."
 
     def get_noise_multiplier(self) -> float:
-        """The multiplier for epoch ``self.last_epoch`` (implemented by subclasses)."""
-        raise NotImplementedError
+        """The multiplier for epoch ``self.last_epoch``."""
+        return self._scheduled()
 
     def _next_value(self) -> float:
         return self.get_noise_multiplier()
 
 
-class ExponentialNoise(_NoiseScheduler):
+class ExponentialNoise(_NoiseScheduler, _Exponential):
     """Multiply the noise multiplier by ``gamma`` every epoch: ``sigma_t = sigma_0 * gamma**t``."""
 
-    def __init__(self, optimizer: Any, *, gamma: float, last_epoch: int = -1) -> None:
-        """Create the scheduler (it calls ``step()`` once).
 
-        Args:
-            optimizer: The DP optimizer.
-            gamma: Multiplicative factor per epoch (``> 0``).
-            last_epoch: Index of the last epoch.
-        """
-        self.gamma = _check_positive_real(gamma, "gamma")
-        super().__init__(optimizer, last_epoch=last_epoch)
-
-    def get_noise_multiplier(self) -> float:
-        """Previous multiplier times ``gamma`` (unchanged at epoch 0)."""
-        if self.last_epoch == 0:
-            return self.optimizer.noise_multiplier
-        return self.optimizer.noise_multiplier * self.gamma
-
-
-class LambdaNoise(_NoiseScheduler):
+class LambdaNoise(_NoiseScheduler, _Lambda):
     """Set the multiplier to ``base * noise_lambda(epoch)`` (factors do not accumulate).
 
     ``base`` is the optimizer's multiplier when the scheduler is created. The
     function is not part of :meth:`state_dict` (like torch's ``LambdaLR``, a
     lambda cannot be pickled); re-create the scheduler with it before loading.
     """
+
+    _function_name = "noise_lambda"
 
     def __init__(
         self,
@@ -148,46 +209,12 @@ class LambdaNoise(_NoiseScheduler):
             noise_lambda: Epoch -> multiplicative factor.
             last_epoch: Index of the last epoch.
         """
-        if not callable(noise_lambda):
-            raise TypeError(
-                f"noise_lambda must be callable (epoch -> factor), got {noise_lambda!r}."
-            )
-        self.noise_lambda = noise_lambda
-        self.base_noise_multiplier = getattr(optimizer, "noise_multiplier", None)
+        self._set_function(optimizer, noise_lambda)
         super().__init__(optimizer, last_epoch=last_epoch)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Every attribute but the optimizer and ``noise_lambda``."""
-        return _state_without(self, "optimizer", "noise_lambda")
 
-    def get_noise_multiplier(self) -> float:
-        """``base_noise_multiplier * noise_lambda(last_epoch)``."""
-        return self.base_noise_multiplier * self.noise_lambda(self.last_epoch)
-
-
-class StepNoise(_NoiseScheduler):
+class StepNoise(_NoiseScheduler, _Step):
     """Multiply the multiplier by ``gamma`` every ``step_size`` epochs.
 
     ``sigma_t = sigma_0 * gamma ** (t // step_size)``.
     """
-
-    def __init__(
-        self, optimizer: Any, *, step_size: int, gamma: float, last_epoch: int = -1
-    ) -> None:
-        """Create the scheduler (it calls ``step()`` once).
-
-        Args:
-            optimizer: The DP optimizer.
-            step_size: Period in epochs (``>= 1``).
-            gamma: Multiplicative factor (``> 0``).
-            last_epoch: Index of the last epoch.
-        """
-        self.step_size = _check_positive_int(step_size, "step_size")
-        self.gamma = _check_positive_real(gamma, "gamma")
-        super().__init__(optimizer, last_epoch=last_epoch)
-
-    def get_noise_multiplier(self) -> float:
-        """Previous multiplier, times ``gamma`` at positive multiples of ``step_size``."""
-        if self.last_epoch == 0 or self.last_epoch % self.step_size != 0:
-            return self.optimizer.noise_multiplier
-        return self.gamma * self.optimizer.noise_multiplier
