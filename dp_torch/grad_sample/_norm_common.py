@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ["affine_grad_samples"]
+__all__ = ["affine_grad_samples", "norm_grad_samples"]
 
 
 def affine_grad_samples(
@@ -43,3 +43,28 @@ def affine_grad_samples(
     if bias is not None and bias.requires_grad:
         ret[bias] = backprops.sum(dim=reduce) if reduce else backprops.clone()
     return ret
+
+
+def norm_grad_samples(
+    layer: nn.Module,
+    activations: list,
+    backprops: torch.Tensor,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+    channel_first: bool = False,
+) -> dict:
+    """Per-example gradients of a normalisation layer's ``weight`` and ``bias`` (if it has one).
+
+    Args:
+        layer: The layer; without ``channel_first`` it has a ``normalized_shape``.
+        activations: ``[input]``, batch first.
+        backprops: Gradient of the layer's output, same shape.
+        normalize: ``x -> x_hat``, the layer's normalisation without its affine map.
+        channel_first: As for :func:`affine_grad_samples`.
+
+    Returns:
+        ``{weight: [B, *weight.shape], bias: [B, *bias.shape]}`` for the trainable ones.
+    """
+    normalized = normalize(activations[0].to(backprops.dtype))
+    param_dims = 1 if channel_first else len(layer.normalized_shape)
+    bias = getattr(layer, "bias", None)
+    return affine_grad_samples(layer.weight, bias, normalized, backprops, param_dims, channel_first)

@@ -51,6 +51,20 @@ def _as_classes(target: Union[type, Sequence[type]], fn_name: str) -> list[type]
     return classes
 
 
+def _registering(
+    registry: dict[type, Sampler], target: Union[type, Sequence[type]], fn_name: str
+) -> Callable[[Sampler], Sampler]:
+    """A decorator storing its function in ``registry`` under each class of ``target``."""
+    classes = _as_classes(target, fn_name)
+
+    def decorator(fn: Sampler) -> Sampler:
+        for cls in classes:
+            registry[cls] = fn
+        return fn
+
+    return decorator
+
+
 def register_grad_sampler(target_class_or_classes: Union[type, Sequence[type]]) -> Callable:
     """Register the decorated function as the grad sampler of one or more module classes.
 
@@ -72,14 +86,7 @@ def register_grad_sampler(target_class_or_classes: Union[type, Sequence[type]]) 
     Returns:
         The decorator (it returns the function unchanged).
     """
-    classes = _as_classes(target_class_or_classes, "register_grad_sampler")
-
-    def decorator(fn: Sampler) -> Sampler:
-        for cls in classes:
-            GRAD_SAMPLERS[cls] = fn
-        return fn
-
-    return decorator
+    return _registering(GRAD_SAMPLERS, target_class_or_classes, "register_grad_sampler")
 
 
 def register_norm_sampler(target_class_or_classes: Union[type, Sequence[type]]) -> Callable:
@@ -89,20 +96,9 @@ def register_norm_sampler(target_class_or_classes: Union[type, Sequence[type]]) 
     ``{parameter: per_example_gradient_norm}`` with shapes ``[batch]``, computed without
     materialising the per-example gradients.
 
-    Args:
-        target_class_or_classes: An ``nn.Module`` subclass or a sequence of them.
-
-    Returns:
-        The decorator (it returns the function unchanged).
+    Arguments and result as for :func:`register_grad_sampler`.
     """
-    classes = _as_classes(target_class_or_classes, "register_norm_sampler")
-
-    def decorator(fn: Sampler) -> Sampler:
-        for cls in classes:
-            NORM_SAMPLERS[cls] = fn
-        return fn
-
-    return decorator
+    return _registering(NORM_SAMPLERS, target_class_or_classes, "register_norm_sampler")
 
 
 def find_sampler(registry: dict[type, Any], module: nn.Module) -> Optional[Any]:

@@ -23,14 +23,5 @@ __all__ = ["compute_rnn_linear_grad_sample"]
 def compute_rnn_linear_grad_sample(
     layer: RNNLinear, activations: list, backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-example gradients of one call of an ``RNNLinear``.
-
-    Args:
-        layer: The layer.
-        activations: ``[input]``, input ``[B, ..., in_features]`` (batch first).
-        backprops: Gradient of the loss with respect to the call's output, ``[B, ..., out_features]``.
-
-    Returns:
-        ``{weight: [B, out, in], bias: [B, out]}`` for the trainable ones.
-    """
+    """Per-example gradients of one call of an ``RNNLinear`` (an ``nn.Linear``, same contract)."""
     return compute_linear_grad_sample(layer, activations, backprops)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ._registry import CALL_CONCATENATORS, register_grad_sampler, register_norm_sampler
-from .embedding_norm_sample import compute_embedding_norm_sample as _embedding_norm_sample
+from .embedding_norm_sample import compute_embedding_norm_sample
 from .embedding_norm_sample import embedding_token_view
 
 __all__ = [
@@ -60,19 +60,8 @@ def compute_embedding_grad_sample(layer: nn.Embedding, activations: list, backpr
     return {layer.weight: _scatter_rows(batch, layer.num_embeddings, rows, ids, g)}
 
 
-@register_norm_sampler(nn.Embedding)
-def compute_embedding_norm_sample(layer: nn.Embedding, activations: list, backprops: torch.Tensor) -> dict:
-    """Per-example gradient norms of ``nn.Embedding`` (see ``embedding_norm_sample``).
-
-    Args:
-        layer: The layer.
-        activations: ``[ids]`` with ids ``[B, ...]``.
-        backprops: ``[B, ..., embedding_dim]``.
-
-    Returns:
-        ``{weight: [B]}`` when the weight is trainable.
-    """
-    return _embedding_norm_sample(layer, activations, backprops)
+# Opacus keeps the norm sampler in this module too; it is registered here, written once.
+compute_embedding_norm_sample = register_norm_sampler(nn.Embedding)(compute_embedding_norm_sample)
 
 
 def _concat_embedding_calls(layer: nn.Embedding, calls: list) -> tuple:

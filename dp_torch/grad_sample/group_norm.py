@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._norm_common import affine_grad_samples
+from ._norm_common import norm_grad_samples
 from ._registry import register_grad_sampler
 
 __all__ = ["compute_group_norm_grad_sample"]
@@ -16,14 +16,8 @@ __all__ = ["compute_group_norm_grad_sample"]
 def compute_group_norm_grad_sample(layer: nn.GroupNorm, activations: list, backprops: torch.Tensor) -> dict:
     """Per-example gradients of ``nn.GroupNorm``: ``x_hat * g`` and ``g`` summed over space.
 
-    Args:
-        layer: The layer.
-        activations: ``[input]`` with input ``[B, C, *spatial]``.
-        backprops: Same shape.
-
-    Returns:
-        ``{weight: [B, C], bias: [B, C]}`` for the trainable ones.
+    Input ``[B, C, *spatial]``; the rest as :func:`._norm_common.norm_grad_samples`.
     """
-    x = activations[0].to(backprops.dtype)
-    normalized = F.group_norm(x, layer.num_groups, eps=layer.eps)
-    return affine_grad_samples(layer.weight, layer.bias, normalized, backprops, 1, channel_first=True)
+    return norm_grad_samples(
+        layer, activations, backprops, lambda x: F.group_norm(x, layer.num_groups, eps=layer.eps), True
+    )

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._norm_common import affine_grad_samples
+from ._norm_common import norm_grad_samples
 from ._registry import register_grad_sampler
 
 __all__ = ["compute_instance_norm_grad_sample"]
@@ -19,16 +19,9 @@ def compute_instance_norm_grad_sample(layer: nn.modules.instancenorm._InstanceNo
 
     ``x_hat`` uses the instance's own statistics. (A layer with ``track_running_stats`` has
     buffers and is rejected by ``GradSampleModule.validate``: its running statistics are
-    computed from the whole batch.)
-
-    Args:
-        layer: The layer.
-        activations: ``[input]`` with input ``[B, C, *spatial]``.
-        backprops: Same shape.
-
-    Returns:
-        ``{weight: [B, C], bias: [B, C]}`` for the trainable ones.
+    computed from the whole batch.) Input ``[B, C, *spatial]``; the rest as
+    :func:`._norm_common.norm_grad_samples`.
     """
-    x = activations[0].to(backprops.dtype)
-    normalized = F.instance_norm(x, eps=layer.eps)
-    return affine_grad_samples(layer.weight, layer.bias, normalized, backprops, 1, channel_first=True)
+    return norm_grad_samples(
+        layer, activations, backprops, lambda x: F.instance_norm(x, eps=layer.eps), True
+    )

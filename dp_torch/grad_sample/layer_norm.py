@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._norm_common import affine_grad_samples
+from ._norm_common import norm_grad_samples
 from ._registry import register_grad_sampler
 
 __all__ = ["compute_layer_norm_grad_sample"]
@@ -16,14 +16,9 @@ __all__ = ["compute_layer_norm_grad_sample"]
 def compute_layer_norm_grad_sample(layer: nn.LayerNorm, activations: list, backprops: torch.Tensor) -> dict:
     """Per-example gradients of ``nn.LayerNorm``: ``x_hat * g`` and ``g`` summed over positions.
 
-    Args:
-        layer: The layer.
-        activations: ``[input]`` with input ``[B, ..., *normalized_shape]``.
-        backprops: Same shape.
-
-    Returns:
-        ``{weight: [B, *normalized_shape], bias: [B, *normalized_shape]}`` (trainable ones).
+    Input ``[B, ..., *normalized_shape]``; the rest as :func:`._norm_common.norm_grad_samples`.
     """
-    x = activations[0].to(backprops.dtype)
-    normalized = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
-    return affine_grad_samples(layer.weight, layer.bias, normalized, backprops, len(layer.normalized_shape))
+    shape = layer.normalized_shape
+    return norm_grad_samples(
+        layer, activations, backprops, lambda x: F.layer_norm(x, shape, eps=layer.eps)
+    )

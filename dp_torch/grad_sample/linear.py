@@ -74,13 +74,8 @@ def _weight_norm_squared(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def compute_linear_norm_sample(layer: nn.Linear, activations: list, backprops: torch.Tensor) -> dict:
     """Per-example gradient norms of ``nn.Linear`` without materialising the gradients.
 
-    Args:
-        layer: The layer.
-        activations: ``[input]`` with input ``[B, ..., in_features]``.
-        backprops: ``[B, ..., out_features]``.
-
-    Returns:
-        ``{weight: [B], bias: [B]}`` (L2 norms) for the trainable ones.
+    Arguments as for :func:`compute_linear_grad_sample`; returns ``{weight: [B], bias: [B]}``
+    (L2 norms) for the trainable ones.
     """
     a, g = linear_sequence_views(layer, activations, backprops)
     ret = {}
