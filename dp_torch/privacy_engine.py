@@ -10,56 +10,11 @@ noise once per logical step, ``loss_reduction="mean"`` divides by
 and the accountant records one step per logical step with the logical
 ``sample_rate = 1 / len(data_loader)``.
 
-Guarantee: if every batch comes from the returned (Poisson) data loader and every
-update from the returned optimizer, the trained model is
-``(privacy_engine.get_epsilon(delta), delta)``-DP with respect to adding or
-removing one example of ``data_loader.dataset``.
-
-Differences from Opacus 1.6, each deliberate (Opacus is unsafe or surprising there):
-
-* the default accountant is ``"rdp"`` (as in the Opacus 1.x migration guide;
-  Opacus 1.6 switched to ``"prv"``); ``"prv"`` and ``"pld"`` are the tight ones;
-* no warning on the happy path: the "secure RNG turned off" notice is logged at
-  INFO level on the ``dp_torch.privacy_engine`` logger instead of ``warnings.warn``;
-* secure mode needs no ``torchcsprng``: noise and sampling come from OS entropy
-  through :mod:`dpcore` (see :class:`~dp_torch.optimizers.DPOptimizer`), and it
-  refuses any generator or seed, a pre-made seeded ``DPDataLoader`` and
-  ``poisson_sampling=False`` (a shuffled loader draws its order from torch's
-  seedable RNG, and the accountant assumes Poisson sampling anyway);
-* every argument is validated before anything is changed, and if wrapping fails
-  half-way the hooks added to the model are removed again;
-* unknown ``**optimizer_kwargs`` raise ``TypeError`` (Opacus silently ignores
-  them, so a misspelled adaptive-clipping option went unnoticed);
-* an engine whose accountant has recorded steps refuses a *different* data set
-  (``ValueError``; Opacus warns), and ``make_private_with_epsilon`` refuses to
-  calibrate a fresh budget on top of steps already spent (Opacus warns that the
-  overall budget will be exceeded); see those methods for the ways forward;
-* ``make_private_with_epsilon`` calibrates for ``epochs * len(data_loader)``
-  steps, the number the returned loader really takes (Opacus uses
-  ``int(epochs / sample_rate)``, which floating point can make one short);
-* ``criterion`` defaults to a fresh ``nn.CrossEntropyLoss(reduction=loss_reduction)``
-  instead of one instance shared by every call;
-* checkpoints also hold the DP optimizer's noise multiplier and clipping bound
-  (the adaptive bound included), the noise generator's state, and the Poisson
-  sampler's position, so a run resumed in a fresh process continues bit for bit;
-  ``load_checkpoint`` is all-or-nothing and returns only the user's own keys;
-  ``torch.load`` runs with ``weights_only=True`` unless ``torch_load_kwargs`` says
-  otherwise;
-* a ``DistributedDataParallel`` model has its gradient synchronisation switched
-  off (plus a local-only communication hook), so DDP never all-reduces unclipped
-  gradients (Opacus lets DDP average them in hooks mode, then overwrites them) and
-  runs no collective of its own; DDP settings that would still communicate are
-  refused (see :func:`dp_torch.distributed.check_ddp`); FSDP is refused with
-  ``NotImplementedError``.
-
-Distributed training (``DPDDP`` or ``DistributedDataParallel`` model, see
-:mod:`dp_torch.distributed`): every rank calls ``make_private`` with a loader over
-the *whole* data set; the sample rate ``q = 1 / len(data_loader)`` is global, each
-rank Poisson-samples its shard with it, ``expected_batch_size = int(N * q)`` is
-global, the optimizer is the distributed variant (noise once, on rank 0, then one
-all-reduce per logical step), and every rank's accountant records the same steps.
-``save_checkpoint`` writes on rank 0 only; ``load_checkpoint`` works on any world
-size, including one process without a process group.
+Guarantee:
+    If every batch comes from the returned (Poisson) data loader and every update from
+    the returned optimizer, the trained model is ``(privacy_engine.get_epsilon(delta),
+    delta)``-DP with respect to adding or removing one example of
+    ``data_loader.dataset``.
 """
 
 from __future__ import annotations

@@ -11,14 +11,10 @@ formulations compute it for the whole batch:
   ``[B*groups, P, L]``, ``P`` the patch size, ``L`` the output positions) are multiplied
   with the backprops ``[B*groups, C_out/groups, L]``.
 
-Measured on a 2-core CPU (torch 2.13, float32, 3x3 kernels, a shared machine so the
-figures are rough): the grouped convolution is usually faster (B=32, 32->64 channels, 16x16:
-4.8 ms against 16.0 ms; B=128, 16->32, 32x32: 48 ms against about 1 s), while the unfold
-form wins when the output has few positions and the patches are large (B=32, 128->128,
-8x8: 14.9 ms against 35.4 ms). On an H100 (torch 2.11) the picture is the same: folding is
-as fast as Opacus' unfold for large feature maps and 10x slower for small ones with many
-channels (B=256, 64->128, 8x8: 1.56 ms against 0.16 ms). The sampler therefore unfolds when
-``L <= 64`` and ``P >= 512``, and folds the batch into groups otherwise.
+Which one runs: the unfold form is faster when the output has few positions and the
+patches are large, the grouped convolution otherwise, so the sampler unfolds when
+``L <= 64`` and ``P >= 512`` and folds the batch into groups otherwise (the measured times
+are in docs/benchmarks.md).
 
 Padding: symmetric zero padding is passed to the convolution; ``padding="same"`` with an
 odd total, and non-zero ``padding_mode`` (reflect, replicate, circular) pad the input

@@ -1,10 +1,4 @@
-"""Grad samplers for ``nn.Embedding`` and ``nn.EmbeddingBag``, norm sampler for ``nn.Embedding``.
-
-Differences from Opacus 1.6 (which gets these wrong): the row of ``padding_idx`` gets no
-gradient (as in the layer's own backward); an ``EmbeddingBag`` bag that contains a token
-twice gets both contributions; ``per_sample_weights``, ``include_last_offset`` and
-``padding_idx`` of ``EmbeddingBag`` are honoured.
-"""
+"""Grad samplers for ``nn.Embedding`` and ``nn.EmbeddingBag``, norm sampler for ``nn.Embedding``."""
 
 from __future__ import annotations
 

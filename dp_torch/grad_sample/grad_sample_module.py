@@ -1,40 +1,9 @@
 """Per-sample gradients from hooks (mirrors ``opacus.grad_sample.grad_sample_module``).
 
-How it works. A forward hook on every layer that owns trainable parameters records the
-layer's (detached) inputs and registers a gradient hook on the layer's output tensor.
-During ``loss.backward()`` that gradient hook receives the layer's *backprops* (the
-gradient of the loss with respect to its output) and hands inputs and backprops to the
-layer's grad sampler (or to the ``torch.func`` fallback), which returns per-example
-gradients. Contributions of one backward pass are summed (a layer called several times in
-one forward, a parameter shared by several layers); at the end of the pass they become
-``p.grad_sample``. A further backward pass before ``zero_grad`` appends to a list, as in
-Opacus, so that the optimizer can concatenate the batches.
-
-Differences from Opacus 1.6, all deliberate:
-
-* Inputs and backprops are paired per call (the gradient hook is registered on that
-  call's output), not through a per-layer stack, so a forward pass that is never
-  backpropagated (e.g. an evaluation with gradients enabled) cannot shift the pairing of
-  later calls, and in-place operations on a layer's output (``ReLU(inplace=True)``) work.
-* The end of a backward pass is detected by autograd itself (a callback queued on the
-  engine), not by counting forward calls.
-* Inputs are also recorded in ``eval()`` mode (only ``torch.no_grad`` turns recording off),
-  so a model backpropagated in eval mode still gets correct per-sample gradients.
-* Subclasses of a registered layer class use its sampler (unless they override ``forward``).
-* A layer called several times in one forward (the ``RNNLinear`` of a recurrence) whose
-  class has a call concatenator (``nn.Linear``) does not run its sampler per call: its calls'
-  inputs and backprops are kept and, at the end of the backward pass, concatenated along the
-  sequence axis and sampled once (the sum of the calls' per-example gradients, as in the
-  ghost-clipping module). Accumulation buffers allocated here are added to in place.
-* The accumulation guard (:meth:`GradSampleHooks.forbid_grad_accumulation`) raises at the
-  first hook of the offending backward pass, before any ``p.grad`` or ``p.grad_sample``
-  has changed.
-
-Protocol for layers built from registered ones (the DP recurrent layers): a layer whose
-class is named ``RNNLinear`` (or that sets ``_grad_sample_batch_first``) is always treated
-as batch first; a layer may set ``max_batch_len`` before its forward when some of its calls
-see fewer rows than the batch (packed sequences): their contributions fill the first rows
-of a ``[max_batch_len, ...]`` buffer and ``"mean"`` is undone with ``max_batch_len``.
+A forward hook on every layer that owns trainable parameters records its inputs; a
+gradient hook on the layer's output hands them, with the backprops, to the layer's grad
+sampler (or the ``torch.func`` fallback), and the per-example gradients of a backward
+pass become ``p.grad_sample``.
 """
 
 from __future__ import annotations

@@ -4,21 +4,6 @@ In this mode the first backward pass computes only the per-example gradient *nor
 (``per_sample_gradient_norms``, L2 over all trainable parameters); the clipped sum
 ``sum_i c_i grad_i`` then comes from a second backward pass of ``sum_i c_i loss_i``
 (:class:`dp_torch.utils.fast_gradient_clipping_utils.DPLossFastGradientClipping` runs both).
-
-Per layer, the norm comes from (in this order):
-
-* a *norm sampler* (ghost clipping, ``use_ghost_clipping=True``): ``nn.Linear`` (Gram form
-  or materialised, whichever is cheaper for the call) and ``nn.Embedding`` (from token ids
-  and backprops, never building ``[B, vocab, dim]``); no per-example gradient is built;
-* otherwise the layer's grad sampler or the ``torch.func`` fallback (fast gradient
-  clipping): per-example gradients are built, reduced to norms, and freed.
-
-Differences from Opacus 1.6: a layer called several times in one forward (a recurrence) or
-a parameter shared by several layers is *supported* with ghost clipping (Opacus raises
-``NotImplementedError``): the calls of one layer are merged into one ``[B, sum T, d]`` call
-(the norm of the summed gradient, not a sum of norms), and parameters shared between layers
-fall back to materialised per-example gradients. Norms of the previous pass are never
-reused for a parameter the current pass does not reach (it counts as zero).
 """
 
 from __future__ import annotations

@@ -6,9 +6,6 @@ backward pass, set ``p.grad_sample`` (shape ``[B, *p.shape]``) on every trainabl
 parameter yourself; the DP optimizer then clips, accumulates, noises and accounts as
 usual. The wrapper installs no hooks; it only manages the ``grad_sample`` attributes
 (``zero_grad`` clears them, ``cleanup`` removes them).
-
-Unlike Opacus, ``batch_first=False`` is accepted: no layer input is ever looked at, so
-the setting is only recorded.
 """
 
 from __future__ import annotations

@@ -7,15 +7,6 @@
 :class:`SequenceBias` modules whose one parameter is again an ``nn.Linear`` weight. Every
 linear is called on tensors in the module's own layout (batch first iff ``batch_first``), so
 the engine's ``batch_first`` must match the attention's, as with any other layer.
-
-Differences from Opacus' class of the same name:
-
-* ``forward`` takes ``average_attn_weights`` as ``nn.MultiheadAttention`` does, supports
-  unbatched input and the ``is_causal`` hint with torch's semantics;
-* ``load_state_dict`` is the standard one (``strict`` and all) and does not modify the dict it
-  is given; it accepts ``nn.MultiheadAttention``'s names and the internal ones;
-* parameters are initialised as ``nn.MultiheadAttention`` initialises them;
-* ``dropout`` stays a float attribute as in ``nn.MultiheadAttention``.
 """
 
 from __future__ import annotations

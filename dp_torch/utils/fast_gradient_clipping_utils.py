@@ -12,20 +12,7 @@
 
 Afterwards every trainable ``p.grad`` has been *increased* by the clipped sum
 ``sum_i c_i grad_i`` (not averaged; the optimizer adds the noise once and divides by the
-expected batch size for ``"mean"``). Unlike Opacus 1.6, which calls
-``optimizer.zero_grad()`` between the passes, gradients accumulated before the call are
-kept, so several losses can be accumulated before a step.
-
-Limitations (shared with Opacus):
-
-* the second pass backpropagates the whole batch; an example whose gradient is non-finite
-  gets factor 0, but ``0 * inf`` inside the shared backward graph can still put ``nan``
-  into ``p.grad``. Check ``p.grad`` for finiteness when that matters;
-* a parameter must only be used by the layer that owns it. A use outside it
-  (``F.linear(x, self.fc.weight)`` in a parent's forward) is recorded during the forward
-  pass and refused (``ValueError``) at the end of the first pass, before any clip factor
-  exists; a parameter used *only* outside gets no norm and is also refused after the
-  second pass.
+expected batch size for ``"mean"``).
 """
 
 from __future__ import annotations

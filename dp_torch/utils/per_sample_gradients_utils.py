@@ -12,19 +12,6 @@ Example:
     >>> model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> check_per_sample_gradients_are_correct(torch.randn(16, 10), model)
     True
-
-Differences from Opacus:
-
-* a ``PackedSequence`` batch is unpacked in the caller's batch order
-  (:func:`unpack_packedsequences`), the order in which dp_torch's recurrent layers return
-  per-sample gradients (Opacus unpacks in the packed, sorted order);
-* the seed used for the two computations is set inside a forked random state, so the
-  caller's generator is left as it was; ``atol`` and ``rtol`` reach ``torch.allclose``
-  under their own names (Opacus passes them swapped);
-* a module returning a tuple (a recurrent layer's ``(output, state)``) is scored on its
-  first element;
-* only modes that produce ``p.grad_sample`` can be checked (``"hooks"``, ``"functorch"``,
-  ``"ew"``); ``"ghost"`` and ``"no_op"`` raise ``ValueError``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,4 @@
-"""BatchNorm: mixes the examples of a batch; replaced by GroupNorm (or a frozen twin).
-
-Differences from Opacus 1.6: a BatchNorm without affine parameters and a frozen one
-(``requires_grad=False``) are reported too (Opacus skips modules without trainable parameters,
-although they still normalise with batch statistics in training mode and update their running
-statistics from private data). A frozen BatchNorm with running statistics is replaced by
-:class:`~dp_torch.layers.FrozenBatchNorm`, which computes what it computes in eval mode;
-``replace_bn_with_in=True`` keeps ``affine`` and ``eps`` (Opacus' InstanceNorm drops both).
-"""
+"""BatchNorm: mixes the examples of a batch; replaced by GroupNorm (or a frozen twin)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
-"""InstanceNorm with running statistics: error; the fix stops tracking them.
-
-Differences from Opacus 1.6: an InstanceNorm without affine parameters (the default) is checked
-too, and the fix drops the running-statistics buffers. Opacus' fix only sets
-``track_running_stats=False`` and keeps the buffers, which ``F.instance_norm`` then goes on
-updating from private data at every training step (they stay in the state dict).
-"""
+"""InstanceNorm with running statistics: error; the fix stops tracking them."""
 
 from __future__ import annotations
 

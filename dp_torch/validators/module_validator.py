@@ -4,21 +4,6 @@ Validators and fixers are registered per module class with
 :func:`~dp_torch.validators.register_module_validator` and
 :func:`~dp_torch.validators.register_module_fixer`; a module uses the entry of the most
 specific class in its MRO that has one.
-
-Differences from Opacus 1.6, where Opacus is wrong or silent:
-
-* Opacus only looks at modules that own trainable parameters, so a BatchNorm without affine
-  parameters, a frozen BatchNorm and an InstanceNorm with running statistics but no affine
-  parameters pass its validation although they mix examples or leak statistics. Here every
-  submodule is looked at; each registered validator decides (e.g. a frozen ``nn.LSTM`` needs
-  no per-sample gradient and is accepted).
-* Every error names the offending submodule by its qualified name and class, and says how to
-  fix it; ``strict=True`` raises one error listing all problems (its ``errors`` attribute holds
-  them) instead of an error whose argument is a list.
-* As in Opacus, a model whose root is in eval mode is reported; the mode of submodules is not
-  checked (dp_torch's ``GradSampleModule`` records per-sample gradients in eval mode too).
-* ``fix`` replaces a module shared under several names once, everywhere it appears, skips the
-  children of a module it has replaced, and keeps each replacement's training mode and device.
 """
 
 from __future__ import annotations
