@@ -435,7 +435,7 @@ def step_audit(
     unit = _unit(loss_reduction, private.expected_batch_size, bound)
     coordinate, scale = _step_scores(private, _logical_chunks(private, canary), unit, flags)
     return _step_result(
-        locals_=dict(noise_multiplier=sigma, max_grad_norm=bound, trials=trials,
+        config=dict(noise_multiplier=sigma, max_grad_norm=bound, trials=trials,
                      grad_sample_mode=grad_sample_mode, loss_reduction=loss_reduction,
                      max_physical_batch_size=max_physical_batch_size, deltas=deltas,
                      significance=significance),
@@ -443,10 +443,10 @@ def step_audit(
 
 
 def _step_result(
-    *, locals_: dict, scores: dict[str, np.ndarray], flags: np.ndarray, start: float
+    *, config: dict, scores: dict[str, np.ndarray], flags: np.ndarray, start: float
 ) -> StepAuditResult:
-    deltas, sigma = locals_["deltas"], locals_["noise_multiplier"]
-    level = locals_["significance"] / (len(scores) * (len(deltas) + 1))
+    deltas, sigma = config["deltas"], config["noise_multiplier"]
+    level = config["significance"] / (len(scores) * (len(deltas) + 1))
     attacks = tuple(_attack_bounds(name, s[flags], s[~flags], deltas, level)
                     for name, s in scores.items())
     claimed = core_audit.epsilon_at_deltas(1.0 / sigma, deltas)
@@ -455,7 +455,7 @@ def _step_result(
     audited_mu = max(a.gdp_mu for a in attacks)
     coordinate = scores["coordinate"]
     return StepAuditResult(
-        **locals_, claimed_mu=1.0 / sigma, claimed_epsilon=claimed, audited_mu=audited_mu,
+        **config, claimed_mu=1.0 / sigma, claimed_epsilon=claimed, audited_mu=audited_mu,
         audited_epsilon=audited, attacks=attacks,
         out_score_std=float(np.std(coordinate[~flags])),
         in_score_mean=float(np.mean(coordinate[flags])),
