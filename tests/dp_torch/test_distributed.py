@@ -417,11 +417,11 @@ def test_sampler_state_moves_across_world_sizes():
 
 
 def test_save_checkpoint_on_a_non_zero_rank_writes_nothing(tmp_path, monkeypatch, single_group):
-    import dp_torch.privacy_engine as pe
+    import dp_torch._checkpoint as checkpoint
 
     engine = PrivacyEngine()
     model, optimizer, _ = _private(DPDDP(W.make_net()), engine=engine)
-    monkeypatch.setattr(pe, "_process_rank", lambda: 1)
+    monkeypatch.setattr(checkpoint, "_process_rank", lambda: 1)
     engine.save_checkpoint(path=tmp_path / "c.pt", module=model, optimizer=optimizer)
     assert not (tmp_path / "c.pt").exists()
     monkeypatch.undo()
