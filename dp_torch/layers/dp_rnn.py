@@ -15,23 +15,8 @@ Invariants that make per-sample gradients correct:
   ``torch.where``, so padded steps contribute exactly zero to every gradient). A
   per-sample-gradient engine must therefore treat ``RNNLinear`` as batch-first whatever its
   ``batch_first`` setting, as Opacus does.
-* Opacus' DPRNN calls its linears on the first ``batch_sizes[t]`` rows of the *sorted* packed
-  batch, so with ``enforce_sorted=False`` its per-sample gradients come out in sorted order
-  while every other layer's are in batch order, and the per-example norm mixes examples. That
-  does not happen here.
 
-Other differences from Opacus, where Opacus departs from ``torch.nn``:
-
-* dropout (``dropout > 0``) is applied, as in ``torch.nn``, to each layer's output sequence
-  except the last layer's; Opacus applies it inside the recurrence to every hidden state,
-  including the last layer's and the returned ``h_n``.
-* ``proj_size > 0`` (LSTM only) is supported; Opacus raises ``NotImplementedError``.
-* final states of a packed batch keep the input's dtype and device (Opacus builds them in the
-  default dtype on the CPU).
-* the state dict uses ``torch.nn``'s names (``weight_ih_l0``, ...) and loads either those or
-  the internal names (``l0.ih.weight``, ...); ``named_parameters()`` reports the internal names.
-* :meth:`DPRNNBase.forward_layer` keeps Opacus' contract (time-major input, or the list of
-  per-step tensors of a sorted packed batch) but applies no dropout (see above).
+Where these layers differ from Opacus' and why: ``docs/opacus_differences.md``.
 """
 
 from __future__ import annotations

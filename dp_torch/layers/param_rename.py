@@ -5,12 +5,8 @@ submodules (so a hook-based per-sample-gradient engine can see them), but its ``
 should read exactly like the ``torch.nn`` layer it replaces, so that checkpoints move freely
 between the two. :class:`RenameParamsMixin` does that with a pair of state-dict hooks.
 
-Difference from Opacus: Opacus' mixin of the same name registers every parameter a second time
-under its new name on the parent module, so ``named_parameters()`` shows the ``torch.nn``
-names. That makes the parent look like a module owning parameters of its own, which Opacus'
-``GradSampleModule`` then has to special-case by type. Here each parameter lives in exactly one
-place (``named_parameters()`` reports the internal names such as ``l0.ih.weight``); only the
-state dict is renamed, on save and on load. Both naming schemes load.
+Each parameter lives in one place; only the state dict is renamed, on save and on load, and both
+naming schemes load (the difference from Opacus' mixin: ``docs/opacus_differences.md``).
 """
 
 from __future__ import annotations

@@ -46,20 +46,8 @@ class AdaClipDPOptimizer(DPOptimizer):
     unclipped fraction, clipped to ``[min_clipbound, max_clipbound]``
     (:func:`dpcore.clipping.adaptive_clip_update`).
 
-    Differences from Opacus 1.6 ``AdaClipDPOptimizer`` (where Opacus is wrong):
-
-    * Opacus noises the raw count (sensitivity 1) while splitting the budget with
-      the sensitivity-1/2 formula, so the count query is under-charged and the
-      accounted ``noise_multiplier`` over-states the privacy; here the count is
-      centred so the split is exact;
-    * Opacus divides the noised count by the *realised* batch size, which is not
-      privatised (and divides by zero on an empty batch); here the denominator is
-      the expected batch size;
-    * Opacus resets the count at every ``zero_grad``, so with
-      ``BatchMemoryManager`` only the last physical chunk is counted; here the
-      count covers the whole logical batch;
-    * an example counts as unclipped when its finite norm is ``<= C`` (Opacus:
-      clip factor ``>= 1``, i.e. ``norm <= C - 1e-6``).
+    Where this differs from Opacus 1.6 (which under-charges the count query) and why:
+    ``docs/opacus_differences.md``.
 
     Noise order (for the reproducibility mode with a ``NoiseSource``): gradient
     noise parameter by parameter, then one scalar draw for the count.

@@ -48,16 +48,7 @@ class DistributedDPOptimizer(DPOptimizer):
     parameter dtype once, as in the single-process hardened mechanism (twice the
     communication of a float32 all-reduce).
 
-    Differences from Opacus 1.6:
-
-    * ``expected_batch_size`` is the **global** expected batch size
-      ``int(N * q)`` (``N`` the full data set); Opacus passes the per-rank share
-      ``int(N * q) / W`` and divides by ``W`` again after the all-reduce (same
-      update);
-    * the all-reduce happens before scaling and before the step hook, in one
-      collective per logical step (grouped by dtype), so a failed all-reduce
-      raises :class:`~dp_torch.distributed.DistributedStepError` with nothing
-      applied and no step recorded by the accountant.
+    Where this differs from Opacus 1.6 and why: ``docs/opacus_differences.md``.
 
     Arguments are those of :class:`~dp_torch.optimizers.DPOptimizer`, with the
     **global** ``expected_batch_size`` ``int(N * q)``; ``generator`` is used on

@@ -354,19 +354,7 @@ class DPOptimizer(Optimizer):
     one with zero rows) contributes zero, the noise is still added and the step
     hook still fires.
 
-    Differences from Opacus 1.6 (where Opacus is not correct or not complete):
-
-    * a non-finite per-example norm gives clip factor 0 *and* the example's rows
-      are zeroed before summing (Opacus multiplies ``nan`` by the factor and
-      poisons the whole update); the running count is
-      :attr:`num_nonfinite_grad_samples`;
-    * all "gradients not cleared" checks run before any state is changed;
-    * ``secure_mode`` draws noise from OS entropy (see :meth:`add_noise`) and
-      refuses a seedable generator;
-    * ``step(closure)`` returns the closure's loss, as torch optimizers do;
-    * the DP settings and the noise generator's state are saved and restored too
-      (:meth:`dp_state_dict`, :meth:`load_state_dict`), so a resumed run
-      continues bit for bit.
+    Where this differs from Opacus 1.6 and why: ``docs/opacus_differences.md``.
 
     Attributes:
         original_optimizer: The wrapped optimizer.
