@@ -41,9 +41,10 @@ measured relative to the parameter scale; the measured errors are at the level o
 a few ulp (``< 1e-15`` and ``< 1e-6``), far inside it.
 
 Accounting is done in float64 by the shared :mod:`dpcore` code in both backends,
-independent of the model dtype: epsilons must agree to ``1e-12`` relative (the issue's
-acceptance bound; in practice they are bit-identical), ledgers and batch indices
-exactly.
+independent of the model dtype: epsilons must agree to ``1e-12`` relative (the same
+float64 code on the same history can differ only by the summation order of the
+backends' step lists, a few ulp; in practice they are bit-identical), ledgers and
+batch indices exactly.
 """
 
 from __future__ import annotations

@@ -42,17 +42,6 @@ from dp_jax._sharded_batches import ShardedBatches
 from dp_jax._step import make_step_fn
 from dp_jax._types import PyTree
 
-__all__ = [
-    "ShardedBatches",
-    "data_mesh",
-    "make_sharded_step",
-    "pad_to_multiple",
-    "psum_clipped",
-    "replicate",
-    "shard_batch",
-    "sharded_clipped_grad",
-]
-
 
 def psum_clipped(clipped_sum: PyTree, aux: ClipAux, axis_name: str) -> tuple[Any, ClipAux]:
     """Reduce one device's clipping result over the data axis (call inside ``shard_map``).

@@ -1,9 +1,12 @@
 """Argument checks shared by the public entry points of dpcore, dp_torch and dp_jax.
 
-Each check returns the validated, normalised value or raises ``ValueError``
-(``TypeError`` for a wrong type) with a message that names the argument, the
-value seen and how to fix it. Checks never mutate anything, so a caller that
-validates first and mutates second leaves its state intact on bad input.
+Every check takes ``value`` (the value to check) and ``name`` (the argument's
+name, used in the error message), returns the validated value as a plain Python
+``float``, ``int``, ``bool`` or ``str``, and raises ``TypeError`` for a wrong
+type or ``ValueError`` for a value out of range, with a message that names the
+argument, the value seen and how to fix it. Checks never mutate anything, so a
+caller that validates first and mutates second leaves its state intact on bad
+input.
 
 Example:
     >>> from dpcore.checks import check_sample_rate
@@ -44,17 +47,6 @@ def check_noise_multiplier(value: Any, name: str = "noise_multiplier") -> float:
     """Validate a noise multiplier: a finite float ``>= 0``.
 
     Zero is accepted (it means "no noise" and gives an infinite epsilon).
-
-    Args:
-        value: The value to check.
-        name: The argument's name, used in the error message.
-
-    Returns:
-        The value as a Python ``float``.
-
-    Raises:
-        TypeError: The value has the wrong type.
-        ValueError: The value is not a finite number >= 0.
     """
     x = _as_real(name, value)
     if not math.isfinite(x) or x < 0:
@@ -66,19 +58,7 @@ def check_noise_multiplier(value: Any, name: str = "noise_multiplier") -> float:
 
 
 def check_sample_rate(value: Any, name: str = "sample_rate") -> float:
-    """Validate a sampling rate ``q`` with ``0 < q <= 1``.
-
-    Args:
-        value: The value to check.
-        name: The argument's name, used in the error message.
-
-    Returns:
-        The value as a Python ``float``.
-
-    Raises:
-        TypeError: The value has the wrong type.
-        ValueError: The value is outside ``(0, 1]``.
-    """
+    """Validate a sampling rate ``q`` with ``0 < q <= 1``."""
     x = _as_real(name, value)
     if not (0.0 < x <= 1.0):
         raise ValueError(
@@ -89,19 +69,7 @@ def check_sample_rate(value: Any, name: str = "sample_rate") -> float:
 
 
 def check_num_steps(value: Any, name: str = "num_steps") -> int:
-    """Validate a step count: an integer ``>= 1``.
-
-    Args:
-        value: The value to check.
-        name: The argument's name, used in the error message.
-
-    Returns:
-        The value as a Python ``int``.
-
-    Raises:
-        TypeError: The value has the wrong type.
-        ValueError: The value is below 1.
-    """
+    """Validate a step count: an integer ``>= 1``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         if isinstance(value, numbers.Real) and float(value).is_integer():
             value = int(value)
@@ -116,19 +84,7 @@ def check_num_steps(value: Any, name: str = "num_steps") -> int:
 
 
 def check_delta(value: Any, name: str = "delta") -> float:
-    """Validate a target delta with ``0 < delta < 1``.
-
-    Args:
-        value: The value to check.
-        name: The argument's name, used in the error message.
-
-    Returns:
-        The value as a Python ``float``.
-
-    Raises:
-        TypeError: The value has the wrong type.
-        ValueError: The value is outside ``(0, 1)``.
-    """
+    """Validate a target delta with ``0 < delta < 1``."""
     x = _as_real(name, value)
     if not (0.0 < x < 1.0):
         raise ValueError(
@@ -139,19 +95,7 @@ def check_delta(value: Any, name: str = "delta") -> float:
 
 
 def check_positive(value: Any, name: str) -> float:
-    """Validate a finite, strictly positive float.
-
-    Args:
-        value: The value to check.
-        name: The argument's name, used in the error message.
-
-    Returns:
-        The value as a Python ``float``.
-
-    Raises:
-        TypeError: The value has the wrong type.
-        ValueError: The value is not finite or not > 0.
-    """
+    """Validate a finite, strictly positive float."""
     x = _as_real(name, value)
     if not math.isfinite(x) or x <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
@@ -159,19 +103,7 @@ def check_positive(value: Any, name: str) -> float:
 
 
 def check_probability(value: Any, name: str) -> float:
-    """Validate a probability in ``[0, 1]``.
-
-    Args:
-        value: The value to check.
-        name: The argument's name, used in the error message.
-
-    Returns:
-        The value as a Python ``float``.
-
-    Raises:
-        TypeError: The value has the wrong type.
-        ValueError: The value is outside ``[0, 1]``.
-    """
+    """Validate a probability in ``[0, 1]``."""
     x = _as_real(name, value)
     if not (0.0 <= x <= 1.0):
         raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
@@ -179,37 +111,20 @@ def check_probability(value: Any, name: str) -> float:
 
 
 def check_bool(value: Any, name: str) -> bool:
-    """Validate a flag: exactly ``True`` or ``False`` (not a truthy object).
-
-    Args:
-        value: The value to check.
-        name: The argument's name, used in the error message.
-
-    Returns:
-        The value as a Python ``bool``.
-
-    Raises:
-        TypeError: The value has the wrong type.
-    """
+    """Validate a flag: exactly ``True`` or ``False`` (not a truthy object)."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}.")
     return value
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str], hint: str = "") -> str:
-    """Validate a string option against its allowed values.
+    """Validate a string option against its allowed values (``ValueError`` otherwise).
 
     Args:
         value: The value to check.
-        name: The argument's name, used in the error message.
+        name: The argument's name.
         choices: The allowed strings.
         hint: Text appended to the error message.
-
-    Returns:
-        The value as a Python ``str``.
-
-    Raises:
-        ValueError: The value is not one of ``choices`` (or not a string).
     """
     if not isinstance(value, str) or value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
@@ -222,15 +137,8 @@ def check_int(value: Any, name: str, minimum: int = 0) -> int:
 
     Args:
         value: The value to check.
-        name: The argument's name, used in the error message.
+        name: The argument's name.
         minimum: The smallest accepted value.
-
-    Returns:
-        The value as a Python ``int``.
-
-    Raises:
-        TypeError: The value has the wrong type.
-        ValueError: The value is below ``minimum``.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(

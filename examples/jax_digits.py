@@ -44,14 +44,8 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 
 import dp_jax  # noqa: E402
 from examples._cli import digits_parser, parse_checked  # noqa: E402
-from examples._common import (  # noqa: E402
-    NUM_IMAGES,
-    TEST_SIZE,
-    digits_split,
-    fit,
-    result_line,
-    run_timed,
-)
+from examples._common import NUM_IMAGES, TEST_SIZE, digits_split  # noqa: E402
+from examples._common import fit, result_line, run_timed  # noqa: E402
 
 __all__ = ["MLP", "accuracy", "init_params", "load_data", "main", "parse_args", "private_options"]
 

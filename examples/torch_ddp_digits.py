@@ -63,13 +63,8 @@ from examples.torch_digits import (  # noqa: E402
     train_epoch,
 )
 from examples._cli import Check, digits_parser, parse_checked  # noqa: E402
-from examples._common import (  # noqa: E402
-    NUM_IMAGES,
-    TEST_SIZE,
-    fit,
-    result_line,
-    run_torch_isolated,
-)
+from examples._common import NUM_IMAGES, TEST_SIZE  # noqa: E402
+from examples._common import fit, result_line, run_torch_isolated  # noqa: E402
 
 __all__ = ["main", "parse_args", "process_group"]
 

@@ -36,14 +36,8 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 
 from dp_torch import PrivacyEngine  # noqa: E402
 from examples._cli import digits_parser, parse_checked  # noqa: E402
-from examples._common import (  # noqa: E402
-    NUM_IMAGES,
-    TEST_SIZE,
-    digits_split,
-    fit,
-    result_line,
-    run_torch_isolated,
-)
+from examples._common import NUM_IMAGES, TEST_SIZE, digits_split  # noqa: E402
+from examples._common import fit, result_line, run_torch_isolated  # noqa: E402
 
 __all__ = ["accuracy", "build_model", "load_data", "main", "parse_args", "train_epoch"]
 

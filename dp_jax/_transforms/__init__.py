@@ -54,28 +54,3 @@ from dp_jax._transforms._hyperparams import current_hyperparams
 from dp_jax._transforms._noise import NoiseState
 from dp_jax._transforms._noise import add_gaussian_noise
 from dp_jax._transforms._noise import noise_from_normals
-
-__all__ = [
-    "AdaptiveClipState",
-    "ClipAggregateState",
-    "DPAccumulateAdaptiveState",
-    "DPAccumulateState",
-    "DPAggregateState",
-    "DPMultiStepsState",
-    "NoiseState",
-    "adaptive_clip_update",
-    "add_gaussian_noise",
-    "clip_and_aggregate",
-    "current_hyperparams",
-    "dp_accumulate",
-    "dp_accumulate_clipped_sums",
-    "dp_accumulate_clipped_sums_adaptive",
-    "dp_accumulate_sums",
-    "dp_accumulate_sums_adaptive",
-    "dp_adam",
-    "dp_aggregate",
-    "dp_aggregate_adaptive",
-    "dp_multi_steps",
-    "dp_sgd",
-    "noise_from_normals",
-]

@@ -24,13 +24,7 @@ from dp_jax._transforms._aggregate import (
     _where_stats,
     _zero_stats,
 )
-from dp_jax._transforms._noise import _denominator, _noise_and_scale, _noise_norm
-from dp_jax._transforms._validation import (
-    _check_clipping,
-    _check_expected_batch_size,
-    _check_reduction,
-    _check_sigma,
-)
+from dp_jax._transforms._noise import _noise_and_scale, _noise_settings
 from dp_jax._types import PyTree
 
 
@@ -140,12 +134,8 @@ def dp_accumulate_clipped_sums(
     Returns:
         The transformation; its state is a :class:`DPAccumulateState`.
     """
-    _check_sigma(noise_multiplier)
-    _check_reduction(loss_reduction)
-    _check_expected_batch_size(expected_batch_size)
-    _check_clipping(clipping, max_grad_norm)
-    std = noise_multiplier * _noise_norm(max_grad_norm, clipping)
-    denominator = _denominator(loss_reduction, expected_batch_size)
+    std, denominator = _noise_settings(noise_multiplier, max_grad_norm, expected_batch_size,
+                                       loss_reduction, clipping)
 
     def init_fn(params: PyTree) -> DPAccumulateState:
         return DPAccumulateState(key=key, **_fresh_bookkeeping(params))

@@ -276,19 +276,9 @@ def dp_accumulate_clipped_sums_adaptive(
     batch in ``k`` chunks gives exactly the update, count and new bound of one
     chunk; the accountant steps once with ``noise_multiplier``.
 
-    Args:
-        noise_multiplier: The accounted ``sigma >= 0``.
-        initial_max_grad_norm: Starting bound or a
-            :class:`dpcore.clipping.AdaptiveClipping` spec.
-        expected_batch_size: ``m = int(N * q) >= 1`` of the *logical* batch.
-        key: A JAX PRNG key, or ``None`` (key-free: ``noise=`` and
-            ``count_noise=`` are then required on the releasing chunk).
-        target_unclipped_quantile: ``gamma`` in ``[0, 1]``.
-        clipbound_learning_rate: ``eta >= 0``.
-        max_clipbound: Upper limit of the bound.
-        min_clipbound: Lower limit of the bound.
-        unclipped_num_std: ``sigma_b > sigma / 2``; ``None`` means ``m / 20``.
-        loss_reduction: ``"mean"`` or ``"sum"``.
+    The arguments are those of :func:`dp_aggregate_adaptive`, with
+    ``expected_batch_size`` that of the *logical* batch and, in key-free mode,
+    ``noise=`` and ``count_noise=`` required on the releasing chunk only.
 
     Returns:
         The transformation; its state is a :class:`DPAccumulateAdaptiveState`.

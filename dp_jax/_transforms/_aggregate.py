@@ -22,14 +22,13 @@ from dp_jax._transforms._noise import (
     NoiseState,
     _denominator,
     _noise_and_scale,
-    _noise_norm,
+    _noise_settings,
     _scale,
 )
 from dp_jax._transforms._validation import (
     _check_clipping,
     _check_expected_batch_size,
     _check_reduction,
-    _check_sigma,
 )
 from dp_jax._types import PyTree
 
@@ -140,12 +139,8 @@ def dp_aggregate(
     Returns:
         The transformation; its state is a :class:`DPAggregateState`.
     """
-    _check_sigma(noise_multiplier)
-    _check_reduction(loss_reduction)
-    _check_expected_batch_size(expected_batch_size)
-    _check_clipping(clipping, max_grad_norm)
-    std = noise_multiplier * _noise_norm(max_grad_norm, clipping)
-    denominator = _denominator(loss_reduction, expected_batch_size)
+    std, denominator = _noise_settings(noise_multiplier, max_grad_norm, expected_batch_size,
+                                       loss_reduction, clipping)
 
     def init_fn(params: PyTree) -> DPAggregateState:
         del params
@@ -217,15 +212,11 @@ def dp_adam(
 
     Args:
         learning_rate: Learning rate or schedule.
-        noise_multiplier: ``sigma >= 0``.
-        max_grad_norm: Clipping bound(s).
-        expected_batch_size: ``int(N * q) >= 1``.
-        key: A JAX PRNG key, or ``None`` (key-free: ``noise=`` is then required).
+        noise_multiplier, max_grad_norm, expected_batch_size, key, loss_reduction,
+            clipping: As for :func:`dp_sgd`.
         b1: Adam's first-moment decay.
         b2: Adam's second-moment decay.
         eps: Adam's epsilon.
-        loss_reduction: ``"mean"`` or ``"sum"``.
-        clipping: ``"flat"`` or ``"per_layer"``.
 
     Returns:
         The chained transformation.

@@ -42,6 +42,24 @@ def _denominator(loss_reduction: str, expected_batch_size: Any) -> Any:
     return expected_batch_size if loss_reduction == "mean" else None
 
 
+def _noise_settings(noise_multiplier: Any, max_grad_norm: Any, expected_batch_size: Any,
+                    loss_reduction: str, clipping: Optional[str]) -> tuple[Any, Any]:
+    """Check the arguments every noising transformation takes; its noise std and denominator.
+
+    ``clipping=None`` infers it from ``max_grad_norm`` (one scalar: ``"flat"``).
+    """
+    _check_sigma(noise_multiplier)
+    _check_reduction(loss_reduction)
+    _check_expected_batch_size(expected_batch_size)
+    if clipping is None:
+        clipping = "flat" if np.ndim(max_grad_norm) == 0 and not isinstance(
+            max_grad_norm, (list, tuple, dict)
+        ) else "per_layer"
+    _check_clipping(clipping, max_grad_norm)
+    std = noise_multiplier * _noise_norm(max_grad_norm, clipping)
+    return std, _denominator(loss_reduction, expected_batch_size)
+
+
 def _scale(tree: PyTree, denominator: Any) -> PyTree:
     if denominator is None:
         return tree
@@ -151,15 +169,8 @@ def add_gaussian_noise(
     Returns:
         The transformation; its state is a :class:`NoiseState`.
     """
-    _check_sigma(noise_multiplier)
-    _check_reduction(loss_reduction)
-    _check_expected_batch_size(expected_batch_size)
-    clipping = "flat" if np.ndim(max_grad_norm) == 0 and not isinstance(
-        max_grad_norm, (list, tuple, dict)
-    ) else "per_layer"
-    _check_clipping(clipping, max_grad_norm)
-    std = noise_multiplier * _noise_norm(max_grad_norm, clipping)
-    denominator = _denominator(loss_reduction, expected_batch_size)
+    std, denominator = _noise_settings(noise_multiplier, max_grad_norm, expected_batch_size,
+                                       loss_reduction, None)
 
     def init_fn(params: PyTree) -> NoiseState:
         del params

@@ -1,62 +1,17 @@
 """Privacy random variable (PRV) accountant: numerical composition after Gopi et al.
 
 Reference: Sivakanth Gopi, Yin Tat Lee, Lukas Wutschitz, "Numerical Composition of
-Differential Privacy", NeurIPS 2021 (arXiv:2106.02848).
+Differential Privacy", NeurIPS 2021 (arXiv:2106.02848). The algorithm, the proven
+spectral cut-off that makes a query cost milliseconds and the error accounting are
+described in ``docs/design.md`` (section "The PRV accountant").
 
-**Mechanism and neighbouring relation.** Every recorded step is one application of
-the Poisson-subsampled Gaussian mechanism with sampling rate ``q`` and noise
-multiplier ``sigma``; datasets are neighbours when one is the other with a single
-row added or removed. The privacy loss of one step is the random variable
-
-    Y = log(1 - q + q * exp((2 * o - 1) / (2 * sigma**2))),
-    o ~ (1 - q) * N(0, sigma**2) + q * N(1, sigma**2),
-
-and the loss of a history is the sum of independent copies, one per step. Its
-privacy curve is ``delta(eps) = E[(1 - exp(eps - Y))_+]``.
-
-**Algorithm.** As in the paper (and in Opacus 1.6, whose constants are kept so that
-the same history gives the same numbers): the loss is truncated to ``[-L, L]``,
-where ``L`` is three plus the larger of an RDP epsilon of the whole history at
-``delta_error / 4`` and of one step at ``delta_error / (8 T)`` (``T`` steps in all);
-each step's loss is rounded to a grid of mesh
-``eps_error / sqrt(T * log(12 / delta_error) / 2)`` and shifted so that its mean is
-exact; the discretised losses are composed by the discrete Fourier transform on a
-circle of ``N`` grid points. The result is an estimate ``delta~`` of the curve with
-
-    delta~(eps + eps_error) - delta_error <= delta(eps) <= delta~(eps - eps_error) + delta_error,
-
-which turns into the bounds that :meth:`PRVAccountant.get_epsilon_bounds` reports.
-
-**What is new here** is how the Fourier step is carried out. The composed loss of
-many steps is far wider than the mesh, so its spectrum is negligible beyond a few
-tens to a few thousand of the ``N`` (up to tens of millions) frequencies. This
-module *proves* a cut-off ``K`` from the discretised single-step losses (bounds on
-their characteristic functions from total variation and from the spread of close
-pairs of points, see :func:`_band_log_bounds`), computes the spectrum exactly for
-``k <= K`` (block moments and a short series, :func:`_low_spectrum_minus_one`),
-and evaluates the tail sums that define ``delta~`` in closed form from those
-``K + 1`` coefficients (geometric series). No array of length ``N`` is built, so a
-query costs milliseconds where a dense FFT of the grid costs seconds. When no
-small cut-off can be proven (few steps, or a loss concentrated on a few grid
-points) or it would not pay, the classic dense FFT is used.
-
-The extra errors are accounted for, not ignored: the single-step tails lighter
-than ``1e-7 * delta_error / (2 T)`` (never evaluated) and the spectrum beyond the
-cut-off each move ``delta~`` by at most ``1e-7 * delta_error`` (proven), and an
-estimate of the floating-point rounding (checked against extended-precision runs)
-is added as well; all three widen ``delta_error`` in the reported bounds, which
-moves epsilon by about ``1e-9`` at the usual settings.
-
-Two deliberate differences from Opacus: the circle of the composition is 25 %
-longer than the domain, so loss mass above ``L`` stays above it instead of
-wrapping round to ``-L`` (Opacus' wrap can only under-count delta); and the mean
-of the truncated single-step loss is integrated to full double precision
-(Opacus' ``quad`` is off by up to ``2e-10`` per step, which adds up to ``2e-5`` in
-epsilon over 1e5 steps).
-
-Matrix products go through ``numpy.einsum``, not BLAS: a multithreaded BLAS on a
-busy two-core machine turns these small products from microseconds into
-hundreds of milliseconds.
+Guarantee:
+    Every recorded step is one Poisson-subsampled Gaussian mechanism (rate ``q``,
+    noise multiplier ``sigma``) under add/remove-one neighbours. The upper bound on
+    epsilon holds with the error analysis of Gopi et al. (loss truncated to
+    ``[-L, L]``, grid mesh from ``eps_error`` and ``delta_error``), with
+    ``delta_error`` widened by the proven truncation and spectral cut-off errors and
+    by an estimate of the floating-point rounding.
 """
 
 from __future__ import annotations
@@ -870,13 +825,7 @@ class PRVAccountant(Accountant):
     Results are cached per ``(eps_error, delta_error)`` until the history changes,
     so repeated queries (or other deltas with an explicit ``delta_error``) are cheap.
 
-    **Differences from Opacus 1.6.** The same grid and estimator; at Opacus'
-    reference settings the numbers agree to ``1e-8``, and to ``2e-5`` at 1e5 steps
-    (where Opacus' integration of the mean drifts; see the module docstring).
-    Reported epsilons are clamped at 0 (Opacus can return a negative "upper bound"
-    when ``delta`` exceeds the total variation distance). ``len(acc)`` counts steps
-    (see :class:`~dpcore.accounting.Accountant`), and unknown keyword arguments to
-    :meth:`get_epsilon` are a ``TypeError`` (Opacus ignores them).
+    Differences from Opacus 1.6 are listed in ``docs/opacus_differences.md``.
     """
 
     name: ClassVar[str] = "prv"

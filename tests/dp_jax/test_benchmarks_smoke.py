@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -221,32 +222,21 @@ def test_fast_modes_run_in_blocks():
     assert jax_step.repeats_for(0.004, block_s=0.0) == 1
 
 
-def test_blocks_time_all_but_their_first_step():
+def _recording_runners(*names: str) -> tuple[dict[str, Any], list[str]]:
+    """Runners that do nothing but append their name to the returned call list."""
     calls: list[str] = []
-    class Fake:
-        def __init__(self, name: str) -> None:
-            self.name = name
+    return {name: (lambda name=name: calls.append(name)) for name in names}, calls
 
-        def __call__(self) -> None:
-            calls.append(self.name)
 
-    runners = {"fast": Fake("fast"), "slow": Fake("slow")}
+def test_blocks_time_all_but_their_first_step():
+    runners, calls = _recording_runners("fast", "slow")
     times = jax_step.time_interleaved(runners, steps=2, warmup=1, repeats={"fast": 3})
     assert calls == ["fast"] * 3 + ["slow"] + ["slow"] + ["fast"] * 3 + ["fast"] * 3 + ["slow"]
     assert len(times["fast"]) == 2 * 2 and len(times["slow"]) == 2
 
 
 def test_interleaved_rounds_follow_the_per_mode_plan():
-    calls: list[str] = []
-
-    class Fake:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def __call__(self) -> None:
-            calls.append(self.name)
-
-    runners = {"a": Fake("a"), "b": Fake("b")}
+    runners, calls = _recording_runners("a", "b")
     times = jax_step.time_interleaved(runners, steps=4, warmup=1, rounds={"b": (0, 3)})
     assert len(times["a"]) == 4 and len(times["b"]) == 3
     assert calls.count("a") == 5 and calls.count("b") == 3

@@ -14,7 +14,7 @@ from flax import nnx
 
 from dp_jax._grads import ClipAux, clip_per_example, clipped_grad, per_example_grads
 from dpcore import clipping as core
-from tests.dp_jax.toy_models import LINEN, NNX
+from tests.dp_jax.toy_models import LINEN, NNX, padded_nan_batch
 from tests.tolerance import assert_close
 
 B = 5  # odd, so microbatches of 2 need padding
@@ -173,12 +173,7 @@ def test_nonfinite_examples_are_counted_and_dropped():
 
 
 def test_padded_rows_change_nothing_even_with_nan_inputs():
-    params = {"w": jnp.arange(1.0, 4.0), "b": jnp.asarray(0.5)}
-    x = jax.random.normal(jax.random.key(2), (5, 3))
-    bad = jnp.zeros(5, bool)
-    x_pad = jnp.concatenate([x, jnp.full((3, 3), jnp.nan)])
-    bad_pad = jnp.concatenate([bad, jnp.ones(3, bool)])
-    mask = jnp.arange(8) < 5
+    params, (x, bad), (x_pad, bad_pad), mask = padded_nan_batch(2)
     for mb in (None, 3):
         fn = jax.jit(clipped_grad(_nan_loss, 2.0, microbatch_size=mb))
         ref, aux_ref = fn(params, (x, bad))

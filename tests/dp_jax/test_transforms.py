@@ -37,6 +37,7 @@ from dp_jax._transforms import (
 from dpcore import clipping as core
 from dpcore.noise import NoiseSource
 from tests.tolerance import assert_close
+from tests.dp_jax.toy_models import padded_nan_batch  # noqa: E402
 
 KEY = jax.random.key(0)
 ALPHA = 1e-3  # KS significance: accept p > ALPHA at the right scale, reject below it
@@ -207,12 +208,7 @@ def _nan_loss(params, example):
 
 
 def test_padding_changes_nothing_in_dp_sgd():
-    params = {"w": jnp.arange(1.0, 4.0), "b": jnp.asarray(0.5)}
-    x = jax.random.normal(jax.random.key(5), (5, 3))
-    bad = jnp.zeros(5, bool)
-    x_pad = jnp.concatenate([x, jnp.full((3, 3), jnp.nan)])
-    bad_pad = jnp.concatenate([bad, jnp.ones(3, bool)])
-    mask = jnp.arange(8) < 5
+    params, (x, bad), (x_pad, bad_pad), mask = padded_nan_batch(5)
     tx = dp_sgd(0.1, 1.0, 0.5, 4, KEY, momentum=0.9)
 
     @jax.jit

@@ -254,3 +254,23 @@ class NnxTokenEmbed(nnx.Module):
 
     def __call__(self, tokens):  # [1, T]
         return self.out(jnp.mean(jnp.nan_to_num(self.embed(tokens)), axis=1))
+
+
+def padded_nan_batch(seed: int) -> tuple[dict, tuple, tuple, jnp.ndarray]:
+    """Five real examples and the same batch padded to eight with NaN rows marked bad.
+
+    Args:
+        seed: Seed of the features.
+
+    Returns:
+        ``(params, (x, bad), (x_pad, bad_pad), mask)`` for a loss over ``(x, bad)``
+        examples, ``params = {"w": [1, 2, 3], "b": 0.5}`` and ``mask`` true on the real rows.
+    """
+    import jax
+
+    params = {"w": jnp.arange(1.0, 4.0), "b": jnp.asarray(0.5)}
+    x = jax.random.normal(jax.random.key(seed), (5, 3))
+    bad = jnp.zeros(5, bool)
+    x_pad = jnp.concatenate([x, jnp.full((3, 3), jnp.nan)])
+    bad_pad = jnp.concatenate([bad, jnp.ones(3, bool)])
+    return params, (x, bad), (x_pad, bad_pad), jnp.arange(8) < 5

@@ -114,18 +114,28 @@ EXACT_CASES = [(dyadic_linear, 12), (dyadic_mlp, 2), (dyadic_conv, 2)]
 EXACT_IDS = ["linear-12-steps", "mlp-2-steps", "conv-2-steps"]
 
 
+def _zero_noise_twins(make_model, num_examples, lr, batch_size, **options):
+    """A vanilla model with its SGD and its private copy made private without noise.
+
+    Returns:
+        ``(vanilla, v_opt, private, engine, (model, optimizer, data_loader))``.
+    """
+    dataset = integer_dataset(num_examples)
+    vanilla = make_model()
+    private = copy.deepcopy(vanilla)
+    engine = PrivacyEngine()
+    made = engine.make_private(
+        module=private, optimizer=sgd(private, lr), data_loader=loader(dataset, batch_size),
+        noise_multiplier=0.0, max_grad_norm=HUGE_CLIP, **options,
+    )
+    return vanilla, sgd(vanilla, lr), private, engine, made
+
+
 @pytest.mark.parametrize(("make_model", "steps"), EXACT_CASES, ids=EXACT_IDS)
 def test_zero_noise_huge_clip_mean_equals_vanilla_exactly(make_model, steps):
     """loss_reduction="mean", fixed batches of the expected size (8): bit-identical to SGD."""
-    dataset = integer_dataset(32)
-    vanilla = make_model()
-    private = copy.deepcopy(vanilla)
-    v_opt = sgd(vanilla, 1 / 16)
-    engine = PrivacyEngine()
-    model, optimizer, dl = engine.make_private(
-        module=private, optimizer=sgd(private, 1 / 16), data_loader=loader(dataset, 8),
-        noise_multiplier=0.0, max_grad_norm=HUGE_CLIP, poisson_sampling=False,
-    )
+    vanilla, v_opt, private, engine, (model, optimizer, dl) = _zero_noise_twins(
+        make_model, 32, 1 / 16, 8, poisson_sampling=False)
     assert dl.batch_size == 8 and optimizer.expected_batch_size == 8
     criterion = nn.MSELoss()
     for x, y in batches(dl, steps):
@@ -140,15 +150,8 @@ def test_zero_noise_huge_clip_mean_equals_vanilla_exactly(make_model, steps):
 @pytest.mark.parametrize(("make_model", "steps"), EXACT_CASES, ids=EXACT_IDS)
 def test_zero_noise_huge_clip_sum_equals_vanilla_on_same_poisson_batches(make_model, steps):
     """loss_reduction="sum" on the engine's own Poisson batches: bit-identical to SGD."""
-    dataset = integer_dataset(24)
-    vanilla = make_model()
-    private = copy.deepcopy(vanilla)
-    v_opt = sgd(vanilla, 1 / 64)
-    engine = PrivacyEngine()
-    model, optimizer, dl = engine.make_private(
-        module=private, optimizer=sgd(private, 1 / 64), data_loader=loader(dataset, 3),
-        noise_multiplier=0.0, max_grad_norm=HUGE_CLIP, loss_reduction="sum",
-    )
+    vanilla, v_opt, private, engine, (model, optimizer, dl) = _zero_noise_twins(
+        make_model, 24, 1 / 64, 3, loss_reduction="sum")
     assert isinstance(dl, DPDataLoader)
     criterion = nn.MSELoss(reduction="sum")
     sizes = []

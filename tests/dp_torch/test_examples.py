@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import re
-
 import pytest
 
 pytest.importorskip("torch")
@@ -12,26 +9,13 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
 from examples import torch_digits  # noqa: E402
-
-FINAL_LINE = re.compile(
-    r"^dp_torch digits: test accuracy (\d\.\d{3}) at epsilon (\d+\.\d{2}) \(delta 1e-05\)$"
-)
-
-
-def _last_line(text: str) -> str:
-    return text.strip().splitlines()[-1]
+from tests.example_checks import BAD_ARGUMENTS, check_refused, check_result_line  # noqa: E402
 
 
 def test_smoke_run_prints_result_line_and_returns_figures(capsys):
     result = torch_digits.main(["--smoke"])
     out, err = capsys.readouterr()
-    match = FINAL_LINE.match(_last_line(out))
-    assert match, f"unexpected last line: {_last_line(out)!r}"
-    assert 0.0 <= result["accuracy"] <= 1.0
-    assert math.isfinite(result["epsilon"]) and 0.0 < result["epsilon"] <= 3.0
-    assert float(match.group(1)) == pytest.approx(result["accuracy"], abs=5e-4)
-    assert float(match.group(2)) == pytest.approx(result["epsilon"], abs=5e-3)
-    assert result["epochs"] == torch_digits.SMOKE_EPOCHS
+    check_result_line(out, "dp_torch digits", result, torch_digits.SMOKE_EPOCHS)
     # The progress bar (stderr) shows the loss and the epsilon spent.
     assert "epsilon=" in err and "loss=" in err
 
@@ -50,13 +34,9 @@ def test_same_seed_same_result_and_state_restored(capsys):
     assert torch.equal(torch.get_rng_state(), rng_state)
 
 
-@pytest.mark.parametrize(
-    "argv", [["--epsilon", "-1"], ["--epochs", "0"], ["--batch-size", "5000"], ["--lr", "0"]]
-)
+@pytest.mark.parametrize("argv", BAD_ARGUMENTS)
 def test_bad_arguments_are_refused(argv, capsys):
-    with pytest.raises(SystemExit):
-        torch_digits.main(argv)
-    assert argv[0] in capsys.readouterr().err
+    check_refused(torch_digits.main, argv, lambda: capsys.readouterr().err)
 
 
 @pytest.mark.slow
