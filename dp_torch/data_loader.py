@@ -34,6 +34,7 @@ __all__ = [
     "CollateFnWithEmpty",
     "DPDataLoader",
     "dtype_safe",
+    "loader_settings",
     "shape_safe",
     "switch_generator",
     "wrap_collate_with_empty",
@@ -369,30 +370,37 @@ class DPDataLoader(DataLoader):
             raise ValueError("Uniform sampling is not supported for IterableDataset")
         if generator is None and seed is None and not secure_mode:
             generator = data_loader.generator
-        extra = {
-            name: getattr(data_loader, name)
-            for name in ("pin_memory_device", "in_order")
-            if hasattr(data_loader, name)
-        }
         return cls(
             dataset=data_loader.dataset,
             sample_rate=1 / len(data_loader),
-            num_workers=data_loader.num_workers,
-            collate_fn=data_loader.collate_fn,
-            pin_memory=data_loader.pin_memory,
-            timeout=data_loader.timeout,
-            worker_init_fn=data_loader.worker_init_fn,
-            multiprocessing_context=data_loader.multiprocessing_context,
             generator=generator,
-            prefetch_factor=data_loader.prefetch_factor,
-            persistent_workers=data_loader.persistent_workers,
             distributed=distributed,
             batch_first=batch_first,
             rand_on_empty=rand_on_empty,
             seed=seed,
             secure_mode=secure_mode,
-            **extra,
+            **loader_settings(data_loader),
         )
+
+
+def loader_settings(data_loader: DataLoader) -> dict[str, Any]:
+    """The settings of ``data_loader`` that a loader rebuilt from it keeps.
+
+    Workers, collate function, memory pinning, timeout and the optional settings of newer
+    torch releases; not the dataset, sampler or generator, which the caller chooses.
+
+    Args:
+        data_loader: The loader to copy settings from.
+    """
+    settings = {
+        name: getattr(data_loader, name)
+        for name in ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+                     "multiprocessing_context", "prefetch_factor", "persistent_workers")
+    }
+    settings.update(
+        (name, getattr(data_loader, name)) for name in ("pin_memory_device", "in_order") if hasattr(data_loader, name)
+    )
+    return settings
 
 
 def _is_supported_batch_sampler(sampler: Any) -> bool:
@@ -436,15 +444,6 @@ def switch_generator(
     else:
         batch_sampler.generator = generator
     return DataLoader(
-        dataset=data_loader.dataset,
-        batch_sampler=batch_sampler,
-        num_workers=data_loader.num_workers,
-        collate_fn=data_loader.collate_fn,
-        pin_memory=data_loader.pin_memory,
-        timeout=data_loader.timeout,
-        worker_init_fn=data_loader.worker_init_fn,
-        multiprocessing_context=data_loader.multiprocessing_context,
-        generator=generator,
-        prefetch_factor=data_loader.prefetch_factor,
-        persistent_workers=data_loader.persistent_workers,
+        dataset=data_loader.dataset, batch_sampler=batch_sampler, generator=generator,
+        **loader_settings(data_loader),
     )

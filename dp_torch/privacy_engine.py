@@ -132,12 +132,7 @@ class PrivacyEngine:
         optimizer: Optional[optim.Optimizer],
         data_loader: Optional[DataLoader],
     ) -> None:
-        """Raise if ``module`` cannot be trained privately.
-
-        Args:
-            module: The model.
-            optimizer: Unused (Opacus signature).
-            data_loader: Unused (Opacus signature).
+        """Raise if ``module`` cannot be trained privately (arguments as :meth:`is_compatible`).
 
         Raises:
             UnsupportedModuleError: Listing every problem; ``ModuleValidator.fix``

@@ -788,51 +788,43 @@ class DPRNN(DPRNNBase):
         self.nonlinearity = nonlinearity
 
 
-class DPGRU(DPRNNBase):
+class _FixedModeRNN(DPRNNBase):
+    """A :class:`DPRNNBase` whose cell type is fixed by the subclass (``_MODE``)."""
+
+    _MODE = ""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(
+            self._MODE, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, proj_size, device=device, dtype=dtype,
+        )
+
+
+class DPGRU(_FixedModeRNN):
     """Multi-layer gated recurrent unit network; DP twin of ``torch.nn.GRU``.
 
     Same arguments as ``torch.nn.GRU`` (``proj_size`` must be 0). See :class:`DPRNNBase`.
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        proj_size: int = 0,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        super().__init__(
-            "GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-            bidirectional, proj_size, device=device, dtype=dtype,
-        )
+    _MODE = "GRU"
 
 
-class DPLSTM(DPRNNBase):
+class DPLSTM(_FixedModeRNN):
     """Multi-layer long short-term memory network; DP twin of ``torch.nn.LSTM``.
 
     Same arguments as ``torch.nn.LSTM``, ``proj_size`` included. See :class:`DPRNNBase`.
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        proj_size: int = 0,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        super().__init__(
-            "LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-            bidirectional, proj_size, device=device, dtype=dtype,
-        )
+    _MODE = "LSTM"

@@ -29,6 +29,8 @@ from typing import Any, Optional
 import numpy as np
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from dp_torch.data_loader import loader_settings
+
 from dp_torch.utils.uniform_sampler import (
     DistributedUniformWithReplacementSampler,
     UniformWithReplacementSampler,
@@ -114,26 +116,13 @@ def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer:
     """
     if data_loader.batch_sampler is None:
         raise ValueError("data_loader has no batch_sampler (batch_size=None); nothing to split.")
-    extra = {
-        name: getattr(data_loader, name)
-        for name in ("pin_memory_device", "in_order")
-        if hasattr(data_loader, name)
-    }
     return DataLoader(
         dataset=data_loader.dataset,
         batch_sampler=BatchSplittingSampler(
             sampler=data_loader.batch_sampler, max_batch_size=max_batch_size, optimizer=optimizer
         ),
-        num_workers=data_loader.num_workers,
-        collate_fn=data_loader.collate_fn,
-        pin_memory=data_loader.pin_memory,
-        timeout=data_loader.timeout,
-        worker_init_fn=data_loader.worker_init_fn,
-        multiprocessing_context=data_loader.multiprocessing_context,
         generator=data_loader.generator,
-        prefetch_factor=data_loader.prefetch_factor,
-        persistent_workers=data_loader.persistent_workers,
-        **extra,
+        **loader_settings(data_loader),
     )
 
 
