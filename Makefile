@@ -29,3 +29,4 @@ bench: venv
 	$(PY) -m pip install --quiet -e ".[torch,jax,test,bench]"
 	$(PY) benchmarks/accounting.py
 	$(PY) benchmarks/torch_step.py --quick
+	$(VENV)/bin/dpcore audit --trials 4000 --num-canaries 1000 --steps 50

@@ -1,4 +1,4 @@
-"""The ``dpcore`` command line: epsilon tables, noise calibration and epsilon curves.
+"""The ``dpcore`` command line: epsilon tables, noise calibration, epsilon curves and audits.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     dpcore epsilon ... --accountant all
     dpcore calibrate --target-epsilon 8 --delta 1e-5 --sample-rate 0.04 --epochs 90
     dpcore plot --noise-multiplier 1.1 --sample-rate 0.004 --epochs 20 --delta 1e-5 -o curve.png
+    dpcore audit --noise-multiplier 1.0 --sample-rate 0.1 --steps 50
 
 Every bad argument exits with status 2 and a message that names the flag.
 """
@@ -13,11 +14,14 @@ Every bad argument exits with status 2 and a message that names the flag.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from dpcore._audit_run import audit_backends, format_reports
 from dpcore.accounting import create_accountant, get_noise_multiplier
 from dpcore.accounting.gdp import GDPApproximationWarning
 
@@ -99,7 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--points", type=_integer("--points"), default=30,
                       help="number of points on each curve (default 30)")
     plot.add_argument("-o", "--output", required=True, help="output image file, e.g. curve.png")
+    _add_audit(sub)
     return parser
+
+
+def _add_audit(sub: Any) -> None:
+    audit = sub.add_parser(
+        "audit", help="audit the backends empirically (canary attacks on their real code paths)",
+        description="Run each backend's step and run audits and print the claimed epsilon beside "
+                    "the audited lower bound at each delta. Exit status 1 when an audit flags.")
+    audit.add_argument("--backend", choices=("torch", "jax", "both"), default="both")
+    audit.add_argument("--noise-multiplier", type=_SIGMA, default=1.0, help="sigma (default 1.0)")
+    audit.add_argument("--sample-rate", type=_RATE, default=0.1, help="q of the run audit (default 0.1)")
+    audit.add_argument("--steps", type=_integer("--steps"), default=50, help="steps of the run audit (default 50)")
+    audit.add_argument("--num-canaries", type=_integer("--num-canaries"), default=500,
+                       help="canaries of the run audit (default 500)")
+    audit.add_argument("--trials", type=_integer("--trials"), default=2000,
+                       help="trials of the step audit (default 2000)")
+    audit.add_argument("--accountant", choices=ACCOUNTANTS, default="prv", help="claim's accountant (default prv)")
+    audit.add_argument("--seed", type=int, default=None, help="seed of both audits (default: fresh)")
+    audit.add_argument("--json", action="store_true", help="print the backends' reports as JSON")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -180,11 +203,20 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    backends = ("torch", "jax") if args.backend == "both" else (args.backend,)
+    settings = {name: getattr(args, name) for name in
+                ("noise_multiplier", "sample_rate", "steps", "num_canaries", "trials", "accountant", "seed")}
+    reports = audit_backends(backends, **settings)
+    print(json.dumps(reports, indent=2) if args.json else format_reports(reports))
+    return 1 if any(report.get("flagged") for report in reports.values()) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dpcore`` command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"epsilon": _cmd_epsilon, "calibrate": _cmd_calibrate, "plot": _cmd_plot}
+    handler = {"epsilon": _cmd_epsilon, "calibrate": _cmd_calibrate, "plot": _cmd_plot, "audit": _cmd_audit}
     try:
         return handler[args.command](args)
     except ValueError as err:
