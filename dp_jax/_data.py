@@ -357,12 +357,6 @@ def poisson_batches(
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
         raise TypeError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}.")
     return PoissonBatches(
-        data,
-        sample_rate,
-        steps=steps,
-        seed=seed,
-        key=key,
-        secure_mode=secure_mode,
-        max_physical_batch_size=max_physical_batch_size,
-        buckets=buckets,
+        data, sample_rate, steps=steps, seed=seed, key=key, secure_mode=secure_mode,
+        max_physical_batch_size=max_physical_batch_size, buckets=buckets,
     )

@@ -103,8 +103,16 @@ class AttackBounds:
     gdp: tuple[float, ...]
 
 
+class _Report:
+    """Adds ``to_dict`` to the result dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-serialisable builtins (nested dataclasses as dicts)."""
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class StepAuditResult:
+class StepAuditResult(_Report):
     """Outcome of :func:`step_audit`.
 
     Attributes:
@@ -146,17 +154,9 @@ class StepAuditResult:
     flagged: bool
     seconds: float
 
-    def to_dict(self) -> dict[str, Any]:
-        """The result as JSON-serialisable builtins.
-
-        Returns:
-            A dict of the fields (nested dataclasses as dicts).
-        """
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class RunAuditResult:
+class RunAuditResult(_Report):
     """Outcome of :func:`run_audit`.
 
     Attributes:
@@ -205,14 +205,6 @@ class RunAuditResult:
     significance: float
     flagged: bool
     seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """The result as JSON-serialisable builtins.
-
-        Returns:
-            A dict of the fields (nested dataclasses as dicts).
-        """
-        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- checks
@@ -515,14 +507,6 @@ def _train(
     return released, plan
 
 
-def _log_likelihood_ratio(released: np.ndarray, q: float, sigma: float) -> np.ndarray:
-    """``sum_t log(1 - q + q exp((2x - 1) / (2 sigma^2)))`` per canary."""
-    a = (2.0 * released - 1.0) / (2.0 * sigma**2)
-    if q >= 1.0:
-        return a.sum(axis=0)
-    return np.logaddexp(math.log1p(-q), math.log(q) + a).sum(axis=0)
-
-
 def _one_run(
     scores: np.ndarray, included: np.ndarray, deltas: tuple[float, ...], level: float,
     guess_fraction: float,
@@ -611,7 +595,7 @@ def run_audit(
         grad_sample_mode=grad_sample_mode, max_physical_batch_size=max_physical_batch_size)
     released, plan = _train(private, steps, m, _unit(loss_reduction, private.expected_batch_size,
                                                      bound))
-    scores = _log_likelihood_ratio(released, q, sigma)
+    scores = core_audit.log_likelihood_ratio_scores(released, q, sigma)
     level = significance / 2.0 / (2 * len(deltas))
     one_run, r, v = _one_run(scores, included, deltas, level, guess_fraction)
     cp = _attack_bounds("coordinate", scores[included], scores[~included], deltas, level)

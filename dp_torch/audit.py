@@ -493,14 +493,6 @@ def _train_run(private: _Private, steps: int, m: int) -> tuple[np.ndarray, list[
     return np.stack(increments), batches
 
 
-def _llr_scores(increments: np.ndarray, q: float, sigma: float) -> np.ndarray:
-    """``sum_t log(1 - q + q exp((2x - 1) / (2 sigma^2)))`` per canary (column)."""
-    exponent = (2.0 * increments - 1.0) / (2.0 * sigma**2)
-    if q >= 1.0:
-        return exponent.sum(axis=0)
-    return np.logaddexp(math.log1p(-q), math.log(q) + exponent).sum(axis=0)
-
-
 def _run_bounds(
     scores: np.ndarray, included: np.ndarray, deltas: tuple[float, ...], level: float,
     num_guesses: int,
@@ -610,7 +602,7 @@ def _run_result(
     increments: np.ndarray, included: np.ndarray, sampler: core_audit.SamplerTestResult,
     claimed: tuple[float, ...], s: _RunSetting,
 ) -> RunAuditResult:
-    scores = _llr_scores(increments, s.q, s.sigma)
+    scores = core_audit.log_likelihood_ratio_scores(increments, s.q, s.sigma)
     one_run, cps = _run_bounds(scores, included, s.deltas, s.level, s.guesses)
     gdp = core_audit.gdp_bound(
         scores[included], scores[~included], delta=s.deltas[0], significance=s.level)

@@ -371,15 +371,9 @@ class DPDataLoader(DataLoader):
         if generator is None and seed is None and not secure_mode:
             generator = data_loader.generator
         return cls(
-            dataset=data_loader.dataset,
-            sample_rate=1 / len(data_loader),
-            generator=generator,
-            distributed=distributed,
-            batch_first=batch_first,
-            rand_on_empty=rand_on_empty,
-            seed=seed,
-            secure_mode=secure_mode,
-            **loader_settings(data_loader),
+            dataset=data_loader.dataset, sample_rate=1 / len(data_loader), generator=generator,
+            distributed=distributed, batch_first=batch_first, rand_on_empty=rand_on_empty,
+            seed=seed, secure_mode=secure_mode, **loader_settings(data_loader),
         )
 
 

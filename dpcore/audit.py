@@ -68,6 +68,7 @@ __all__ = [
     "count_guesses",
     "epsilon_at_deltas",
     "gdp_bound",
+    "log_likelihood_ratio_scores",
     "one_run_bound",
     "one_run_p_value",
     "sampler_test",
@@ -695,11 +696,29 @@ def sampler_test(
         reasons.insert(0, f"{duplicates} batches repeat an example")
     reason = "" if not reasons else "not Poisson: " + ", ".join(reasons)
     return SamplerTestResult(
-        passed=not reasons,
-        batch_size_p_value=total_p,
-        dispersion_p_value=dispersion_p,
-        participation_p_value=participation_p,
-        duplicates=duplicates,
-        significance=significance,
+        passed=not reasons, batch_size_p_value=total_p, dispersion_p_value=dispersion_p,
+        participation_p_value=participation_p, duplicates=duplicates, significance=significance,
         reason=reason,
     )
+
+
+def log_likelihood_ratio_scores(released: np.ndarray, sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """Each canary's log-likelihood ratio "in the data" against "not in it" over a run.
+
+    ``released[t, i]`` is canary ``i``'s coordinate released at step ``t`` in units of the
+    clipping bound: ``N(0, sigma^2)`` when the canary is absent, and a mixture of that and
+    ``N(1, sigma^2)`` (weight ``q``) when it is present. The score is
+    ``sum_t log(1 - q + q exp((2x - 1) / (2 sigma^2)))``.
+
+    Args:
+        released: ``[steps, canaries]`` released coordinates in units of ``C``.
+        sample_rate: The Poisson rate ``q`` in ``(0, 1]``.
+        noise_multiplier: ``sigma > 0``.
+
+    Returns:
+        ``[canaries]`` scores (larger means more likely present).
+    """
+    exponent = (2.0 * np.asarray(released, dtype=np.float64) - 1.0) / (2.0 * noise_multiplier**2)
+    if sample_rate >= 1.0:
+        return exponent.sum(axis=0)
+    return np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + exponent).sum(axis=0)

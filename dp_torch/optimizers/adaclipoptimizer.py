@@ -97,12 +97,9 @@ class AdaClipDPOptimizer(DPOptimizer):
             ValueError: On an invalid value, or ``unclipped_num_std <= noise_multiplier / 2``.
         """
         spec = core_clipping.AdaptiveClipping(
-            initial_max_grad_norm=max_grad_norm,
-            target_unclipped_quantile=target_unclipped_quantile,
-            clipbound_learning_rate=clipbound_learning_rate,
-            max_clipbound=max_clipbound,
-            min_clipbound=min_clipbound,
-            unclipped_num_std=unclipped_num_std,
+            initial_max_grad_norm=max_grad_norm, target_unclipped_quantile=target_unclipped_quantile,
+            clipbound_learning_rate=clipbound_learning_rate, max_clipbound=max_clipbound,
+            min_clipbound=min_clipbound, unclipped_num_std=unclipped_num_std,
         )
         if expected_batch_size is None:
             raise ValueError(
@@ -112,14 +109,9 @@ class AdaClipDPOptimizer(DPOptimizer):
             )
         spec.gradient_noise_multiplier(noise_multiplier, expected_batch_size)  # validates split
         super().__init__(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction=loss_reduction,
-            generator=generator,
-            secure_mode=secure_mode,
-            **kwargs,
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
+            generator=generator, secure_mode=secure_mode, **kwargs,
         )
         self.target_unclipped_quantile = spec.target_unclipped_quantile
         self.clipbound_learning_rate = spec.clipbound_learning_rate

@@ -343,3 +343,17 @@ def test_audit_imports_no_framework() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_log_likelihood_ratio_scores_match_the_mixture_density() -> None:
+    from scipy import stats
+
+    from dpcore.audit import log_likelihood_ratio_scores
+
+    rng = np.random.default_rng(0)
+    released, q, sigma = rng.normal(size=(7, 3)), 0.3, 1.7
+    present = (1 - q) * stats.norm.pdf(released, 0, sigma) + q * stats.norm.pdf(released, 1, sigma)
+    expected = np.log(present / stats.norm.pdf(released, 0, sigma)).sum(axis=0)
+    np.testing.assert_allclose(log_likelihood_ratio_scores(released, q, sigma), expected, rtol=1e-12)
+    np.testing.assert_allclose(log_likelihood_ratio_scores(released, 1.0, sigma),
+                               ((2 * released - 1) / (2 * sigma**2)).sum(axis=0), rtol=1e-12)
