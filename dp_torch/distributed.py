@@ -1,40 +1,15 @@
 """Data-parallel DP training across processes (Opacus' ``opacus.distributed``).
 
-How one DP-SGD step runs on ``W`` ranks (docs/design.md, Semantics; identical to one
-process training on the union of the ranks' batches):
+``DPDDP`` (:class:`DifferentiallyPrivateDistributedDataParallel`) broadcasts rank 0's parameters
+and never all-reduces gradients itself; a plain ``DistributedDataParallel`` is accepted by
+``make_private`` with its gradient synchronisation switched off (:func:`disable_gradient_sync`).
 
-1. every rank samples its shard of the data set with the *global* Poisson rate
-   ``q`` (:class:`~dp_torch.utils.uniform_sampler.DistributedUniformWithReplacementSampler`,
-   built by ``make_private``), so the union of the ranks' batches is one Poisson
-   batch of the whole data set;
-2. every rank computes and clips its own examples' gradients and sums them
-   locally; nothing unclipped ever leaves a rank;
-3. the distributed DP optimizer
-   (:class:`~dp_torch.optimizers.DistributedDPOptimizer` and its per-layer and
-   ghost-clipping variants) adds ``N(0, (sigma * C)**2)`` on **rank 0 only** and
-   all-reduces (sums) the clipped sums, so the noise is in the global sum exactly
-   once (rank 0 adds it because secure-mode noise comes from OS entropy and cannot
-   be shared through a seed);
-4. ``loss_reduction="mean"`` divides by the *global* expected batch size
-   ``int(N * q)`` (``N`` = full data set), every rank applies the same update and
-   every rank's accountant steps once with ``q``.
-
-:class:`DifferentiallyPrivateDistributedDataParallel` (``DPDDP``) is the model
-wrapper: it broadcasts rank 0's parameters and buffers at construction and, unlike
-``torch``'s ``DistributedDataParallel``, never all-reduces gradients itself. A
-plain ``DistributedDataParallel`` model is accepted by ``make_private`` too: its
-gradient synchronisation is switched off and its all-reduce replaced by a local
-no-op communication hook (see :func:`disable_gradient_sync`), so that DDP never
-averages unclipped gradients and runs no collective of its own.
-
-Failures. The only collective of a step is the one all-reduce of the noised sums,
-at the end of the logical step. If it fails (a peer crashed, or did not reach it
-within the process group's timeout) the optimizer raises
-:class:`DistributedStepError`; nothing is applied (parameters, optimizer state and
-the accountant are unchanged, ``p.grad`` is cleared). The time bound is the
-process group's: ``torch.distributed.init_process_group(backend, ...,
-timeout=datetime.timedelta(seconds=...))`` (30 minutes by default for gloo); a
-peer that *dies* is usually detected at once through its closed connections.
+Guarantee: a step on ``W`` ranks is the step of one process training on the union of the ranks'
+batches: each rank Poisson-samples its shard with the global rate, clips its own examples (nothing
+unclipped leaves a rank), rank 0 adds the noise once, one all-reduce sums the clipped sums, and
+``"mean"`` divides by the global expected batch size. If that all-reduce fails the optimizer
+raises :class:`DistributedStepError` with nothing applied. Details: docs/design.md ("Distributed
+training").
 """
 
 from __future__ import annotations

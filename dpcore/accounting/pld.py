@@ -1,62 +1,10 @@
 """Privacy-loss-distribution (PLD) accountant for the Poisson-subsampled Gaussian mechanism.
 
-Guarantee: :meth:`PLDAccountant.get_epsilon` returns an epsilon for which the
-recorded history is ``(epsilon, delta)``-DP under add/remove-one neighbours, up
-to floating-point rounding. Every approximation is *pessimistic*:
-
-* **Discretisation** ("connect the dots", Doroshenko et al. 2022). The real
-  line of outcomes of one step is cut into buckets whose privacy losses lie
-  between two neighbouring grid points ``k * interval`` and
-  ``(k + 1) * interval``. Each bucket's probability is split between its two
-  end points so that both its mass under the "with the example" distribution
-  and its mass under the "without" distribution are preserved. The true pair
-  of distributions is then a post-processing of the discrete pair, so the
-  discrete PLD can only over-state delta(epsilon) (Meiser and Mohammadi 2018
-  introduced the pessimistic privacy buckets that this refines).
-* **Truncation.** Outcomes whose loss lies above the grid go to an atom at
-  ``+inf`` (they count fully towards delta); outcomes below the grid are
-  rounded *up* to its lowest point. After composition, the mass that a
-  Chernoff bound allows above the kept window is added to the ``+inf`` atom,
-  never dropped.
-* **Both neighbouring directions.** For ``q < 1`` removing an example and
-  adding one give different PLDs. Both are composed and the worse one is
-  reported: ``epsilon = max(eps_remove, eps_add)``, ``delta = max(delta_remove,
-  delta_add)`` (as Google's dp-accounting does). For ``q = 1`` they coincide.
-
-Composition: each segment ``(noise_multiplier, sample_rate, num_steps)`` of
-the history is discretised once; the whole history is composed with a single
-real FFT, by multiplying the per-segment spectra raised to their step counts
-(Koskela, Jaelko and Honkela 2020). The FFT length only has to cover the
-window in which the composed PLD has mass, which a Chernoff bound on the
-discrete single-step PLDs locates before any FFT is taken.
-
-Choosing the interval: the default ``1e-4`` is dp-accounting's default too, and
-on the 32 settings of the test grid (sigma 0.5-10, q 1e-4-1, up to ``10**5``
-steps, delta 1e-8-1e-3) the epsilon agrees with dp-accounting's to within
-``6e-4`` relative (typically ``1e-7``). Both are upper bounds whose slack from
-the discretisation shrinks roughly in proportion to the interval. The slack is
-small when the interval is small next to the spread of one step's loss,
-about ``q * sqrt(exp(1 / sigma**2) - 1)``; choose the interval below 1/20 of
-that spread for a tight figure. Example: sigma 2, q 1e-4, ``10**5`` steps,
-delta 1e-8 gives 0.0984 at ``1e-4`` (as dp-accounting does) but 0.0769 at
-``1e-6``; sigma 1, q 0.01 is already within 0.05% at ``1e-3``. To check a
-figure, halve the interval: if epsilon barely moves, the grid is fine enough.
-Time and memory grow like ``1 / interval``; coarser intervals (``1e-3``,
-``1e-2``) are faster and still upper bounds. When one step or the composed
-PLD would need more than ``2**22`` grid points (epsilon in the many hundreds,
-or sigma below ~0.05), the accountant silently uses a coarser interval for that
-history; the result is still an upper bound and time and memory stay bounded.
-
-Floating point: rounding the spectrum to double precision before raising it
-to the power ``steps`` moves delta by up to ``~steps * 2e-16`` in either
-direction (dp-accounting has the same error and ignores it). To stay an
-upper bound, ``steps * 2.2e-16 * (1 + log(1 + K))`` (``K`` kept frequencies;
-the factor is 6 to 13 in practice) is added to the ``+inf`` atom: over 10x the
-largest error measured against a long-double FFT (``0.5 * steps * 2.2e-16``
-over the test grid at deltas 1e-5 to 1e-12). With the ``~1e-16``
-truncation budget this costs tightness only for deltas near or below
-``~1e3 * steps * 2.2e-16`` (``~2e-8`` at ``10**5`` steps), which are still
-reported as upper bounds, just looser.
+Guarantee: :meth:`PLDAccountant.get_epsilon` returns an epsilon for which the recorded history
+is ``(epsilon, delta)``-DP under add/remove-one neighbours, up to floating-point rounding that is
+itself bounded and charged to delta. Every approximation (discretisation, truncation, both
+neighbouring directions, FFT rounding) is pessimistic; docs/design.md ("The PLD accountant")
+explains each and how to choose the discretisation interval.
 """
 
 from __future__ import annotations

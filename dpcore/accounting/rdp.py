@@ -1,28 +1,9 @@
 """Renyi-DP accountant for the Poisson-subsampled Gaussian mechanism.
 
-The RDP of one step at order ``alpha`` is ``log(A_alpha) / (alpha - 1)`` where
-``A_alpha`` is the moment of the likelihood ratio of the subsampled Gaussian
-(Mironov, Talwar, Zhang 2019, "Renyi Differential Privacy of the Sampled
-Gaussian Mechanism"): a finite binomial sum for integer orders and a
-convergent two-sided series (their Section 3.3) for fractional orders. RDP
-composes additively over steps, and the total is converted to
-``(epsilon, delta)`` with Proposition 12 of Canonne, Kamath, Steinke 2020 /
-Balle et al. 2020, the conversion Opacus 1.x and dp-accounting use:
-
-    epsilon = rdp + log1p(-1/alpha) - log(delta * alpha) / (alpha - 1)
-
-minimised over the orders. Where ``delta >= sqrt(1 - exp(-rdp))`` the
-Bretagnolle-Huber bound already gives ``epsilon = 0``.
-
-Guarantee: the history is ``(epsilon, delta)``-DP under add/remove-one
-neighbours for the returned epsilon. The fractional-order series is summed with
-the signs of its binomial coefficients (as Opacus does; it then agrees with
-high-precision numerical integration to ~1e-10). dp-accounting 0.6 sums the
-magnitudes of the terms instead, a valid but looser bound: up to 15% larger RDP
-at order 1.1 for sigma 1.5, q 0.04, so at fractional orders the two libraries
-differ; at integer orders they agree to rounding. The series is truncated once
-its terms fall below ``exp(-30)`` of the running total, where it alternates
-with decreasing terms, so the truncation error is below that bound.
+Guarantee: the history is ``(epsilon, delta)``-DP under add/remove-one neighbours for the
+returned epsilon (RDP of the sampled Gaussian, Mironov, Talwar, Zhang 2019, composed over steps
+and converted with Canonne, Kamath, Steinke 2020 / Balle et al. 2020). How fractional orders
+are summed, and why that differs from dp-accounting: docs/design.md ("The RDP accountant").
 """
 
 from __future__ import annotations
