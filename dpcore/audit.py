@@ -267,14 +267,16 @@ def _rates(
 
 def _prepare(
     in_scores: Any, out_scores: Any, delta: Any, significance: Any, thresholds: Any
-) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray | None]:
-    return (
-        _check_scores(in_scores, "in_scores"),
-        _check_scores(out_scores, "out_scores"),
-        check_delta(delta),
-        _check_significance(significance),
-        _check_thresholds(thresholds),
-    )
+) -> tuple[float, float, np.ndarray, int, _Rates]:
+    """Validates the inputs; returns delta, significance, thresholds, count and rates."""
+    ins = _check_scores(in_scores, "in_scores")
+    outs = _check_scores(out_scores, "out_scores")
+    delta, significance = check_delta(delta), _check_significance(significance)
+    fixed = _check_thresholds(thresholds)
+    candidates = _candidates(ins, outs) if fixed is None else fixed
+    count = _num_statements(ins.size, outs.size, fixed)
+    rates = _rates(ins, outs, candidates, significance / count)
+    return delta, significance, candidates, count, rates
 
 
 # --------------------------------------------------------------------------- bounds
@@ -322,12 +324,9 @@ def clopper_pearson_bound(
         ValueError: If scores are empty or non-finite, or ``delta``/``significance``
             is outside ``(0, 1)``.
     """
-    ins, outs, delta, significance, fixed = _prepare(
+    delta, significance, candidates, count, rates = _prepare(
         in_scores, out_scores, delta, significance, thresholds
     )
-    candidates = _candidates(ins, outs) if fixed is None else fixed
-    count = _num_statements(ins.size, outs.size, fixed)
-    rates = _rates(ins, outs, candidates, significance / count)
     values = np.stack([
         _log_ratio(rates.tpr_lb - delta, rates.fpr_ub),
         _log_ratio(rates.tnr_lb - delta, rates.fnr_ub),
@@ -339,14 +338,9 @@ def clopper_pearson_bound(
     return AuditBound(
         epsilon=epsilon,
         threshold=float(candidates[best]) if epsilon > 0 else None,
-        tpr_lb=tpr,
-        fpr_ub=fpr,
-        significance=significance,
-        delta=delta,
-        method="clopper_pearson",
-        direction=("tpr/fpr", "tnr/fnr")[side],
-        mu=None,
-        num_statements=count,
+        tpr_lb=tpr, fpr_ub=fpr, significance=significance, delta=delta,
+        method="clopper_pearson", direction=("tpr/fpr", "tnr/fnr")[side],
+        mu=None, num_statements=count,
     )
 
 
@@ -385,12 +379,9 @@ def gdp_bound(
         ValueError: If scores are empty or non-finite, or ``delta``/``significance``
             is outside ``(0, 1)``.
     """
-    ins, outs, delta, significance, fixed = _prepare(
+    delta, significance, candidates, count, rates = _prepare(
         in_scores, out_scores, delta, significance, thresholds
     )
-    candidates = _candidates(ins, outs) if fixed is None else fixed
-    count = _num_statements(ins.size, outs.size, fixed)
-    rates = _rates(ins, outs, candidates, significance / count)
     mus = special.ndtri(1.0 - rates.fpr_ub) - special.ndtri(rates.fnr_ub)
     best = int(np.argmax(mus))
     mu = max(0.0, float(mus[best]))
@@ -398,13 +389,8 @@ def gdp_bound(
         epsilon=eps_from_mu(mu, delta),
         threshold=float(candidates[best]) if mu > 0 else None,
         tpr_lb=1.0 - float(rates.fnr_ub[best]),
-        fpr_ub=float(rates.fpr_ub[best]),
-        significance=significance,
-        delta=delta,
-        method="gdp",
-        direction="gdp",
-        mu=mu,
-        num_statements=count,
+        fpr_ub=float(rates.fpr_ub[best]), significance=significance, delta=delta,
+        method="gdp", direction="gdp", mu=mu, num_statements=count,
     )
 
 

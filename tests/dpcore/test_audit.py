@@ -83,13 +83,16 @@ def test_bonferroni_split_over_counts_by_default() -> None:
     assert audit.gdp_bound(ins, outs, delta=1e-5, thresholds=many).num_statements == 502
 
 
+def _bound_and_true_eps(bound_fn, mu: float, delta: float) -> tuple[audit.AuditBound, float]:
+    """Bounds ``N_SIDE`` Gaussian scores per side (seed 1) and returns the true epsilon."""
+    ins, outs = _gaussian_scores(mu, N_SIDE, seed=1)
+    return bound_fn(ins, outs, delta=delta), eps_from_mu(mu, delta)
+
+
 @pytest.mark.parametrize("mu", [0.5, 1.0, 2.0])
 def test_gdp_bound_below_and_within_20_percent_of_true_epsilon(mu: float) -> None:
     # Measured (seed 1): ratio 0.91 (mu 0.5), 0.95 (mu 1), 0.97 (mu 2) at 1e5 per side.
-    delta = 1e-5
-    ins, outs = _gaussian_scores(mu, N_SIDE, seed=1)
-    bound = audit.gdp_bound(ins, outs, delta=delta)
-    true_eps = eps_from_mu(mu, delta)
+    bound, true_eps = _bound_and_true_eps(audit.gdp_bound, mu, delta=1e-5)
     assert bound.mu <= mu
     assert 0.8 * true_eps <= bound.epsilon <= true_eps
 
@@ -98,10 +101,7 @@ def test_gdp_bound_below_and_within_20_percent_of_true_epsilon(mu: float) -> Non
 def test_clopper_pearson_below_and_within_factor_two_of_true_epsilon(mu: float) -> None:
     # Clopper-Pearson pays for estimating tiny FPRs: measured ratio 0.77 / 0.75 / 0.64
     # at delta 1e-3 and 1e5 per side (0.58 / 0.55 / 0.49 at delta 1e-5).
-    delta = 1e-3
-    ins, outs = _gaussian_scores(mu, N_SIDE, seed=1)
-    bound = audit.clopper_pearson_bound(ins, outs, delta=delta)
-    true_eps = eps_from_mu(mu, delta)
+    bound, true_eps = _bound_and_true_eps(audit.clopper_pearson_bound, mu, delta=1e-3)
     assert 0.5 * true_eps <= bound.epsilon <= true_eps
 
 
