@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -59,6 +58,7 @@ from dp_jax._engine import PrivacyEngine
 from dp_jax._flax import linen_loss
 from dp_jax._training import PrivateTraining, TrainState
 from dpcore import audit as core_audit
+from dpcore._audit_run import add_audit_arguments, run_audit_cli
 from dpcore.checks import check_int, check_sample_rate
 
 __all__ = [
@@ -624,17 +624,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m dp_jax.audit",
         description="Canary audit of dp_jax's engine: one run (Poisson batches, many "
                     "canaries) and/or one step (many trials).")
-    parser.add_argument("--noise-multiplier", type=float, required=True)
-    parser.add_argument("--sample-rate", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--num-canaries", type=int, default=500)
-    parser.add_argument("--trials", type=int, default=2000, help="step audit trials")
+    add_audit_arguments(parser, num_canaries=500, trials=2000, accountant="rdp",
+                        significance=0.05, seed=0)
     parser.add_argument("--kind", choices=("run", "step", "both"), default="run")
     parser.add_argument("--grad-sample-mode", choices=_GRAD_SAMPLE_MODES, default="vmap")
-    parser.add_argument("--accountant", default="rdp")
-    parser.add_argument("--significance", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -677,10 +670,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         0 if nothing was flagged, 1 if an audit flagged the implementation.
     """
-    args = _parser().parse_args(argv)
-    report = _report(args)
-    print(json.dumps(report, indent=2) if args.json else _text(report))
-    return 1 if report["flagged"] else 0
+    return run_audit_cli(argv, _parser(), _report, _text)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -54,6 +53,7 @@ from dp_torch.data_loader import DPDataLoader
 from dp_torch.privacy_engine import PrivacyEngine
 from dp_torch.utils.batch_memory_manager import BatchMemoryManager
 from dpcore import audit as core_audit
+from dpcore._audit_run import add_audit_arguments, run_audit_cli
 from dpcore.checks import check_choice, check_delta, check_int, check_positive, check_sample_rate
 
 __all__ = [
@@ -631,19 +631,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m dp_torch.audit",
         description="Canary audits of dp_torch (one step and one run); exit 1 when flagged.",
     )
-    parser.add_argument("--noise-multiplier", type=float, required=True)
-    parser.add_argument("--sample-rate", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--num-canaries", type=int, default=1000)
-    parser.add_argument("--trials", type=int, default=4000)
+    add_audit_arguments(parser, num_canaries=1000, trials=4000, accountant="prv",
+                        significance=0.01, seed=None)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--grad-sample-mode", choices=_MODES, default="hooks")
     parser.add_argument("--physical-batch-size", type=int, default=None)
-    parser.add_argument("--accountant", default="prv")
-    parser.add_argument("--significance", type=float, default=0.01)
-    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--audit", choices=("step", "run", "both"), default="both")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -685,10 +678,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         0 when no audit is flagged, 1 when one is (argparse exits 2 on bad arguments).
     """
-    args = _parser().parse_args(argv)
-    report = _report(args)
-    print(json.dumps(report, indent=2) if args.json else _text(report))
-    return 1 if report["flagged"] else 0
+    return run_audit_cli(argv, _parser(), _report, _text)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,16 @@ each delta.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from dpcore.checks import check_choice
 
-__all__ = ["BACKENDS", "audit_backends", "format_reports"]
+__all__ = ["BACKENDS", "add_audit_arguments", "audit_backends", "format_reports", "run_audit_cli"]
 
 #: Backend name -> (the module whose ``python -m`` entry runs its audits, arguments that ask
 #: it for both the step and the run audit).
@@ -96,3 +97,46 @@ def format_reports(reports: dict[str, dict[str, Any]]) -> str:
         "matches its accounting, not a proof."
     )
     return "\n".join(lines)
+
+
+def add_audit_arguments(parser: argparse.ArgumentParser, *, num_canaries: int, trials: int,
+                        accountant: str, significance: float, seed: Optional[int]) -> None:
+    """Add the options every backend's ``python -m <backend>.audit`` shares, with its defaults.
+
+    Args:
+        parser: The backend's parser; its own options are added before or after.
+        num_canaries: Default of ``--num-canaries``.
+        trials: Default of ``--trials``.
+        accountant: Default of ``--accountant``.
+        significance: Default of ``--significance``.
+        seed: Default of ``--seed``.
+    """
+    parser.add_argument("--noise-multiplier", type=float, required=True)
+    parser.add_argument("--sample-rate", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--num-canaries", type=int, default=num_canaries)
+    parser.add_argument("--trials", type=int, default=trials, help="step audit trials")
+    parser.add_argument("--accountant", default=accountant)
+    parser.add_argument("--significance", type=float, default=significance)
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_audit_cli(argv: Optional[Sequence[str]], parser: argparse.ArgumentParser,
+                  report: Callable[[argparse.Namespace], dict[str, Any]],
+                  text: Callable[[dict[str, Any]], str]) -> int:
+    """Parse ``argv``, run a backend's audits, print the report; the backends' ``main``.
+
+    Args:
+        argv: Arguments (``None``: ``sys.argv[1:]``).
+        parser: The backend's parser.
+        report: Runs the audits the arguments ask for; the report has a ``"flagged"`` entry.
+        text: Formats the report for people (``--json`` prints it as JSON instead).
+
+    Returns:
+        0 when no audit is flagged, 1 when one is (argparse exits 2 on bad arguments).
+    """
+    args = parser.parse_args(argv)
+    result = report(args)
+    print(json.dumps(result, indent=2) if args.json else text(result))
+    return 1 if result["flagged"] else 0
