@@ -345,11 +345,8 @@ def clopper_pearson_bound(
 
 
 def gdp_bound(
-    in_scores: Sequence[float] | np.ndarray,
-    out_scores: Sequence[float] | np.ndarray,
-    *,
-    delta: float,
-    significance: float = 0.05,
+    in_scores: Sequence[float] | np.ndarray, out_scores: Sequence[float] | np.ndarray,
+    *, delta: float, significance: float = 0.05,
     thresholds: Sequence[float] | np.ndarray | None = None,
 ) -> AuditBound:
     """Lower bound on the Gaussian-DP ``mu``, converted to epsilon at ``delta``.

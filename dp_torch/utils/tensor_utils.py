@@ -139,6 +139,19 @@ def _unfold(
     return windows.permute(order).reshape(batch, channels * math.prod(kernel), positions)
 
 
+def _checked_unfold(
+    tensor: torch.Tensor, name: str, layout: str, kernel_size: IntOrTuple,
+    padding: Union[str, IntOrTuple], stride: IntOrTuple, dilation: IntOrTuple,
+) -> torch.Tensor:
+    """Checks that ``tensor`` has one dim per letter of ``layout``, then unfolds it."""
+    spatial = layout.count(",") - 1
+    if tensor.dim() != spatial + 2:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(tensor.shape)}.")
+    kernel = _triple(kernel_size, "kernel_size", spatial)
+    return _unfold(tensor, kernel, padding, _triple(stride, "stride", spatial),
+                   _triple(dilation, "dilation", spatial))
+
+
 def unfold2d(
     input: torch.Tensor,
     *,
@@ -160,10 +173,7 @@ def unfold2d(
     Returns:
         ``[B, C * kh * kw, L]`` with ``L`` the number of window positions.
     """
-    if input.dim() != 4:
-        raise ValueError(f"input must be [B, C, H, W], got shape {tuple(input.shape)}.")
-    kernel = _triple(kernel_size, "kernel_size", 2)
-    return _unfold(input, kernel, padding, _triple(stride, "stride", 2), _triple(dilation, "dilation", 2))
+    return _checked_unfold(input, "input", "[B, C, H, W]", kernel_size, padding, stride, dilation)
 
 
 def unfold3d(
@@ -180,8 +190,7 @@ def unfold3d(
         tensor: ``[B, C, D, H, W]``.
         kernel_size: Window size (int or triple).
         padding: Zero padding per side (int or triple), ``"same"`` or ``"valid"``.
-        stride: Step between windows.
-        dilation: Spacing of the window elements.
+        stride, dilation: As in :func:`unfold2d`, an int or a triple.
 
     Returns:
         ``[B, C * kd * kh * kw, L]``; the convolution ``F.conv3d(tensor, w)`` equals
@@ -190,10 +199,7 @@ def unfold3d(
     Raises:
         ValueError: If ``tensor`` is not 5-D or an argument is malformed.
     """
-    if tensor.dim() != 5:
-        raise ValueError(f"tensor must be [B, C, D, H, W], got shape {tuple(tensor.shape)}.")
-    kernel = _triple(kernel_size, "kernel_size", 3)
-    return _unfold(tensor, kernel, padding, _triple(stride, "stride", 3), _triple(dilation, "dilation", 3))
+    return _checked_unfold(tensor, "tensor", "[B, C, D, H, W]", kernel_size, padding, stride, dilation)
 
 
 def filter_dilated_rows(
