@@ -372,9 +372,7 @@ def gdp_bound(
         The bound; ``mu`` holds the lower bound on the GDP parameter.
 
     Raises:
-        TypeError: If ``delta`` or ``significance`` is not a real number.
-        ValueError: If scores are empty or non-finite, or ``delta``/``significance``
-            is outside ``(0, 1)``.
+        TypeError, ValueError: As in :func:`clopper_pearson_bound`.
     """
     delta, significance, candidates, count, rates = _prepare(
         in_scores, out_scores, delta, significance, thresholds

@@ -116,14 +116,19 @@ def test_clip_and_accumulate_float32_matches_float64_reference():
     assert_close(got, core_clipping.clip_and_sum(per_example, 0.8), rtol=1e-5, atol=1e-6)
 
 
+def _set_two_grad_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, split: int) -> None:
+    """Set each parameter's ``grad_sample`` to a list: rows before ``split``, then the rest."""
+    set_hand_grad_samples(model, x[:split], y[:split])
+    first = [p.grad_sample for p in model.parameters()]
+    set_hand_grad_samples(model, x[split:], y[split:])
+    for p, g in zip(model.parameters(), first):
+        p.grad_sample = [g, p.grad_sample]
+
+
 def test_clip_accumulates_over_list_grad_samples():
     model = linear_model()
     x, y = batch(6)
-    set_hand_grad_samples(model, x[:4], y[:4])
-    first = [p.grad_sample for p in model.parameters()]
-    set_hand_grad_samples(model, x[4:], y[4:])
-    for p, g in zip(model.parameters(), first):
-        p.grad_sample = [g, p.grad_sample]
+    _set_two_grad_samples(model, x, y, split=4)
     opt = make_dp(model, max_grad_norm=0.7)
     assert opt.accumulated_iterations == 2
     opt.clip_and_accumulate()
@@ -457,11 +462,7 @@ def test_accumulated_iterations_scale_the_denominator():
     x, y = batch(8)
     set_hand_grad_samples(model, x, y)
     full = core_clipping.clip_and_sum(np_grads(model), 1.0)
-    set_hand_grad_samples(model, x[:4], y[:4])
-    first = [p.grad_sample for p in model.parameters()]
-    set_hand_grad_samples(model, x[4:], y[4:])
-    for p, g in zip(model.parameters(), first):
-        p.grad_sample = [g, p.grad_sample]
+    _set_two_grad_samples(model, x, y, split=4)
     opt = make_dp(model, expected_batch_size=4)
     opt.pre_step()
     assert_close([p.grad.numpy() for p in model.parameters()], [s / 8 for s in full], rtol=1e-10)
