@@ -333,14 +333,8 @@ class ShuffledBatches(_ChunkedBatches):
 
 
 def poisson_batches(
-    data: PyTree,
-    sample_rate: float,
-    *,
-    steps: int | None = None,
-    seed: int | None = None,
-    key: Any = None,
-    secure_mode: bool = False,
-    max_physical_batch_size: int | None = None,
+    data: PyTree, sample_rate: float, *, steps: int | None = None, seed: int | None = None,
+    key: Any = None, secure_mode: bool = False, max_physical_batch_size: int | None = None,
     buckets: Sequence[int] | None = None,
 ) -> PoissonBatches:
     """Build a :class:`PoissonBatches` iterator (see it for the arguments).
