@@ -120,3 +120,9 @@ def result_line(label: str, result: dict[str, Any], delta: float) -> str:
     """The line every digits example prints last: label, test accuracy, epsilon, delta."""
     return (f"{label}: test accuracy {result['accuracy']:.3f} at epsilon "
             f"{result['epsilon']:.2f} (delta {delta:g})")
+
+
+def report(label: str, result: dict[str, Any], delta: float) -> dict[str, Any]:
+    """Print the example's result line (see :func:`result_line`) and return the result."""
+    print(result_line(label, result, delta), flush=True)
+    return result

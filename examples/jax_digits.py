@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 import dp_jax  # noqa: E402
 from examples._cli import digits_parser, parse_checked  # noqa: E402
 from examples._common import NUM_IMAGES, TEST_SIZE, digits_split  # noqa: E402
-from examples._common import fit, result_line, run_timed  # noqa: E402
+from examples._common import fit, report, run_timed  # noqa: E402
 
 __all__ = ["MLP", "accuracy", "init_params", "load_data", "main", "parse_args", "private_options"]
 
@@ -196,9 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         (wall time of training and evaluation, JAX compilation included).
     """
     args = parse_args(argv)
-    result = run_timed(_run, args)
-    print(result_line("dp_jax digits", result, args.delta), flush=True)
-    return result
+    return report("dp_jax digits", run_timed(_run, args), args.delta)
 
 
 if __name__ == "__main__":

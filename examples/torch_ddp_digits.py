@@ -56,12 +56,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 from dp_torch import PrivacyEngine  # noqa: E402
 from dp_torch.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP  # noqa: E402
 from dp_torch.utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
-from examples.torch_digits import (  # noqa: E402
-    accuracy,
-    build_model,
-    load_data,
-    train_epoch,
-)
+from examples.torch_digits import build_model, load_data, summary, train_epoch  # noqa: E402
 from examples._cli import Check, digits_parser, parse_checked  # noqa: E402
 from examples._common import NUM_IMAGES, TEST_SIZE  # noqa: E402
 from examples._common import fit, result_line, run_torch_isolated  # noqa: E402
@@ -153,17 +148,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     loss = fit(args.epochs, epoch, lambda: engine.get_epsilon(args.delta),
                desc=f"DP-SGD x{world}", hide=args.no_progress or rank != 0)
-    return {
-        "accuracy": accuracy(model, test_set),
-        "epsilon": engine.get_epsilon(args.delta),
-        "delta": args.delta,
-        "noise_multiplier": float(optimizer.noise_multiplier),
-        "train_loss": loss,
-        "epochs": args.epochs,
-        "world_size": world,
-        "rank": rank,
-        "steps": len(engine.accountant),
-    }
+    return {**summary(model, test_set, engine, optimizer, args, loss),
+            "world_size": world, "rank": rank, "steps": len(engine.accountant)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 from dp_torch import PrivacyEngine  # noqa: E402
 from examples._cli import digits_parser, parse_checked  # noqa: E402
 from examples._common import NUM_IMAGES, TEST_SIZE, digits_split  # noqa: E402
-from examples._common import fit, result_line, run_torch_isolated  # noqa: E402
+from examples._common import fit, report, run_torch_isolated  # noqa: E402
 
 __all__ = ["accuracy", "build_model", "load_data", "main", "parse_args", "train_epoch"]
 
@@ -141,13 +141,16 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
     )
     loss = fit(args.epochs, lambda: train_epoch(model, optimizer, loader),
                lambda: engine.get_epsilon(args.delta), hide=args.no_progress)
+    return summary(model, test_set, engine, optimizer, args, loss)
+
+
+def summary(model: nn.Module, test_set: TensorDataset, engine: PrivacyEngine, optimizer: Any,
+            args: argparse.Namespace, loss: float) -> dict[str, Any]:
+    """The result of a run: test accuracy, epsilon spent, delta, noise, last loss, epochs."""
     return {
-        "accuracy": accuracy(model, test_set),
-        "epsilon": engine.get_epsilon(args.delta),
-        "delta": args.delta,
-        "noise_multiplier": float(optimizer.noise_multiplier),
-        "train_loss": loss,
-        "epochs": args.epochs,
+        "accuracy": accuracy(model, test_set), "epsilon": engine.get_epsilon(args.delta),
+        "delta": args.delta, "noise_multiplier": float(optimizer.noise_multiplier),
+        "train_loss": loss, "epochs": args.epochs,
     }
 
 
@@ -165,9 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
         ``noise_multiplier``, ``train_loss`` (last epoch), ``epochs`` and ``seconds``.
     """
     args = parse_args(argv)
-    result = run_torch_isolated(_run, args)
-    print(result_line("dp_torch digits", result, args.delta), flush=True)
-    return result
+    return report("dp_torch digits", run_torch_isolated(_run, args), args.delta)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dp_torch.utils.fast_gradient_clipping_utils import (
     DPTensorFastGradientClipping,
 )
 from dpcore.clipping import clip_factor
-from tests.dp_torch.test_grad_sample import Composite, ScaledTanh, Tied, TinyRNN, TwiceLinear
+from tests.dp_torch.test_grad_sample import Composite, PaddedRNN, ScaledTanh, Tied, TinyRNN, TwiceLinear
 from tests.dp_torch.test_grad_sample_oracle import TOL, Case, loop_per_example_grads, per_example_loss, trainable_named
 from tests.tolerance import assert_close
 
@@ -215,17 +215,7 @@ def test_packed_style_recurrence() -> None:
     x = torch.randn(4, 3, 3, dtype=torch.float64)
     model = TinyRNN().double()
     case = Case(model, (x, lengths), lambda i: (x[: int(lengths[i]), i : i + 1], lengths[i : i + 1]), 3, 1)
-
-    class Padded(nn.Module):
-        def __init__(self, rnn):
-            super().__init__()
-            self.rnn = rnn
-
-        def forward(self, inp, lens):
-            out = self.rnn(inp, lens)
-            return torch.cat([out, out.new_zeros(4 - out.shape[0], *out.shape[1:])])
-
-    case.model = Padded(model)
+    case.model = PaddedRNN(model, 4)
     _check_ghost(case, torch.float64, "mean")
 
 

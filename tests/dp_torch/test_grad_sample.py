@@ -522,6 +522,20 @@ def test_recurrence_accumulates_over_time_steps(batch_first) -> None:
     _check(case, torch.float64, "mean")
 
 
+class PaddedRNN(nn.Module):
+    """Runs a packed-style recurrence and zero-pads its output to ``steps`` time steps."""
+
+    def __init__(self, rnn: nn.Module, steps: int):
+        super().__init__()
+        self.rnn = rnn
+        self.steps = steps
+
+    def forward(self, inp: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        out = self.rnn(inp, lens)
+        missing = self.steps - out.shape[0]
+        return torch.cat([out, out.new_zeros(missing, *out.shape[1:])]) if missing else out
+
+
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
 def test_packed_style_decreasing_batch_sizes(loss_reduction) -> None:
     """Time steps with fewer examples (packed sequences) use max_batch_len set by the layer."""
@@ -533,17 +547,7 @@ def test_packed_style_decreasing_batch_sizes(loss_reduction) -> None:
     def example(i: int) -> tuple:
         return x[: int(lengths[i]), i : i + 1], lengths[i : i + 1]
 
-    class Padded(nn.Module):
-        def __init__(self, rnn):
-            super().__init__()
-            self.rnn = rnn
-
-        def forward(self, inp, lens):
-            out = self.rnn(inp, lens)
-            steps = 4 - out.shape[0]
-            return torch.cat([out, out.new_zeros(steps, *out.shape[1:])]) if steps else out
-
-    case = Case(Padded(model), (x, lengths), example, 3, batch_dim=1)
+    case = Case(PaddedRNN(model, 4), (x, lengths), example, 3, batch_dim=1)
     expected, _ = loop_per_example_grads(case)
     from dp_torch.grad_sample import GradSampleModule
     import copy
