@@ -146,11 +146,7 @@ def run_audit(
         seed: Seed of the canary inclusion, the sampler and the noise key.
 
     Returns:
-        The :class:`RunAuditResult`.
-
-    Raises:
-        TypeError: If ``noise_multiplier`` is not a number.
-        ValueError: On an invalid value (the message names it).
+        The :class:`RunAuditResult`; bad arguments raise as in :func:`dp_jax.audit.step_audit`.
     """
     start = time.perf_counter()
     sigma, bound = _check_sigma(noise_multiplier), _check_bound(max_grad_norm)

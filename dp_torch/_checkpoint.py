@@ -145,15 +145,9 @@ def _optimizer_entries(optimizer: Any) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    *,
-    path: PathOrFile,
-    accountant: Any,
-    module: nn.Module,
-    optimizer: Any,
-    schedulers: Mapping[str, Any],
-    checkpoint_dict: Optional[dict[str, Any]],
-    module_state_dict_kwargs: Optional[dict[str, Any]],
-    torch_save_kwargs: Optional[dict[str, Any]],
+    *, path: PathOrFile, accountant: Any, module: nn.Module, optimizer: Any,
+    schedulers: Mapping[str, Any], checkpoint_dict: Optional[dict[str, Any]],
+    module_state_dict_kwargs: Optional[dict[str, Any]], torch_save_kwargs: Optional[dict[str, Any]],
     data_loader: Optional[DataLoader],
 ) -> None:
     """Write the checkpoint (see :meth:`dp_torch.PrivacyEngine.save_checkpoint`).
@@ -296,15 +290,9 @@ def _checkpoint_steps(
 
 
 def load_checkpoint(
-    *,
-    path: PathOrFile,
-    accountant: Any,
-    module: nn.Module,
-    optimizer: Any,
-    schedulers: Mapping[str, Any],
-    module_load_dict_kwargs: Optional[dict[str, Any]],
-    torch_load_kwargs: Optional[dict[str, Any]],
-    data_loader: Optional[DataLoader],
+    *, path: PathOrFile, accountant: Any, module: nn.Module, optimizer: Any,
+    schedulers: Mapping[str, Any], module_load_dict_kwargs: Optional[dict[str, Any]],
+    torch_load_kwargs: Optional[dict[str, Any]], data_loader: Optional[DataLoader],
 ) -> dict[str, Any]:
     """Restore a checkpoint, all or nothing (see :meth:`dp_torch.PrivacyEngine.load_checkpoint`).
 

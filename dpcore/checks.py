@@ -16,10 +16,13 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 __all__ = [
     "check_bool",
@@ -28,6 +31,7 @@ __all__ = [
     "check_delta",
     "check_noise_multiplier",
     "check_num_steps",
+    "check_pcg64_state",
     "check_positive",
     "check_probability",
     "check_sample_rate",
@@ -148,3 +152,19 @@ def check_int(value: Any, name: str, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
+
+
+def check_pcg64_state(state: Any, name: str = "state_dict['bit_generator_state']") -> dict[str, Any]:
+    """Validate a numpy PCG64 bit-generator state by loading it into a scratch generator.
+
+    Returns:
+        A deep copy of the state, safe to assign to a generator.
+    """
+    if not isinstance(state, Mapping) or state.get("bit_generator") != "PCG64":
+        raise ValueError(f"{name} must be a PCG64 state dict as returned by state_dict(), got {state!r}.")
+    scratch = np.random.PCG64()
+    try:
+        scratch.state = copy.deepcopy(dict(state))
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{name} is not a valid PCG64 state: {err}") from None
+    return copy.deepcopy(dict(state))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from dpcore.checks import check_noise_multiplier, check_positive
+from dpcore.checks import check_noise_multiplier, check_pcg64_state, check_positive
 
 __all__ = [
     "NoiseSource",
@@ -228,17 +228,7 @@ class NoiseSource:
             )
         if self._rng is None:
             return
-        state = state_dict.get("bit_generator_state")
-        if not isinstance(state, Mapping) or state.get("bit_generator") != "PCG64":
-            raise ValueError(
-                f"state_dict['bit_generator_state'] must be a PCG64 state, got {state!r}."
-            )
-        scratch = np.random.PCG64()
-        try:
-            scratch.state = copy.deepcopy(dict(state))
-        except (TypeError, ValueError, KeyError) as err:
-            raise ValueError(f"state_dict['bit_generator_state'] is not a valid PCG64 state: {err}")
-        self._rng.bit_generator.state = copy.deepcopy(dict(state))
+        self._rng.bit_generator.state = check_pcg64_state(state_dict.get("bit_generator_state"))
 
 
 def gaussian_noise_like(

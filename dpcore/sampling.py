@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dpcore.checks import check_choice, check_int, check_num_steps, check_sample_rate
+from dpcore.checks import check_choice, check_int, check_num_steps, check_pcg64_state, check_sample_rate
 
 __all__ = [
     "DistributedPoissonSampler",
@@ -95,20 +95,6 @@ class _UniformStream:
         assert self._rng is not None
         self._rng.bit_generator.state = copy.deepcopy(state)
 
-
-def _validated_bit_generator_state(state: Any) -> dict[str, Any]:
-    """Check a PCG64 state by loading it into a scratch generator (no side effects)."""
-    if not isinstance(state, Mapping) or state.get("bit_generator") != "PCG64":
-        raise ValueError(
-            f"state_dict['bit_generator_state'] must be a PCG64 state dict as returned by "
-            f"state_dict(), got {state!r}."
-        )
-    scratch = np.random.PCG64()
-    try:
-        scratch.state = copy.deepcopy(dict(state))
-    except (TypeError, ValueError, KeyError) as err:
-        raise ValueError(f"state_dict['bit_generator_state'] is not a valid PCG64 state: {err}")
-    return copy.deepcopy(dict(state))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -327,7 +313,7 @@ class PoissonSampler:
             )
         bit_state = None
         if not self.secure_mode:
-            bit_state = _validated_bit_generator_state(state_dict["bit_generator_state"])
+            bit_state = check_pcg64_state(state_dict["bit_generator_state"])
         if bit_state is not None:
             self._stream.set_state(bit_state)
         self._drawn = drawn
@@ -530,7 +516,7 @@ class ShuffledBatchSampler:
                 f"state_dict must come from a ShuffledBatchSampler with config {config}, "
                 f"got {state_dict!r}."
             )
-        bit_state = _validated_bit_generator_state(state_dict.get("bit_generator_state"))
+        bit_state = check_pcg64_state(state_dict.get("bit_generator_state"))
         drawn = check_int(state_dict.get("batches_drawn"), "state_dict['batches_drawn']", 0)
         if drawn > len(self):
             raise ValueError(f"state_dict['batches_drawn']={drawn} exceeds len={len(self)}.")

@@ -36,9 +36,9 @@ def _parts(seed: int = 0):
 
 
 def test_factories() -> None:
-    assert get_gsm_class("ew") is GradSampleModuleExpandedWeights
-    assert get_gsm_class("no_op") is GradSampleModuleNoOp
-    assert get_hooks_class("no_op") is GradSampleHooksNoOp
+    expected = {(get_gsm_class, "ew"): GradSampleModuleExpandedWeights,
+                (get_gsm_class, "no_op"): GradSampleModuleNoOp, (get_hooks_class, "no_op"): GradSampleHooksNoOp}
+    assert all(factory(mode) is cls for (factory, mode), cls in expected.items())
     with pytest.raises(ValueError, match="has no hooks variant"):
         get_hooks_class("ew")
     with pytest.raises(ValueError, match="exists only as a wrapper"):

@@ -386,11 +386,15 @@ def test_gradients_not_cleared_error_and_state_untouched():
     opt.step()  # fine after zero_grad
 
 
-def test_add_noise_twice_is_refused():
+def _dp_with_grad_samples(n: int):
+    """A linear model with hand-set per-sample gradients of ``n`` examples, and its DPOptimizer."""
     model = linear_model()
-    x, y = batch(4)
-    set_hand_grad_samples(model, x, y)
-    opt = make_dp(model)
+    set_hand_grad_samples(model, *batch(n))
+    return model, make_dp(model)
+
+
+def test_add_noise_twice_is_refused():
+    model, opt = _dp_with_grad_samples(4)
     opt.clip_and_accumulate()
     opt.add_noise()
     with pytest.raises(ValueError, match=NOT_CLEARED):
@@ -410,10 +414,7 @@ def test_missing_grad_sample_module_is_reported(zero_grad_first):
 
 
 def test_zero_grad_clears_grad_sample_and_summed_grad():
-    model = linear_model()
-    x, y = batch(3)
-    set_hand_grad_samples(model, x, y)
-    opt = make_dp(model)
+    model, opt = _dp_with_grad_samples(3)
     opt.step()
     opt.zero_grad(set_to_none=True)
     for p in model.parameters():
