@@ -459,14 +459,7 @@ def markdown_table(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line (see the module docstring).
-
-    Args:
-        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        The parsed options.
-    """
+    """Parse the command line (see the module docstring); ``argv=None`` reads ``sys.argv``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _timing.add_size_arguments(parser, MODEL_NAMES, MODES,
                                "reference batch x this (default 1 on an accelerator, 0.25 on "

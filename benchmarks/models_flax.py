@@ -193,13 +193,9 @@ class TransformerBlock(nn.Module):
 class TransformerClassifier(nn.Module):
     """Token and position embeddings, pre-LN blocks, final LayerNorm, mean pool, dense head.
 
-    Attributes:
-        vocab: Vocabulary size.
-        seq_len: Longest sequence (size of the position table).
-        d_model: Model width.
-        layers: Number of blocks.
-        heads: Attention heads per block.
-        num_classes: Output classes.
+    Its attributes are the arguments of the PyTorch twin,
+    :class:`benchmarks.models.TransformerClassifier` (vocabulary, longest sequence, width,
+    blocks, heads, classes).
     """
 
     vocab: int = 8000

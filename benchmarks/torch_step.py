@@ -425,14 +425,7 @@ def markdown_tables(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line (see the module docstring).
-
-    Args:
-        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        The parsed options.
-    """
+    """Parse the command line (see the module docstring); ``argv=None`` reads ``sys.argv``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     _timing.add_size_arguments(parser, MODEL_NAMES, MODES,
