@@ -8,24 +8,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dp_jax._audit_common import (
-    DEFAULT_DELTAS,
-    RunAuditResult,
-    _BACKGROUND_NORM,
-    _CANARY_NORM,
-    _GRAD_SAMPLE_MODES,
-    _REDUCTIONS,
-    _attack_bounds,
-    _check_bound,
-    _check_choice,
-    _check_deltas,
-    _check_sigma,
-    _exceeds,
-    _kernel,
-    _make_private,
-    _rows,
-    _unit,
-)
+from dp_jax._audit_common import _BACKGROUND_NORM, _CANARY_NORM, _GRAD_SAMPLE_MODES, _REDUCTIONS
+from dp_jax._audit_common import DEFAULT_DELTAS, RunAuditResult, _attack_bounds, _exceeds, _kernel
+from dp_jax._audit_common import _check_bound, _check_choice, _check_deltas, _check_sigma
+from dp_jax._audit_common import _make_private, _rows, _unit
 from dp_jax._engine import PrivacyEngine
 from dp_jax._training import PrivateTraining
 from dpcore import audit as core_audit
@@ -94,21 +80,11 @@ def _one_run(
 
 
 def run_audit(
-    *,
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    num_canaries: int,
-    grad_sample_mode: str = "vmap",
-    max_grad_norm: float = 1.0,
-    num_background: int = 64,
-    loss_reduction: str = "sum",
-    max_physical_batch_size: Optional[int] = None,
-    accountant: str = "rdp",
-    guess_fraction: float = 0.2,
-    deltas: Sequence[float] = DEFAULT_DELTAS,
-    significance: float = 0.05,
-    seed: int = 0,
+    *, noise_multiplier: float, sample_rate: float, steps: int, num_canaries: int,
+    grad_sample_mode: str = "vmap", max_grad_norm: float = 1.0, num_background: int = 64,
+    loss_reduction: str = "sum", max_physical_batch_size: Optional[int] = None,
+    accountant: str = "rdp", guess_fraction: float = 0.2,
+    deltas: Sequence[float] = DEFAULT_DELTAS, significance: float = 0.05, seed: int = 0,
 ) -> RunAuditResult:
     """Audit one training run of the engine with real Poisson batches and many canaries.
 

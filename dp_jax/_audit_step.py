@@ -83,18 +83,10 @@ def _step_layout(num_background: int, num_noise: int, bound: float) -> tuple[int
 
 
 def step_audit(
-    *,
-    noise_multiplier: float,
-    max_grad_norm: float = 1.0,
-    trials: int = 2000,
-    grad_sample_mode: str = "vmap",
-    max_physical_batch_size: Optional[int] = None,
-    loss_reduction: str = "mean",
-    num_background: int = 7,
-    num_noise_coordinates: int = 1024,
-    deltas: Sequence[float] = DEFAULT_DELTAS,
-    significance: float = 0.05,
-    seed: int = 0,
+    *, noise_multiplier: float, max_grad_norm: float = 1.0, trials: int = 2000,
+    grad_sample_mode: str = "vmap", max_physical_batch_size: Optional[int] = None,
+    loss_reduction: str = "mean", num_background: int = 7, num_noise_coordinates: int = 1024,
+    deltas: Sequence[float] = DEFAULT_DELTAS, significance: float = 0.05, seed: int = 0,
 ) -> StepAuditResult:
     """Audit one logical step (sample rate 1) of the engine with a Dirac canary.
 
