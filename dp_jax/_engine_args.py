@@ -30,13 +30,7 @@ __all__ = [
 _CLIPPINGS = ("flat", "per_layer", "adaptive")
 _GRAD_SAMPLE_MODES = ("vmap", "ghost")
 _LOSS_REDUCTIONS = ("mean", "sum")
-_ADAPTIVE_KWARGS = (
-    "target_unclipped_quantile",
-    "clipbound_learning_rate",
-    "max_clipbound",
-    "min_clipbound",
-    "unclipped_num_std",
-)
+_ADAPTIVE_KWARGS = core_clipping.ADAPTIVE_OPTIONS
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -84,27 +78,10 @@ def _check_adaptive_kwargs(
     kwargs: Mapping[str, Any], clipping: str, noise_multiplier: float, max_grad_norm: Any,
     expected_batch_size: Optional[int],
 ) -> None:
-    if clipping != "adaptive":
-        if kwargs:
-            raise TypeError(
-                f"make_private got unexpected keyword arguments {sorted(kwargs)} for "
-                f"clipping={clipping!r}; {list(_ADAPTIVE_KWARGS)} belong to "
-                'clipping="adaptive", and no other extra argument is accepted.'
-            )
-        return
-    unknown = sorted(set(kwargs) - set(_ADAPTIVE_KWARGS))
-    if unknown:
-        raise TypeError(
-            f'clipping="adaptive" takes only the keyword arguments {list(_ADAPTIVE_KWARGS)}; '
-            f"unexpected {unknown}."
-        )
-    if expected_batch_size is None:
-        raise ValueError(
-            'clipping="adaptive" needs expected_batch_size = int(N * sample_rate) >= 1; use a '
-            "larger sample_rate."
-        )
-    spec = core_clipping.AdaptiveClipping(initial_max_grad_norm=max_grad_norm, **kwargs)
-    spec.gradient_noise_multiplier(noise_multiplier, expected_batch_size)
+    core_clipping.check_adaptive_options(
+        kwargs, clipping, noise_multiplier, max_grad_norm, expected_batch_size, require_all=False,
+        batch_hint="use a larger sample_rate.",
+    )
 
 
 def resolve_sample_rate(sample_rate: Any, batch_size: Any, num_samples: int) -> float:

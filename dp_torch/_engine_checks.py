@@ -41,13 +41,7 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 CLIPPINGS = ("flat", "per_layer", "adaptive")
 LOSS_REDUCTIONS = ("mean", "sum")
-ADAPTIVE_KWARGS = (
-    "target_unclipped_quantile",
-    "clipbound_learning_rate",
-    "max_clipbound",
-    "min_clipbound",
-    "unclipped_num_std",
-)
+ADAPTIVE_KWARGS = core_clipping.ADAPTIVE_OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,35 +201,14 @@ def check_max_grad_norm(max_grad_norm: Any, clipping: str, optimizer: optim.Opti
 
 
 def check_optimizer_kwargs(
-    kwargs: Mapping[str, Any],
-    clipping: str,
-    noise_multiplier: float,
-    max_grad_norm: Any,
+    kwargs: Mapping[str, Any], clipping: str, noise_multiplier: float, max_grad_norm: Any,
     expected_batch_size: Optional[int],
 ) -> None:
     """Extra keyword arguments: exactly the adaptive-clipping ones, and only for ``"adaptive"``."""
-    if clipping != "adaptive":
-        if kwargs:
-            raise TypeError(
-                f"make_private got unexpected keyword arguments {sorted(kwargs)} for "
-                f"clipping={clipping!r}; {list(ADAPTIVE_KWARGS)} belong to "
-                'clipping="adaptive", and no other extra argument is accepted.'
-            )
-        return
-    unknown = sorted(set(kwargs) - set(ADAPTIVE_KWARGS))
-    missing = [name for name in ADAPTIVE_KWARGS if name not in kwargs]
-    if unknown or missing:
-        raise TypeError(
-            f'clipping="adaptive" takes exactly the keyword arguments {list(ADAPTIVE_KWARGS)} '
-            f"(as Opacus' AdaClipDPOptimizer); missing {missing}, unexpected {unknown}."
-        )
-    if expected_batch_size is None:
-        raise ValueError(
-            'clipping="adaptive" needs expected_batch_size = int(len(dataset) * sample_rate) >= 1; '
-            "use a data loader with fewer, larger batches."
-        )
-    spec = core_clipping.AdaptiveClipping(initial_max_grad_norm=max_grad_norm, **kwargs)
-    spec.gradient_noise_multiplier(noise_multiplier, expected_batch_size)
+    core_clipping.check_adaptive_options(
+        kwargs, clipping, noise_multiplier, max_grad_norm, expected_batch_size, require_all=True,
+        batch_hint="use a data loader with fewer, larger batches.",
+    )
 
 
 def dataset_size(data_loader: DataLoader) -> int:

@@ -20,14 +20,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Sequence
-from typing import Any, ClassVar, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 
 from dpcore.checks import check_noise_multiplier, check_positive, check_probability
 
 __all__ = [
+    "ADAPTIVE_OPTIONS",
     "CLIP_EPSILON",
     "AdaptiveClipping",
     "ClippingSpec",
@@ -35,6 +36,7 @@ __all__ = [
     "PerLayerClipping",
     "adaptive_clip_update",
     "adaptive_noise_multipliers",
+    "check_adaptive_options",
     "averaging_denominator",
     "clip_and_sum",
     "clip_and_sum_per_layer",
@@ -48,6 +50,15 @@ __all__ = [
 
 #: The constant added to the norm in the clip factor (as in Opacus).
 CLIP_EPSILON = 1e-6
+
+#: The options of adaptive clipping besides the initial bound (Opacus' AdaClipDPOptimizer's).
+ADAPTIVE_OPTIONS = (
+    "target_unclipped_quantile",
+    "clipbound_learning_rate",
+    "max_clipbound",
+    "min_clipbound",
+    "unclipped_num_std",
+)
 
 
 # --------------------------------------------------------------------------- reference math
@@ -571,3 +582,44 @@ def clipping_spec(
     if kind == "flat":
         return FlatClipping(max_grad_norm)
     return AdaptiveClipping(initial_max_grad_norm=max_grad_norm, **kwargs)
+
+
+def check_adaptive_options(
+    options: Mapping[str, Any], clipping: str, noise_multiplier: float, max_grad_norm: Any,
+    expected_batch_size: Optional[int], *, require_all: bool, batch_hint: str,
+) -> None:
+    """An engine's extra keyword arguments: adaptive-clipping options, only for ``"adaptive"``.
+
+    Args:
+        options: The extra keyword arguments.
+        clipping: ``"flat"``, ``"per_layer"`` or ``"adaptive"``.
+        noise_multiplier: The gradient noise multiplier (checked against the budget split).
+        max_grad_norm: The initial bound.
+        expected_batch_size: ``int(N * q)``, or ``None`` when it rounds to 0.
+        require_all: Whether every option of :data:`ADAPTIVE_OPTIONS` must be given.
+        batch_hint: How to get a larger expected batch, for the error message.
+
+    Raises:
+        TypeError: On an unexpected (or, with ``require_all``, missing) option.
+        ValueError: On invalid values, or ``expected_batch_size`` ``None`` for ``"adaptive"``.
+    """
+    if clipping != "adaptive":
+        if options:
+            raise TypeError(
+                f"make_private got unexpected keyword arguments {sorted(options)} for "
+                f"clipping={clipping!r}; {list(ADAPTIVE_OPTIONS)} belong to "
+                'clipping="adaptive", and no other extra argument is accepted.'
+            )
+        return
+    unknown = sorted(set(options) - set(ADAPTIVE_OPTIONS))
+    missing = [name for name in ADAPTIVE_OPTIONS if name not in options] if require_all else []
+    if unknown or missing:
+        which = "exactly" if require_all else "only"
+        raise TypeError(
+            f'clipping="adaptive" takes {which} the keyword arguments {list(ADAPTIVE_OPTIONS)}; '
+            f"missing {missing}, unexpected {unknown}."
+        )
+    if expected_batch_size is None:
+        raise ValueError(f'clipping="adaptive" needs expected_batch_size = int(N * sample_rate) >= 1; {batch_hint}')
+    spec = AdaptiveClipping(initial_max_grad_norm=max_grad_norm, **options)
+    spec.gradient_noise_multiplier(noise_multiplier, expected_batch_size)

@@ -293,3 +293,22 @@ def test_clipping_spec_converter() -> None:
         clipping_spec("flat", 1.0, target_unclipped_quantile=0.5)
     with pytest.raises(ValueError, match="needs max_grad_norm"):
         clipping_spec("flat")
+
+
+def test_check_adaptive_options_names_unexpected_and_missing_options() -> None:
+    from dpcore.clipping import ADAPTIVE_OPTIONS, check_adaptive_options
+
+    good = dict(target_unclipped_quantile=0.5, clipbound_learning_rate=0.2, max_clipbound=10.0,
+                min_clipbound=0.1, unclipped_num_std=20.0)
+    assert set(good) == set(ADAPTIVE_OPTIONS)
+    check_adaptive_options(good, "adaptive", 1.0, 1.0, 64, require_all=True, batch_hint="")
+    check_adaptive_options({}, "adaptive", 1.0, 1.0, 64, require_all=False, batch_hint="")
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['max_clipbound'\] for clipping='flat'"):
+        check_adaptive_options({"max_clipbound": 1.0}, "flat", 1.0, 1.0, 64, require_all=True, batch_hint="")
+    with pytest.raises(TypeError, match=r"missing \['unclipped_num_std'\], unexpected \['typo'\]"):
+        options = {**good, "typo": 1}
+        del options["unclipped_num_std"]
+        check_adaptive_options(options, "adaptive", 1.0, 1.0, 64, require_all=True, batch_hint="")
+    with pytest.raises(ValueError, match="expected_batch_size.*use a larger sample_rate"):
+        check_adaptive_options(good, "adaptive", 1.0, 1.0, None, require_all=False,
+                               batch_hint="use a larger sample_rate.")
