@@ -8,7 +8,8 @@ Public names:
 * :class:`GradSampleModuleExpandedWeights`: the wrapper of ``grad_sample_mode="ew"``;
 * :class:`GradSampleModuleNoOp` / :class:`GradSampleHooksNoOp`: ``grad_sample_mode="no_op"``
   (you set ``p.grad_sample`` yourself);
-* :func:`register_grad_sampler`, :func:`register_norm_sampler`: add layer support;
+* :func:`register_grad_sampler`, :func:`register_norm_sampler`,
+  :func:`register_batch_grad_sampler`: add layer support;
 * :func:`wrap_model` / :func:`prepare_module`, :func:`get_gsm_class`: pick by mode.
 
 Layers with a registered grad sampler: ``nn.Linear`` (and subclasses), ``nn.Conv1d/2d/3d``,
@@ -53,6 +54,7 @@ from .utils import (
     get_gsm_class,
     get_hooks_class,
     prepare_module,
+    register_batch_grad_sampler,
     register_grad_sampler,
     register_norm_sampler,
     wrap_model,
@@ -84,6 +86,7 @@ __all__ = [
     "get_hooks_class",
     "prepare_module",
     "promote_current_grad_sample",
+    "register_batch_grad_sampler",
     "register_grad_sampler",
     "register_norm_sampler",
     "wrap_model",

@@ -19,10 +19,12 @@ import torch.nn as nn
 __all__ = [
     "GRAD_SAMPLERS",
     "NORM_SAMPLERS",
+    "BATCH_GRAD_SAMPLERS",
     "CALL_CONCATENATORS",
     "Sampler",
     "find_call_concatenator",
     "find_sampler",
+    "register_batch_grad_sampler",
     "register_grad_sampler",
     "register_norm_sampler",
 ]
@@ -34,6 +36,9 @@ Sampler = Callable[[nn.Module, list, torch.Tensor], dict]
 GRAD_SAMPLERS: dict[type, Sampler] = {}
 #: module class -> norm sampler (per-example gradient norms, ghost clipping).
 NORM_SAMPLERS: dict[type, Sampler] = {}
+#: module class -> batch-gradient sampler: ``sum_i grad_i`` for the given (already clip-scaled)
+#: backprops, without materialising the per-example gradients (ghost clipping's clipped sum).
+BATCH_GRAD_SAMPLERS: dict[type, Sampler] = {}
 #: module class -> function merging several calls' ``(activations, backprops)`` into one
 #: call whose norm sampler gives the norm of the *summed* gradient (internal; Linear and
 #: Embedding register one).
@@ -99,6 +104,21 @@ def register_norm_sampler(target_class_or_classes: Union[type, Sequence[type]]) 
     Arguments and result as for :func:`register_grad_sampler`.
     """
     return _registering(NORM_SAMPLERS, target_class_or_classes, "register_norm_sampler")
+
+
+def register_batch_grad_sampler(target_class_or_classes: Union[type, Sequence[type]]) -> Callable:
+    """Register the decorated function as the batch-gradient sampler of module classes.
+
+    Same call convention as :func:`register_grad_sampler`, but the function returns
+    ``{parameter: sum over the batch of the per-example gradients}`` with the parameter's
+    own shape, computed without materialising the per-example gradients. Ghost clipping
+    calls it once per layer with ``backprops`` already multiplied by each example's clip
+    factor, which gives the layer's share of the clipped sum ``sum_i c_i grad_i`` without a
+    second backward pass. A layer without one gets ``grad_sampler(...)`` summed over the batch.
+
+    Arguments and result as for :func:`register_grad_sampler`.
+    """
+    return _registering(BATCH_GRAD_SAMPLERS, target_class_or_classes, "register_batch_grad_sampler")
 
 
 def find_sampler(registry: dict[type, Any], module: nn.Module) -> Optional[Any]:

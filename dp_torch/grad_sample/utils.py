@@ -6,7 +6,7 @@ from typing import Any, Union
 
 import torch.nn as nn
 
-from ._registry import register_grad_sampler, register_norm_sampler
+from ._registry import register_batch_grad_sampler, register_grad_sampler, register_norm_sampler
 from .grad_sample_module import GradSampleHooks, GradSampleModule
 from .grad_sample_module_fast_gradient_clipping import (
     GradSampleHooksFastGradientClipping,
@@ -22,6 +22,7 @@ __all__ = [
     "get_gsm_class",
     "get_hooks_class",
     "prepare_module",
+    "register_batch_grad_sampler",
     "register_grad_sampler",
     "register_norm_sampler",
     "wrap_model",
