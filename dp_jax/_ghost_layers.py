@@ -1,8 +1,9 @@
 """Ghost clipping, layer side: recognise and intercept flax's linear and embedding calls.
 
-Supported layers: ``flax.linen.Dense``, ``DenseGeneral`` (no ``batch_dims``) and ``Embed``
-(``__call__``, not ``attend``); ``flax.nnx.Linear``, ``LinearGeneral`` (no ``batch_axis``)
-and ``Embed``; each with flax's default ``dot_general`` and ``promote_dtype`` (for nnx,
+Supported layers: ``flax.linen.Dense``, ``DenseGeneral`` (no ``batch_dims``), ``Conv``
+(no ``mask``) and ``Embed`` (``__call__``, not ``attend``); ``flax.nnx.Linear``,
+``LinearGeneral`` (no ``batch_axis``), ``Conv`` (no ``mask``) and ``Embed``; each with
+flax's default ``dot_general`` / ``conv_general_dilated`` and ``promote_dtype`` (for nnx,
 no ``preferred_element_type`` or ``out_sharding``) and not subclassed with a new
 ``__call__`` (linen). Any other call runs untouched.
 """
@@ -24,6 +25,8 @@ from flax.core.tracers import current_trace
 from flax.linen import dtypes as linen_dtypes
 from flax.nnx.nn import dtypes as nnx_dtypes
 
+from dp_jax._ghost_conv import ConvGeometry, conv_apply, conv_geometry, conv_patches
+
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -31,7 +34,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 class _Call(NamedTuple):
     """One call of a supported layer, with what the layer itself reads."""
 
-    kind: str  # "linear" or "embed"
+    kind: str  # "linear", "conv" or "embed"
     framework: str  # "linen" or "nnx": which promote_dtype signature applies
     inputs: Any
     kernel: Any  # the kernel, or the embedding table
@@ -39,6 +42,7 @@ class _Call(NamedTuple):
     axes: tuple[int, ...]  # contracted input axes, sorted, non-negative (linear)
     dtype: Any  # the layer's ``dtype`` attribute (None: inferred)
     precision: Any
+    geom: Optional[ConvGeometry] = None  # convolutions only
 
 
 def _as_tuple(value: Any) -> tuple[int, ...]:
@@ -60,7 +64,22 @@ def _is_ints(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer)
 
 
-_LINEN_CALLS = (nn.Dense.__call__, nn.DenseGeneral.__call__, nn.Embed.__call__)
+_LINEN_CALLS = (nn.Dense.__call__, nn.DenseGeneral.__call__, nn.Embed.__call__,
+                nn.Conv.__call__)
+
+
+def _conv_call(framework: str, module: Any, inputs: Any, kernel: Any, bias: Any
+               ) -> Optional[_Call]:
+    geom = conv_geometry(module)
+    if geom is None or not jnp.issubdtype(jnp.result_type(inputs), jnp.inexact):
+        return None
+    rank = len(geom.kernel_size)
+    if jnp.ndim(inputs) < rank + 1 or jnp.ndim(kernel) != rank + 2:
+        return None
+    if jnp.shape(inputs)[-1] != jnp.shape(kernel)[-2] * geom.groups:
+        return None
+    return _Call("conv", framework, inputs, kernel, bias, (), module.dtype, module.precision,
+                 geom)
 
 
 def _linen_call(module: Any, args: tuple, kwargs: dict) -> Optional[_Call]:
@@ -72,6 +91,15 @@ def _linen_call(module: Any, args: tuple, kwargs: dict) -> Optional[_Call]:
             module.promote_dtype is not linen_dtypes.promote_dtype):
         return None
     params = module.variables.get("params", {})
+    if method is nn.Conv.__call__:
+        if not isinstance(module, nn.Conv) or module.conv_general_dilated is not None or (
+                module.conv_general_dilated_cls is not None):
+            return None
+        kernel = params.get("kernel")
+        bias = params.get("bias") if module.use_bias else None
+        if kernel is None or (module.use_bias and bias is None):
+            return None
+        return _conv_call("linen", module, inputs, kernel, bias)
     if method is nn.Embed.__call__:
         table = params.get("embedding")
         if table is None or not _is_ints(inputs):
@@ -115,6 +143,12 @@ def _nnx_call(module: Any, args: tuple, kwargs: dict) -> Optional[_Call]:
             return None
         table = module.embedding.get_value()
         return _Call("embed", "nnx", inputs, table, None, (), module.dtype, None)
+    if isinstance(module, nnx.Conv):
+        if module.conv_general_dilated is not jax.lax.conv_general_dilated or (
+                module.preferred_element_type is not None):
+            return None
+        bias = module.bias.get_value() if module.bias is not None else None
+        return _conv_call("nnx", module, inputs, module.kernel.get_value(), bias)
     axes_attr = _nnx_linear_ok(module)
     if axes_attr is None or getattr(module, "preferred_element_type", None) is not None:
         return None
@@ -132,6 +166,8 @@ def _describe(framework: str, module: Any, args: tuple, kwargs: dict) -> Optiona
         return None
     if call.kind == "embed":
         return call if jnp.ndim(call.kernel) == 2 else None
+    if call.kind == "conv":
+        return call
     in_dims = tuple(jnp.shape(call.inputs)[a] for a in call.axes)
     if jnp.ndim(call.kernel) <= len(call.axes) or (
             tuple(jnp.shape(call.kernel)[: len(call.axes)]) != in_dims):
@@ -153,6 +189,8 @@ def _layer_out(call: _Call, kernel: Any, bias: Any) -> jax.Array:
             return jnp.broadcast_to(table, jnp.shape(call.inputs) + table.shape[1:])
         return jnp.take(table, call.inputs, axis=0)
     x, k, b = _promote(call, call.inputs, kernel, bias)
+    if call.kind == "conv":
+        return conv_apply(call.geom, x, k, b, call.precision)
     contract = (call.axes, tuple(range(len(call.axes))))
     y = jax.lax.dot_general(x, k, (contract, ((), ())), precision=call.precision)
     if b is not None:
@@ -164,6 +202,7 @@ def _record(call: _Call, dtype: Any) -> jax.Array:
     """What the norms need from one example's call.
 
     Linear: the input as ``[rows, d_in]`` (contracted axes last, in order), in ``dtype``.
+    Convolution: the input patches as ``[positions, C * window]``, in ``dtype``.
     Embedding: the row ids as ``[rows]``, negative ids wrapped as ``jnp.take`` does and
     out-of-range ids (whose gradient ``jnp.take`` drops) replaced by ``num_embeddings``.
     """
@@ -175,6 +214,8 @@ def _record(call: _Call, dtype: Any) -> jax.Array:
         ids = jnp.where(ids < 0, ids + size, ids)
         return jnp.where((ids >= 0) & (ids < size), ids, size).astype(jnp.int32)
     x = jnp.asarray(call.inputs).astype(dtype)
+    if call.kind == "conv":
+        return conv_patches(call.geom, x)
     n_in = len(call.axes)
     x = jnp.moveaxis(x, call.axes, tuple(range(x.ndim - n_in, x.ndim)))
     return jnp.reshape(x, (-1, int(np.prod(x.shape[x.ndim - n_in:]))))
@@ -188,7 +229,7 @@ _Handler = Callable[[str, Any, Callable[..., Any], tuple, dict], Any]
 _LOCAL = threading.local()
 _PATCH_LOCK = threading.Lock()
 _PATCH_DEPTH = [0]
-_NNX_CLASSES = (nnx.Linear, nnx.LinearGeneral, nnx.Embed)
+_NNX_CLASSES = (nnx.Linear, nnx.LinearGeneral, nnx.Embed, nnx.Conv)
 
 
 def _nnx_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:

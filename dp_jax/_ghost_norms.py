@@ -1,9 +1,11 @@
 """Ghost clipping, arithmetic side: per-example norms from layer inputs and output gradients.
 
-For inputs ``A_i`` (``[n, d_in]``) and output gradients ``G_i`` (``[n, d_out]``) the
-kernel gradient is ``A_i^T G_i``: its squared norm is ``|a_i|^2 |g_i|^2`` for ``n = 1``,
-the Gram form ``<A_i A_i^T, G_i G_i^T>`` otherwise, or the per-example product when
-that is cheaper; the clipped sum is one product over all rows of the batch. An
+For inputs ``A_i`` (``[n, d_in]``; a convolution's input patches, per group) and output
+gradients ``G_i`` (``[n, d_out]``) the kernel gradient is ``A_i^T G_i``: its squared norm
+is ``|a_i|^2 |g_i|^2`` for ``n = 1``, the Gram form ``<A_i A_i^T, G_i G_i^T>`` otherwise,
+or the per-example product when that is cheaper (the choice of
+:func:`~dp_jax._ghost_plan.leaf_method`); the clipped sum is one product over all rows
+of the batch, or the weighted sum of the per-example products. An
 embedding table's squared norm is a Gram matrix masked by token equality, its
 clipped sum one scatter-add.
 """
@@ -16,13 +18,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dp_jax._ghost_plan import _Plan
+from dp_jax._ghost_conv import patch_to_kernel
+from dp_jax._ghost_plan import _Plan, leaf_method
 from dp_jax._grads import ClipAux, _factor, _norm_dtype, _weighted_sum, _wide
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-# Largest per-example kernel-gradient tensor (elements, whole batch) the direct form stores.
-_DIRECT_MAX_ELEMENTS = 2**27
 
 
 class _Part(NamedTuple):
@@ -32,28 +33,13 @@ class _Part(NamedTuple):
     total: Callable[[jax.Array, jax.Array], jax.Array]  # (factor, keep) -> clipped sum
 
 
-def _use_direct(size: int, n: int, d_in: int, d_out: int) -> bool:
-    """Whether forming ``A_i^T G_i`` per example beats the Gram form for one kernel.
-
-    Both forms need ``B n d_in d_out`` multiply-adds for the (weighted) products. The
-    Gram form adds ``B n^2 (d_in + d_out)`` for the norms; the direct form instead
-    forms the per-example products, then only reduces them (``B d_in d_out``), but
-    stores ``B d_in d_out`` numbers. It is chosen when the Gram term is the larger
-    and that storage stays within :data:`_DIRECT_MAX_ELEMENTS`. Without a sequence
-    axis (``n = 1``) the Gram form is ``|a_i|^2 |g_i|^2`` and always wins.
-    """
-    if n == 1:
-        return False
-    return n * n * (d_in + d_out) > d_in * d_out and size * d_in * d_out <= _DIRECT_MAX_ELEMENTS
-
-
 def _gram_sq(a: jax.Array, g: jax.Array) -> jax.Array:
-    """``||A_i^T G_i||_F^2`` per example for ``a [B, n, d_in]``, ``g [B, n, d_out]``."""
+    """``sum_groups ||A_i^T G_i||_F^2`` per example, ``a [B, n, G, d_in]``, ``g [B, n, G, d_out]``."""
     if a.shape[1] == 1:
-        return jnp.sum(jnp.square(a[:, 0]), -1) * jnp.sum(jnp.square(g[:, 0]), -1)
-    aa = jnp.einsum("bnd,bmd->bnm", a, a, precision=_HIGHEST)
-    gg = jnp.einsum("bnd,bmd->bnm", g, g, precision=_HIGHEST)
-    return jnp.sum(aa * gg, axis=(1, 2))
+        return jnp.sum(jnp.sum(jnp.square(a[:, 0]), -1) * jnp.sum(jnp.square(g[:, 0]), -1), -1)
+    aa = jnp.einsum("bngd,bmgd->bgnm", a, a, precision=_HIGHEST)
+    gg = jnp.einsum("bngd,bmgd->bgnm", g, g, precision=_HIGHEST)
+    return jnp.sum(aa * gg, axis=(1, 2, 3))
 
 
 def _kept(x: jax.Array, keep: jax.Array) -> jax.Array:
@@ -66,17 +52,24 @@ def _weights(factor: jax.Array, keep: jax.Array, like: jax.Array) -> jax.Array:
     return jnp.reshape(w, (-1,) + (1,) * (like.ndim - 1))
 
 
-def _kernel_part(a: jax.Array, g: jax.Array, shape: tuple, dtype: Any, precision: Any) -> _Part:
-    if _use_direct(a.shape[0], a.shape[1], a.shape[2], g.shape[2]):
-        per_example = jnp.einsum("bni,bno->bio", a, g, precision=precision)
-        return _vmap_part(jnp.reshape(per_example, (a.shape[0],) + shape).astype(dtype))
+def _kernel_part(a: jax.Array, g: jax.Array, to_leaf: Callable[[jax.Array], jax.Array],
+                 dtype: Any, precision: Any, direct: bool) -> _Part:
+    """A kernel from inputs ``a [B, n, G, d_in]`` and output gradients ``g [B, n, G, d_out]``.
+
+    ``to_leaf`` maps ``[..., G, d_in, d_out]`` products to the kernel's shape (leading
+    axes kept); the sums come out in ``dtype``. ``direct``: form the per-example
+    products (else the Gram form; :func:`~dp_jax._ghost_plan.leaf_method` chooses).
+    """
+    if direct:
+        per_example = jnp.einsum("bngi,bngo->bgio", a, g, precision=precision)
+        return _vmap_part(to_leaf(per_example).astype(dtype))
 
     def total(factor: jax.Array, keep: jax.Array) -> jax.Array:
-        out = jnp.einsum("bni,bno->io", _kept(a, keep), _kept(g, keep) * _weights(factor, keep, g),
+        out = jnp.einsum("bngi,bngo->gio", _kept(a, keep), _kept(g, keep) * _weights(factor, keep, g),
                          precision=precision)
-        return jnp.reshape(out, shape).astype(dtype)
+        return to_leaf(out).astype(dtype)
 
-    return _Part(_gram_sq(a, g).astype(_wide(dtype)), total)
+    return _Part(_gram_sq(a, g).astype(dtype), total)
 
 
 def _bias_part(g: jax.Array, shape: tuple, dtype: Any, precision: Any) -> _Part:
@@ -127,12 +120,24 @@ def _ghost_part(leaf_index: int, leaf: Any, plan: _Plan, records: list, probe_gr
     precisions = {s.precision for s in sites}
     precision = precisions.pop() if len(precisions) == 1 else _HIGHEST
     shape = tuple(jnp.shape(leaf))
+    out_dtype = _wide(leaf.dtype)  # the clipped sum: float32 or wider, never rounded here
     if first.bias == leaf_index:
-        return _bias_part(g, shape, leaf.dtype, precision)
+        return _bias_part(g, shape, out_dtype, precision)
     recorded = jnp.concatenate([records[i] for i in chosen], axis=1)
     if first.kind == "embed":
-        return _embed_part(recorded, g, shape, leaf.dtype)
-    return _kernel_part(recorded.astype(dtype), g, shape, leaf.dtype, precision)
+        return _embed_part(recorded, g, shape, out_dtype)
+    groups = first.groups
+    a = jnp.reshape(recorded.astype(dtype), recorded.shape[:2] + (groups, -1))
+    g = jnp.reshape(g, g.shape[:2] + (groups, -1))
+    direct = leaf_method(leaf_index, plan, size) == "per_example"
+    return _kernel_part(a, g, _to_leaf(first.kind, shape), out_dtype, precision, direct)
+
+
+def _to_leaf(kind: str, shape: tuple) -> Callable[[jax.Array], jax.Array]:
+    """Map ``[..., G, d_in, d_out]`` kernel products to the leaf's layout."""
+    if kind == "conv":
+        return lambda x: patch_to_kernel(x, shape)
+    return lambda x: jnp.reshape(x, x.shape[:-3] + shape)
 
 
 # ------------------------------------------------------------------ clipping

@@ -11,7 +11,8 @@ Guarantee:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -25,25 +26,28 @@ from dp_jax._types import PyTree
 
 # An embedding takes the ghost path when rows**2 <= this * num_embeddings.
 _EMBED_GRAM_FACTOR = 64
+# Largest per-example kernel-gradient tensor (elements, whole batch) the direct form stores.
+_DIRECT_MAX_ELEMENTS = 2**27
 
 
 class _Site(NamedTuple):
     """One probed layer call: which ghost leaves it feeds and its per-example shapes."""
 
-    kind: str  # "linear" or "embed"
+    kind: str  # "linear", "conv" or "embed"
     kernel: Optional[int]  # leaf index of a ghost kernel / table, else None
     bias: Optional[int]  # leaf index of a ghost bias, else None
-    d_in: int  # kernel rows (embedding: num_embeddings)
-    d_out: int  # kernel columns (embedding: features)
+    d_in: int  # kernel rows (embedding: num_embeddings; convolution: window x C / groups)
+    d_out: int  # kernel columns (embedding: features; convolution: all output channels)
     rows: int  # rows per example (positions)
     out_shape: tuple[int, ...]
     dtype: Any  # the layer's computation (output) dtype
     precision: Any
+    groups: int = 1  # feature_group_count of a convolution
 
     def role(self, leaf: int) -> tuple:
         if leaf == self.bias:
             return ("bias", self.d_out)
-        return (self.kind, self.d_in, self.d_out)
+        return (self.kind, self.d_in, self.d_out, self.groups)
 
 
 class _Plan(NamedTuple):
@@ -55,9 +59,12 @@ def _site_of(call: _Call, out: jax.Array, kernel: Optional[int], bias: Optional[
     n_in = 1 if call.kind == "embed" else len(call.axes)
     shape = jnp.shape(call.kernel)
     d_in, d_out = int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:]))
+    if call.kind == "conv":
+        d_in, d_out = int(np.prod(shape[:-1])), int(shape[-1])
     rows = int(np.prod(out.shape)) // d_out
+    groups = call.geom.groups if call.kind == "conv" else 1
     return _Site(call.kind, kernel, bias, d_in, d_out, rows, tuple(out.shape), out.dtype,
-                 call.precision)
+                 call.precision, groups)
 
 
 def _used_inputs(jaxpr: Any) -> set[int]:
@@ -127,6 +134,37 @@ def _make_plan(loss_fn: Callable, params: PyTree, batch: PyTree) -> _Plan:
     return _Plan(ghost, tuple(probed))
 
 
+def _use_direct(size: int, n: int, d_in: int, d_out: int, groups: int = 1) -> bool:
+    """Whether forming ``A_i^T G_i`` per example beats the Gram form for one kernel.
+
+    Per group (``groups`` of a grouped convolution, else 1) both forms need
+    ``B n d_in d_out`` multiply-adds for the (weighted) products. The Gram form adds
+    ``B n^2 (d_in + d_out)`` for the norms; the direct form instead forms the
+    per-example products, then only reduces them (``B d_in d_out``), but stores
+    ``B groups d_in d_out`` numbers. It is chosen when the Gram term is the larger and
+    that storage stays within :data:`_DIRECT_MAX_ELEMENTS` (the rule of mixed ghost
+    clipping). Without a sequence axis (``n = 1``) the Gram form is
+    ``|a_i|^2 |g_i|^2`` and always wins.
+    """
+    if n == 1:
+        return False
+    return n * n * (d_in + d_out) > d_in * d_out and (
+        size * groups * d_in * d_out <= _DIRECT_MAX_ELEMENTS)
+
+
+def leaf_method(leaf_index: int, plan: _Plan, size: int) -> str:
+    """How a ghost leaf's norm is computed: ``"gram"`` or ``"per_example"`` (see the module)."""
+    sites = [s for s in plan.sites if s.kernel == leaf_index]
+    if not sites:
+        return "per_example"  # a bias: the per-example sums of its output gradients
+    first = sites[0]
+    if first.kind == "embed":
+        return "gram"
+    n = sum(s.rows for s in sites)
+    d_in, d_out = first.d_in, first.d_out // first.groups
+    return "per_example" if _use_direct(size, n, d_in, d_out, first.groups) else "gram"
+
+
 class GhostPlan(NamedTuple):
     """Which parameters :func:`ghost_clipped_grad` handles how.
 
@@ -136,11 +174,18 @@ class GhostPlan(NamedTuple):
         fallback: Key paths of the parameters differentiated per example by
             ``jax.vmap(jax.grad(...))``.
         calls: Number of intercepted layer calls per example.
+        methods: For every parameter, how its per-example norm is computed:
+            ``"gram"`` (ghost: from the Gram matrices of the layer's inputs and output
+            gradients, never forming a per-example gradient), ``"per_example"`` (ghost:
+            the per-example gradient formed from inputs and output gradients, when that
+            is cheaper, e.g. a convolution over many positions, or a bias) or
+            ``"vmap"`` (fallback).
     """
 
     ghost: tuple[str, ...]
     fallback: tuple[str, ...]
     calls: int
+    methods: Mapping[str, str] = MappingProxyType({})
 
 
 def ghost_plan(loss_fn: Callable[[Any, Any], jax.Array], params: PyTree, batch: PyTree) -> GhostPlan:
@@ -156,10 +201,14 @@ def ghost_plan(loss_fn: Callable[[Any, Any], jax.Array], params: PyTree, batch: 
     """
     plan = _make_plan(loss_fn, params, batch)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    size = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
+    methods = {p: leaf_method(i, plan, size) if i in plan.ghost else "vmap"
+               for i, p in enumerate(paths)}
     return GhostPlan(
         ghost=tuple(p for i, p in enumerate(paths) if i in plan.ghost),
         fallback=tuple(p for i, p in enumerate(paths) if i not in plan.ghost),
         calls=len(plan.sites),
+        methods=MappingProxyType(methods),
     )
 
 

@@ -18,8 +18,11 @@ __all__ = [
     "leaf_bounds",
     "pad_and_chunk",
     "per_leaf_sq_norms",
+    "tree_cast_like",
+    "tree_wide",
     "tree_zeros_like",
     "unchunk",
+    "wide_dtype",
 ]
 
 
@@ -72,6 +75,22 @@ def per_leaf_sq_norms(per_example_grads: PyTree) -> list[jax.Array]:
 def tree_zeros_like(tree: PyTree) -> Any:
     """Zeros with the shapes and dtypes of ``tree``."""
     return jax.tree_util.tree_map(jnp.zeros_like, tree)
+
+
+def wide_dtype(dtype: Any) -> Any:
+    """``dtype``, or float32 if that is wider: what norms, sums, noise and accumulators use."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def tree_wide(tree: PyTree) -> Any:
+    """``tree`` with every leaf in :func:`wide_dtype` of its dtype (16-bit floats to float32)."""
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(wide_dtype(jnp.result_type(x))),
+                                  tree)
+
+
+def tree_cast_like(tree: PyTree, like: PyTree) -> Any:
+    """``tree`` with each leaf cast to the dtype of the matching leaf of ``like``."""
+    return jax.tree_util.tree_map(lambda x, ref: x.astype(jnp.result_type(ref)), tree, like)
 
 
 def _is_number(x: Any) -> bool:

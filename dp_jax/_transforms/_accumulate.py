@@ -50,7 +50,8 @@ def _accumulate(
         ``bookkeeping`` holds the new ``grad_sum``, ``running``, ``last`` and
         ``num_chunks`` state fields.
     """
-    total = jax.tree_util.tree_map(jnp.add, state.grad_sum, clipped_sum)
+    total = jax.tree_util.tree_map(lambda acc, x: acc + x.astype(acc.dtype), state.grad_sum,
+                                   clipped_sum)
     running = _add_stats(state.running, _stats(clip_aux))
     apply = jnp.asarray(apply_update, dtype=bool)
 
@@ -72,8 +73,9 @@ def _accumulate(
 
 
 def _fresh_bookkeeping(params: PyTree) -> dict[str, Any]:
+    """Empty accumulators; the clipped sum is float32 or wider whatever the parameters' dtype."""
     return {
-        "grad_sum": _tree.tree_zeros_like(params), "running": _zero_stats(),
+        "grad_sum": _tree.tree_zeros_like(_tree.tree_wide(params)), "running": _zero_stats(),
         "last": _zero_stats(), "num_chunks": jnp.zeros((), jnp.int32),
     }
 
@@ -82,7 +84,8 @@ class DPAccumulateState(NamedTuple):
     """State of :func:`dp_accumulate`.
 
     Attributes:
-        grad_sum: Clipped sum of the physical chunks of the current logical batch.
+        grad_sum: Clipped sum of the physical chunks of the current logical batch (float32
+            or wider whatever the parameters' dtype).
         key: PRNG key (advanced only when noise is added; ``None`` in key-free mode).
         running: Statistics of the current logical batch so far.
         last: Statistics of the last completed logical batch.
@@ -116,6 +119,8 @@ def dp_accumulate_clipped_sums(
     ``N(0, (sigma C)^2)`` is added *once* to the accumulated sum, the result is
     divided by ``expected_batch_size`` (``"mean"``) and returned, and the
     accumulator resets; otherwise the output is zeros. One compile serves both.
+    The accumulator, the noise and the division are float32 or wider; the output is
+    rounded once, to the dtypes of ``params`` (of ``clipped_sum`` without ``params``).
 
     Use :func:`dp_multi_steps` to gate the optimizer after it, and
     ``optax.inject_hyperparams`` (``max_grad_norm`` and ``noise_multiplier`` not
@@ -142,11 +147,12 @@ def dp_accumulate_clipped_sums(
 
     def update_fn(clipped_sum, state, params=None, *, clip_aux, apply_update, noise=None,
                   **extra):
-        del params, extra
+        del extra
+        like = clipped_sum if params is None else params
 
         def release(total, running):
             del running
-            return _noise_and_scale(total, state.key, std, denominator, noise)
+            return _noise_and_scale(total, state.key, std, denominator, noise, like)
 
         out, next_key, book = _accumulate(state, clipped_sum, clip_aux, apply_update, release,
                                           state.key)
@@ -193,7 +199,8 @@ def dp_accumulate(
     def update_fn(updates, state, params=None, *, apply_update, mask=None, noise=None, **extra):
         del extra
         clipped, aux = clip_per_example(updates, max_grad_norm, mask, clipping=clipping)
-        return sums.update(clipped, state, params, clip_aux=aux, apply_update=apply_update,
+        like = updates if params is None else params  # the output's dtypes
+        return sums.update(clipped, state, like, clip_aux=aux, apply_update=apply_update,
                            noise=noise)
 
     return optax.GradientTransformationExtraArgs(sums.init, update_fn)

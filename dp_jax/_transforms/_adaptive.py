@@ -83,12 +83,12 @@ class _AdaptiveRule(NamedTuple):
 
     def init_bound(self, params: PyTree) -> jax.Array:
         leaves = jax.tree_util.tree_leaves(params)
-        dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+        dtype = _tree.wide_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
         return jnp.asarray(self.spec.initial_max_grad_norm, dtype)
 
     def release(
         self, total: PyTree, num_unclipped: PyTree, num_examples: Any, c: jax.Array,
-        key: Optional[jax.Array], noise: PyTree, count_noise: PyTree,
+        key: Optional[jax.Array], noise: PyTree, count_noise: PyTree, out_like: PyTree,
     ) -> tuple[Any, tuple[Optional[jax.Array], jax.Array, jax.Array]]:
         """Noise the clipped sum (``z_grad * C``) and the count once; move the bound.
 
@@ -97,7 +97,7 @@ class _AdaptiveRule(NamedTuple):
         """
         noise_key, count_key = (None, None) if key is None else jax.random.split(key)
         out, next_key = _noise_and_scale(total, noise_key, self.z_grad * c, self.denominator,
-                                         noise)
+                                         noise, out_like)
         if count_noise is None:
             if count_key is None:
                 _require_noise(count_noise, "count_noise")
@@ -215,11 +215,12 @@ def dp_aggregate_adaptive(
 
     def update_fn(updates, state, params=None, *, mask=None, noise=None, count_noise=None,
                   **extra):
-        del params, extra
+        del extra
         c = state.max_grad_norm
         clipped, aux = clip_per_example(updates, c, mask, clipping="flat")
         out, (next_key, new_c, frac) = rule.release(
-            clipped, aux.num_unclipped, aux.num_examples, c, state.key, noise, count_noise)
+            clipped, aux.num_unclipped, aux.num_examples, c, state.key, noise, count_noise,
+            updates if params is None else params)
         return out, AdaptiveClipState(new_c, next_key, _stats(aux), frac)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -300,12 +301,13 @@ def dp_accumulate_clipped_sums_adaptive(
 
     def update_fn(clipped_sum, state, params=None, *, clip_aux, apply_update, noise=None,
                   count_noise=None, **extra):
-        del params, extra
+        del extra
         c = state.max_grad_norm
+        like = clipped_sum if params is None else params
 
         def release(total, running):
             return rule.release(total, running.num_unclipped, running.num_examples, c,
-                                state.key, noise, count_noise)
+                                state.key, noise, count_noise, like)
 
         kept = (state.key, c, state.noised_unclipped_fraction)
         out, (next_key, new_c, frac), book = _accumulate(

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dp_jax import _tree
 from dp_jax._grads import ClipAux, clip_per_example
 from dp_jax._transforms._noise import (
     NoiseState,
@@ -98,9 +99,10 @@ def clip_and_aggregate(
         return _zero_stats()
 
     def update_fn(updates, state, params=None, *, mask=None, **extra):
-        del state, params, extra
+        del state, extra
         clipped, aux = clip_per_example(updates, max_grad_norm, mask, clipping=clipping)
-        return _scale(clipped, denominator), _stats(aux)
+        like = updates if params is None else params
+        return _tree.tree_cast_like(_scale(clipped, denominator), like), _stats(aux)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -147,9 +149,10 @@ def dp_aggregate(
         return DPAggregateState(_zero_stats(), NoiseState(key=key))
 
     def update_fn(updates, state, params=None, *, mask=None, noise=None, **extra):
-        del params, extra
+        del extra
         clipped, aux = clip_per_example(updates, max_grad_norm, mask, clipping=clipping)
-        out, next_key = _noise_and_scale(clipped, state.noise_state.key, std, denominator, noise)
+        out, next_key = _noise_and_scale(clipped, state.noise_state.key, std, denominator, noise,
+                                         updates if params is None else params)
         return out, DPAggregateState(_stats(aux), NoiseState(next_key))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

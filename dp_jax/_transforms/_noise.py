@@ -89,6 +89,7 @@ def noise_from_normals(normals_tree: PyTree, std: Any) -> PyTree:
 
 
 def _draw_noise(key: jax.Array, like: PyTree, std: Any) -> PyTree:
+    """Standard normals times ``std``, in the (float32 or wider) dtypes of ``like``."""
     leaves, treedef = jax.tree_util.tree_flatten(like)
     keys = jax.random.split(key, len(leaves))
     out = []
@@ -119,20 +120,28 @@ def _require_noise(value: Any, name: str) -> None:
 
 
 def _noise_and_scale(
-    clipped_sum: PyTree, key: Optional[jax.Array], std: Any, denominator: Any, noise: PyTree = None
+    clipped_sum: PyTree, key: Optional[jax.Array], std: Any, denominator: Any,
+    noise: PyTree = None, out_like: PyTree = None,
 ) -> tuple[Any, Optional[jax.Array]]:
-    """``(clipped_sum + noise) / denominator`` and the advanced key (``None`` stays ``None``)."""
+    """``(clipped_sum + noise) / denominator`` and the advanced key (``None`` stays ``None``).
+
+    The sum, the noise and the division are float32 or wider whatever the leaves'
+    dtypes; the result is rounded once, to the dtypes of ``out_like`` (the
+    parameters; ``None``: those of ``clipped_sum``).
+    """
     if key is None:
         _require_noise(noise, "noise")
         next_key = None
     else:
         next_key, draw_key = jax.random.split(key)
+    wide = _tree.tree_wide(clipped_sum)
     if noise is None:
-        noise = _draw_noise(draw_key, clipped_sum, std)
+        noise = _draw_noise(draw_key, wide, std)
     else:
-        noise = _cast_noise(noise, clipped_sum)
-    noised = jax.tree_util.tree_map(jnp.add, clipped_sum, noise)
-    return _scale(noised, denominator), next_key
+        noise = _cast_noise(noise, wide)
+    noised = jax.tree_util.tree_map(jnp.add, wide, noise)
+    out = _scale(noised, denominator)
+    return _tree.tree_cast_like(out, clipped_sum if out_like is None else out_like), next_key
 
 
 class NoiseState(NamedTuple):
@@ -156,7 +165,8 @@ def add_gaussian_noise(
     may be per-layer bounds, then ``C = sqrt(sum C_i^2)``.
     ``update(updates, state, params=None, *, noise=None, **extra)``: with ``noise``
     (a params-shaped pytree of noise on the sum scale, drawn on the host; see the
-    module docstring) that noise is used instead of the key's.
+    module docstring) that noise is used instead of the key's. The noise is drawn and
+    added in float32 or wider; the result has the dtypes of ``updates``.
 
     Args:
         noise_multiplier: ``sigma >= 0``.
@@ -178,8 +188,10 @@ def add_gaussian_noise(
 
     def update_fn(updates, state, params=None, *, noise=None, **extra):
         del params, extra
-        scaled, next_key = _noise_and_scale(_tree.tree_zeros_like(updates), state.key, std,
+        wide = _tree.tree_wide(updates)
+        scaled, next_key = _noise_and_scale(_tree.tree_zeros_like(wide), state.key, std,
                                             denominator, noise)
-        return jax.tree_util.tree_map(jnp.add, updates, scaled), NoiseState(next_key)
+        out = jax.tree_util.tree_map(jnp.add, wide, scaled)
+        return _tree.tree_cast_like(out, updates), NoiseState(next_key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

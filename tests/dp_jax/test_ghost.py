@@ -19,7 +19,7 @@ from flax import linen as nn
 from flax import nnx
 
 import dp_jax
-from dp_jax import _ghost_norms
+from dp_jax import _ghost_plan
 from dp_jax._ghost import ghost_clipped_grad, ghost_plan
 from dpcore import clipping as core
 from tests.dp_jax.toy_models import (
@@ -84,7 +84,8 @@ def make_case(name: str, dtype):
 EXPECTED_GHOST = {
     "mlp": {"['Dense_0']['bias']", "['Dense_0']['kernel']", "['Dense_1']['kernel']",
             "['Dense_2']['bias']", "['Dense_2']['kernel']"},
-    "conv": {"['Dense_0']['bias']", "['Dense_0']['kernel']"},
+    "conv": {"['Dense_0']['bias']", "['Dense_0']['kernel']", "['Conv_0']['bias']",
+             "['Conv_0']['kernel']"},
     "block": {"['Embed_0']['embedding']", "['Dense_0']['bias']", "['Dense_0']['kernel']",
               "['Dense_1']['bias']", "['Dense_1']['kernel']", "['Dense_2']['bias']",
               "['Dense_2']['kernel']"} | {
@@ -98,7 +99,7 @@ EXPECTED_GHOST = {
                   "['out']['kernel'].value"},
 }
 # Position embedding (5 rows, 5 positions: 25 > 64 * 5 is false -> it IS ghost) is checked
-# by its own test; the LayerNorms and the convolution always fall back.
+# by its own test.
 EXPECTED_GHOST["block"] |= {"['Embed_1']['embedding']"}
 
 
@@ -212,7 +213,7 @@ def test_per_layer_matches_dpcore(name, as_tree):
 @pytest.mark.parametrize("form", ["gram", "direct"])
 def test_gram_and_direct_forms_match_loop(form, monkeypatch):
     # The automatic choice picks the direct form for long rows; force each in turn.
-    monkeypatch.setattr(_ghost_norms, "_use_direct", lambda size, n, d_in, d_out: form == "direct")
+    monkeypatch.setattr(_ghost_plan, "_use_direct", lambda *args: form == "direct")
     loss_fn, params, batch, _, want, _ = float64_case("shared")
     rows = np.flatnonzero(MASK)
     c = float(np.median(core.per_example_norms(want)))
@@ -223,10 +224,10 @@ def test_gram_and_direct_forms_match_loop(form, monkeypatch):
 
 
 def test_direct_form_is_chosen_only_when_cheaper():
-    assert not _ghost_norms._use_direct(64, 1, 784, 512)  # no sequence: |a|^2 |g|^2
-    assert not _ghost_norms._use_direct(64, 4, 256, 256)  # short rows: Gram
-    assert _ghost_norms._use_direct(8, 128, 256, 768)  # long rows: per-example products
-    assert not _ghost_norms._use_direct(10**4, 128, 4096, 4096)  # ... unless they would not fit
+    assert not _ghost_plan._use_direct(64, 1, 784, 512)  # no sequence: |a|^2 |g|^2
+    assert not _ghost_plan._use_direct(64, 4, 256, 256)  # short rows: Gram
+    assert _ghost_plan._use_direct(8, 128, 256, 768)  # long rows: per-example products
+    assert not _ghost_plan._use_direct(10**4, 128, 4096, 4096)  # ... unless they would not fit
 
 
 def test_nonfinite_masked_in_example_is_dropped_and_counted():
@@ -241,9 +242,11 @@ def test_nonfinite_masked_in_example_is_dropped_and_counted():
 def test_no_mask_and_no_supported_layer_equal_clipped_grad():
     class ConvOnly(nn.Module):
         @nn.compact
-        def __call__(self, x):
-            x = nn.Conv(3, (3, 3), param_dtype=F64)(x)
-            return jnp.mean(nn.GroupNorm(num_groups=1, param_dtype=F64)(x), axis=(1, 2))
+        def __call__(self, x):  # a masked convolution and a bare parameter: not supported
+            mask = np.tril(np.ones((3, 3, 2, 3)))
+            x = nn.Conv(3, (3, 3), mask=mask, param_dtype=F64)(x)
+            scale = self.param("scale", nn.initializers.ones, (3,), F64)
+            return jnp.mean(jnp.tanh(x) * scale, axis=(1, 2)) + jnp.sum(scale)
 
     model = ConvOnly()
     x = np.random.default_rng(0).standard_normal((4, 5, 5, 2))
@@ -251,7 +254,8 @@ def test_no_mask_and_no_supported_layer_equal_clipped_grad():
     params = model.init(jax.random.key(0), x[:1])["params"]
     loss_fn = dp_jax.linen_loss(model, "mse")
     plan = ghost_plan(loss_fn, params, batch)
-    assert plan.ghost == () and plan.calls == 0 and len(plan.fallback) == 4
+    assert plan.ghost == () and plan.calls == 0 and len(plan.fallback) == 3
+    assert set(plan.methods.values()) == {"vmap"}
     got, aux = ghost_clipped_grad(loss_fn, 0.1)(params, batch)
     want, want_aux = jax.jit(dp_jax.clipped_grad(loss_fn, 0.1))(params, batch)
     assert_close(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), rtol=1e-12)
