@@ -12,10 +12,12 @@ Public names:
   :func:`register_batch_grad_sampler`: add layer support;
 * :func:`wrap_model` / :func:`prepare_module`, :func:`get_gsm_class`: pick by mode.
 
-Layers with a registered grad sampler: ``nn.Linear`` (and subclasses), ``nn.Conv1d/2d/3d``,
-``nn.Embedding``, ``nn.EmbeddingBag``, ``nn.LayerNorm``, ``nn.GroupNorm``,
-``nn.InstanceNorm1d/2d/3d``, ``nn.RMSNorm``. Norm samplers: ``nn.Linear``, ``nn.Embedding``.
-Any other layer with trainable parameters uses the ``torch.func`` fallback.
+Layers with a registered grad sampler, norm sampler (ghost clipping) and batch-gradient
+sampler: ``nn.Linear`` (and subclasses), ``nn.Conv1d/2d/3d``, ``nn.Embedding``,
+``nn.EmbeddingBag``, ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.InstanceNorm1d/2d/3d``,
+``nn.RMSNorm``, and transformers' GPT-2 ``Conv1D`` (registered once transformers is imported;
+dp_torch does not import it). Any other layer with trainable parameters uses the
+``torch.func`` fallback.
 """
 
 from . import conv as _conv  # noqa: F401  (registers samplers)
@@ -25,6 +27,7 @@ from . import instance_norm as _instance_norm  # noqa: F401
 from . import layer_norm as _layer_norm  # noqa: F401
 from . import linear as _linear  # noqa: F401
 from . import rms_norm as _rms_norm  # noqa: F401
+from . import transformers_conv1d as _transformers_conv1d  # noqa: F401
 from .conv import compute_conv_grad_sample
 from .embedding import (
     compute_embedding_grad_sample,

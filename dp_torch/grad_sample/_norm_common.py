@@ -1,4 +1,10 @@
-"""Shared helper of the normalisation-layer samplers (internal)."""
+"""Shared helpers of the normalisation-layer samplers (internal).
+
+The per-example gradients of a normalisation layer's affine parameters are small
+(``[B, C]``), so its norm sampler materialises them and takes norms, and its batch-gradient
+sampler sums them over the batch: :func:`norm_sampler_from` and
+:func:`batch_grad_sampler_from` make both from the layer's grad sampler.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["affine_grad_samples", "norm_grad_samples"]
+from ._registry import Sampler
+
+__all__ = ["affine_grad_samples", "batch_grad_sampler_from", "norm_grad_samples", "norm_sampler_from"]
 
 
 def affine_grad_samples(
@@ -68,3 +76,42 @@ def norm_grad_samples(
     param_dims = 1 if channel_first else len(layer.normalized_shape)
     bias = getattr(layer, "bias", None)
     return affine_grad_samples(layer.weight, bias, normalized, backprops, param_dims, channel_first)
+
+
+def norm_sampler_from(grad_sampler: Sampler, name: str) -> Sampler:
+    """A norm sampler that materialises ``grad_sampler``'s per-example gradients and takes norms.
+
+    Args:
+        grad_sampler: The layer's grad sampler.
+        name: ``__name__`` of the returned function.
+
+    Returns:
+        ``(layer, activations, backprops) -> {param: [B] L2 norms}``.
+    """
+
+    def norm_sampler(layer: nn.Module, activations: list, backprops: torch.Tensor) -> dict:
+        grads = grad_sampler(layer, activations, backprops)
+        return {p: g.flatten(1).norm(dim=1) for p, g in grads.items()}
+
+    norm_sampler.__name__ = norm_sampler.__qualname__ = name
+    norm_sampler.__doc__ = f"Per-example gradient norms of the parameters {grad_sampler.__name__} covers."
+    return norm_sampler
+
+
+def batch_grad_sampler_from(grad_sampler: Sampler, name: str) -> Sampler:
+    """A batch-gradient sampler summing ``grad_sampler``'s per-example gradients over the batch.
+
+    Args:
+        grad_sampler: The layer's grad sampler.
+        name: ``__name__`` of the returned function.
+
+    Returns:
+        ``(layer, activations, backprops) -> {param: sum over the batch}``.
+    """
+
+    def batch_grad_sampler(layer: nn.Module, activations: list, backprops: torch.Tensor) -> dict:
+        return {p: g.sum(dim=0) for p, g in grad_sampler(layer, activations, backprops).items()}
+
+    batch_grad_sampler.__name__ = batch_grad_sampler.__qualname__ = name
+    batch_grad_sampler.__doc__ = f"Sum over the batch of the per-example gradients of {grad_sampler.__name__}."
+    return batch_grad_sampler

@@ -22,6 +22,7 @@ __all__ = [
     "BATCH_GRAD_SAMPLERS",
     "CALL_CONCATENATORS",
     "Sampler",
+    "defer_registration",
     "find_call_concatenator",
     "find_sampler",
     "register_batch_grad_sampler",
@@ -43,6 +44,31 @@ BATCH_GRAD_SAMPLERS: dict[type, Sampler] = {}
 #: call whose norm sampler gives the norm of the *summed* gradient (internal; Linear and
 #: Embedding register one).
 CALL_CONCATENATORS: dict[type, Callable[[list], tuple]] = {}
+
+
+#: Registrations waiting for an optional library (internal): each function registers its
+#: samplers once the library is imported (it never imports the library itself) and returns
+#: whether it did; it is dropped once it has.
+_DEFERRED: list[Callable[[], bool]] = []
+
+
+def defer_registration(register: Callable[[], bool]) -> None:
+    """Run ``register`` now and before every sampler lookup until it returns ``True``.
+
+    For layers of an optional library: ``register`` checks whether the library is already
+    imported (``sys.modules``) and registers its samplers if so, so dp_torch itself never
+    imports the library, yet a model built from it finds its samplers.
+
+    Args:
+        register: ``() -> bool``, idempotent.
+    """
+    if not register():
+        _DEFERRED.append(register)
+
+
+def _run_deferred() -> None:
+    if _DEFERRED:
+        _DEFERRED[:] = [register for register in _DEFERRED if not register()]
 
 
 def _as_classes(target: Union[type, Sequence[type]], fn_name: str) -> list[type]:
@@ -139,6 +165,7 @@ def find_sampler(registry: dict[type, Any], module: nn.Module) -> Optional[Any]:
 
 
 def _registered_class(registry: dict[type, Any], module: nn.Module) -> Optional[type]:
+    _run_deferred()
     module_type = type(module)
     for cls in module_type.__mro__:
         if cls in registry:

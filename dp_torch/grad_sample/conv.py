@@ -19,6 +19,15 @@ are in docs/benchmarks.md).
 Padding: symmetric zero padding is passed to the convolution; ``padding="same"`` with an
 odd total, and non-zero ``padding_mode`` (reflect, replicate, circular) pad the input
 explicitly first, exactly as the layer's forward does.
+
+Ghost clipping (norm sampler): with ``p_l`` the unfolded input window of output position
+``l`` and ``g_l`` the backprops there (per group), example ``i``'s squared weight-gradient
+norm is ``sum_{l,m} (p_l . p_m)(g_l . g_m)``: two ``L x L`` Gram matrices per example and
+group instead of the ``C_out x C_in/groups x prod(k)`` gradient. It needs the unfolded input
+(``B x C_in prod(k) x L``), so it pays only when the output has few positions; each call
+takes the Gram form or the materialised gradient by their estimated flops and memory
+(:mod:`._ghost_cost`, unfold included). The batch-gradient sampler is one convolution
+weight-gradient of the whole batch.
 """
 
 from __future__ import annotations
@@ -30,9 +39,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._registry import register_grad_sampler
+from . import _ghost_cost
+from ._registry import register_batch_grad_sampler, register_grad_sampler, register_norm_sampler
+from ._trainable import weight_and_bias
 
-__all__ = ["compute_conv_grad_sample", "conv_padded_input", "convolution2d_backward_as_a_convolution"]
+__all__ = [
+    "compute_conv_batch_grad",
+    "compute_conv_grad_sample",
+    "compute_conv_norm_sample",
+    "conv_norm_route",
+    "conv_padded_input",
+    "convolution2d_backward_as_a_convolution",
+]
 
 #: ``None`` picks per call (see the module docstring); ``"grouped"`` or ``"unfold"`` force one
 #: formulation (tests use this to cover both).
@@ -59,21 +77,28 @@ def conv_padded_input(layer: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[
     return F.pad(x, list(pairs), mode=mode), [0] * nd
 
 
+def _convolution_weight_grad(layer, x: torch.Tensor, g: torch.Tensor, padding: list[int], groups: int,
+                             weight_shape: tuple) -> torch.Tensor:
+    """One convolution weight-gradient of output gradient ``g`` for input ``x`` (no input grad)."""
+    _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        g, x, g.new_empty(weight_shape), None, list(layer.stride), padding, list(layer.dilation),
+        False, [0] * len(padding), groups, [False, True, False],
+    )
+    return grad_weight
+
+
 def _weight_grad_grouped(layer, x: torch.Tensor, backprops: torch.Tensor, padding: list[int]) -> torch.Tensor:
     batch = backprops.shape[0]
     folded_x = x.reshape(1, batch * x.shape[1], *x.shape[2:])
     folded_g = backprops.reshape(1, batch * backprops.shape[1], *backprops.shape[2:])
     weight_shape = (batch * layer.weight.shape[0], *layer.weight.shape[1:])
-    _, grad_weight, _ = torch.ops.aten.convolution_backward(
-        folded_g, folded_x, folded_g.new_empty(weight_shape), None,
-        list(layer.stride), padding, list(layer.dilation), False,
-        [0] * len(padding), batch * layer.groups, [False, True, False],
-    )
+    grad_weight = _convolution_weight_grad(layer, folded_x, folded_g, padding, batch * layer.groups, weight_shape)
     return grad_weight.view(batch, *layer.weight.shape)
 
 
-def _weight_grad_unfold(layer, x: torch.Tensor, backprops: torch.Tensor, padding: list[int]) -> torch.Tensor:
-    batch, groups, nd = backprops.shape[0], layer.groups, backprops.dim() - 2
+def _unfolded_patches(layer, x: torch.Tensor, backprops: torch.Tensor, padding: list[int]) -> torch.Tensor:
+    """The input windows of every output position, ``[B * groups, C_in / groups * prod(k), L]``."""
+    batch, nd = backprops.shape[0], backprops.dim() - 2
     if any(padding):
         x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
     patches = x
@@ -85,9 +110,18 @@ def _weight_grad_unfold(layer, x: torch.Tensor, backprops: torch.Tensor, padding
         patches = patches[(slice(None),) * (2 + d) + (slice(0, backprops.shape[2 + d]),)]
     positions = math.prod(backprops.shape[2:])
     order = [0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)]  # -> [B, C_in, *kernel, *positions]
-    patches = patches.permute(order).reshape(batch * groups, -1, positions)
-    grads = backprops.reshape(batch * groups, -1, positions)
-    return torch.bmm(grads, patches.transpose(1, 2)).view(batch, *layer.weight.shape)
+    return patches.permute(order).reshape(batch * layer.groups, -1, positions)
+
+
+def _grouped_backprops(layer, backprops: torch.Tensor) -> torch.Tensor:
+    """``[B * groups, C_out / groups, L]``."""
+    return backprops.reshape(backprops.shape[0] * layer.groups, -1, math.prod(backprops.shape[2:]))
+
+
+def _weight_grad_unfold(layer, x: torch.Tensor, backprops: torch.Tensor, padding: list[int]) -> torch.Tensor:
+    patches = _unfolded_patches(layer, x, backprops, padding)
+    grads = _grouped_backprops(layer, backprops)
+    return torch.bmm(grads, patches.transpose(1, 2)).view(backprops.shape[0], *layer.weight.shape)
 
 
 def _use_unfold(layer, backprops: torch.Tensor) -> bool:
@@ -96,6 +130,18 @@ def _use_unfold(layer, backprops: torch.Tensor) -> bool:
     positions = math.prod(backprops.shape[2:])
     patch = layer.weight.shape[1] * math.prod(layer.kernel_size)
     return positions <= 64 and patch >= 512
+
+
+def _spatial_sum(backprops: torch.Tensor) -> torch.Tensor:
+    return backprops.sum(dim=tuple(range(2, backprops.dim())))
+
+
+def _per_example_weight_grad(layer, activations: list, backprops: torch.Tensor) -> torch.Tensor:
+    if backprops.shape[0] == 0:
+        return backprops.new_zeros((0, *layer.weight.shape))
+    x, padding = conv_padded_input(layer, activations[0].to(backprops.dtype))
+    weight_grad = _weight_grad_unfold if _use_unfold(layer, backprops) else _weight_grad_grouped
+    return weight_grad(layer, x, backprops, padding)
 
 
 @register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])
@@ -110,18 +156,79 @@ def compute_conv_grad_sample(layer: nn.modules.conv._ConvNd, activations: list, 
     Returns:
         ``{weight: [B, *weight.shape], bias: [B, C_out]}`` for the trainable ones.
     """
-    batch = backprops.shape[0]
-    ret = {}
-    if layer.weight.requires_grad:
-        if batch == 0:
-            ret[layer.weight] = backprops.new_zeros((0, *layer.weight.shape))
-        else:
-            x, padding = conv_padded_input(layer, activations[0].to(backprops.dtype))
-            weight_grad = _weight_grad_unfold if _use_unfold(layer, backprops) else _weight_grad_grouped
-            ret[layer.weight] = weight_grad(layer, x, backprops, padding)
-    if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = backprops.sum(dim=tuple(range(2, backprops.dim())))
-    return ret
+    return weight_and_bias(
+        layer, lambda: _per_example_weight_grad(layer, activations, backprops), lambda: _spatial_sum(backprops)
+    )
+
+
+def conv_norm_route(layer: nn.modules.conv._ConvNd, backprops: torch.Tensor) -> str:
+    """Which route the norm sampler takes for this call: ``"gram"`` or ``"per_example"``.
+
+    Args:
+        layer: The convolution.
+        backprops: Its backprops ``[B, C_out, *spatial_out]``.
+
+    Returns:
+        The route of :func:`._ghost_cost.choose_route` for the estimated costs.
+    """
+    batch, groups = backprops.shape[0], layer.groups
+    positions = math.prod(backprops.shape[2:])
+    patch = layer.weight.shape[1] * math.prod(layer.kernel_size)
+    out_per_group = layer.weight.shape[0] // groups
+    unfold = batch * groups * patch * positions
+    gram, per_example = _ghost_cost.outer_product_costs(batch * groups, positions, patch, out_per_group)
+    gram = _ghost_cost.RouteCost(gram.flops + unfold, gram.memory + unfold)
+    if _use_unfold(layer, backprops):
+        per_example = _ghost_cost.RouteCost(per_example.flops + unfold, per_example.memory + unfold)
+    return _ghost_cost.choose_route(gram, per_example)
+
+
+def _gram_weight_norms(layer, activations: list, backprops: torch.Tensor) -> torch.Tensor:
+    x, padding = conv_padded_input(layer, activations[0].to(backprops.dtype))
+    patches = _unfolded_patches(layer, x, backprops, padding)
+    gram_x = torch.bmm(patches.transpose(1, 2), patches)
+    del patches
+    grads = _grouped_backprops(layer, backprops)
+    products = gram_x.mul_(torch.bmm(grads.transpose(1, 2), grads))
+    squares = products.sum(dim=(1, 2)).view(backprops.shape[0], layer.groups).sum(dim=1)
+    return squares.clamp(min=0).sqrt()
+
+
+def _weight_norms(layer, activations: list, backprops: torch.Tensor) -> torch.Tensor:
+    if backprops.shape[0] and conv_norm_route(layer, backprops) == _ghost_cost.GRAM:
+        return _gram_weight_norms(layer, activations, backprops)
+    grads = _per_example_weight_grad(layer, activations, backprops)
+    return grads.flatten(1).norm(dim=1)
+
+
+@register_norm_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])
+def compute_conv_norm_sample(layer: nn.modules.conv._ConvNd, activations: list, backprops: torch.Tensor) -> dict:
+    """Per-example gradient norms of a convolution (Gram form or materialised, see the module doc).
+
+    Arguments as for :func:`compute_conv_grad_sample`; returns ``{weight: [B], bias: [B]}``.
+    """
+    return weight_and_bias(
+        layer, lambda: _weight_norms(layer, activations, backprops), lambda: _spatial_sum(backprops).norm(dim=1)
+    )
+
+
+def _batch_weight_grad(layer, activations: list, backprops: torch.Tensor) -> torch.Tensor:
+    if backprops.shape[0] == 0:
+        return backprops.new_zeros(layer.weight.shape)
+    x, padding = conv_padded_input(layer, activations[0].to(backprops.dtype))
+    return _convolution_weight_grad(layer, x, backprops, padding, layer.groups, tuple(layer.weight.shape))
+
+
+@register_batch_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])
+def compute_conv_batch_grad(layer: nn.modules.conv._ConvNd, activations: list, backprops: torch.Tensor) -> dict:
+    """Sum over the batch of a convolution's per-example gradients: one weight-gradient convolution.
+
+    Arguments as for :func:`compute_conv_grad_sample`; returns ``{weight: weight.shape,
+    bias: [C_out]}`` for the trainable ones.
+    """
+    return weight_and_bias(
+        layer, lambda: _batch_weight_grad(layer, activations, backprops), lambda: _spatial_sum(backprops).sum(dim=0)
+    )
 
 
 def convolution2d_backward_as_a_convolution(layer: nn.Conv2d, activations: list, backprops: torch.Tensor) -> dict:

@@ -1,4 +1,11 @@
-"""Grad samplers for ``nn.Embedding`` and ``nn.EmbeddingBag``, norm sampler for ``nn.Embedding``."""
+"""Grad, norm and batch-gradient samplers for ``nn.Embedding`` and ``nn.EmbeddingBag``.
+
+An ``EmbeddingBag`` example (bag) ``i`` adds its backprops ``g_i`` to the row of each of its
+tokens, scaled by the token's weight ``s_t`` (``per_sample_weights``, ``1 / bag size`` in mode
+``"mean"``, 0 for ``padding_idx``). Its gradient is therefore ``g_i`` placed in row ``k`` with
+the factor ``S_ik = sum_{t in bag i, id_t = k} s_t``, and its norm is
+``||g_i|| sqrt(sum_k S_ik^2)``: no ``[vocab, dim]`` tensor is needed.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,22 @@ import math
 import torch
 import torch.nn as nn
 
-from ._registry import CALL_CONCATENATORS, register_grad_sampler, register_norm_sampler
-from .embedding_norm_sample import compute_embedding_norm_sample
-from .embedding_norm_sample import embedding_token_view
+from ._registry import (
+    CALL_CONCATENATORS,
+    register_batch_grad_sampler,
+    register_grad_sampler,
+    register_norm_sampler,
+)
+from .embedding_norm_sample import compute_embedding_norm_sample, embedding_token_view, token_row_norms
 
 __all__ = [
     "embedding_bag_unsupported_reason",
+    "compute_embedding_batch_grad",
     "compute_embedding_grad_sample",
     "compute_embedding_norm_sample",
+    "compute_embeddingbag_batch_grad",
     "compute_embeddingbag_gradsampler",
+    "compute_embeddingbag_norm_sample",
 ]
 
 
@@ -47,11 +61,33 @@ def compute_embedding_grad_sample(layer: nn.Embedding, activations: list, backpr
     """
     if not layer.weight.requires_grad:
         return {}
-    batch = backprops.shape[0]
+    rows, ids, g = _scaled_tokens(layer, activations, backprops)
+    return {layer.weight: _scatter_rows(backprops.shape[0], layer.num_embeddings, rows, ids, g)}
+
+
+def _scaled_tokens(layer: nn.Embedding, activations: list, backprops: torch.Tensor) -> tuple:
+    """``(example, token id, backprops)`` of the contributing tokens, scaled by their
+    frequency within their example when ``scale_grad_by_freq``."""
     rows, ids, g = embedding_token_view(activations[0], backprops, layer.padding_idx)
     if layer.scale_grad_by_freq and ids.numel():
         g = g / _per_example_counts(rows, ids, layer.num_embeddings).unsqueeze(1).to(g.dtype)
-    return {layer.weight: _scatter_rows(batch, layer.num_embeddings, rows, ids, g)}
+    return rows, ids, g
+
+
+@register_batch_grad_sampler(nn.Embedding)
+def compute_embedding_batch_grad(layer: nn.Embedding, activations: list, backprops: torch.Tensor) -> dict:
+    """Sum over the batch of ``nn.Embedding``'s per-example gradients (one ``index_add``).
+
+    ``padding_idx`` rows get nothing; ``scale_grad_by_freq`` divides by the token's frequency
+    within its example, as the per-example gradients do.
+
+    Arguments as for :func:`compute_embedding_grad_sample`; returns
+    ``{weight: [num_embeddings, embedding_dim]}`` when the weight is trainable.
+    """
+    if not layer.weight.requires_grad:
+        return {}
+    _, ids, g = _scaled_tokens(layer, activations, backprops)
+    return {layer.weight: g.new_zeros((layer.num_embeddings, g.shape[-1])).index_add_(0, ids, g)}
 
 
 # Opacus keeps the norm sampler in this module too; it is registered here, written once.
@@ -139,6 +175,17 @@ def compute_embeddingbag_gradsampler(layer: nn.EmbeddingBag, inputs: list, backp
     """
     if not layer.weight.requires_grad:
         return {}
+    bags, ids, scale = _bag_token_scales(layer, inputs, backprops)
+    values = backprops[bags] * scale.unsqueeze(1)
+    return {layer.weight: _scatter_rows(backprops.shape[0], layer.num_embeddings, bags, ids, values)}
+
+
+def _bag_token_scales(layer: nn.EmbeddingBag, inputs: list, backprops: torch.Tensor) -> tuple:
+    """``(bag, token id, factor)`` per token: the token adds ``factor * backprops[bag]`` to its row.
+
+    Raises:
+        NotImplementedError: See :func:`embedding_bag_unsupported_reason`.
+    """
     reason = embedding_bag_unsupported_reason(layer)
     if reason:
         raise NotImplementedError(reason)
@@ -154,6 +201,40 @@ def compute_embeddingbag_gradsampler(layer: nn.EmbeddingBag, inputs: list, backp
     if layer.mode == "mean":
         counts = backprops.new_zeros(batch).index_add_(0, bags, keep.to(backprops.dtype))
         scale = scale / counts.clamp(min=1)[bags]
+    return bags, flat_ids, scale
 
+
+@register_norm_sampler(nn.EmbeddingBag)
+def compute_embeddingbag_norm_sample(layer: nn.EmbeddingBag, inputs: list, backprops: torch.Tensor) -> dict:
+    """Per-example (per-bag) gradient norms of ``nn.EmbeddingBag``, ``||g_i|| sqrt(sum_k S_ik^2)``.
+
+    Same configurations as :func:`compute_embeddingbag_gradsampler`; cost ``O(N log N + B dim)``
+    for ``N`` tokens, independent of the vocabulary.
+
+    Arguments as for :func:`compute_embeddingbag_gradsampler`; returns ``{weight: [B]}``.
+
+    Raises:
+        NotImplementedError: As :func:`compute_embeddingbag_gradsampler`.
+    """
+    if not layer.weight.requires_grad:
+        return {}
+    bags, ids, scale = _bag_token_scales(layer, inputs, backprops)
+    factor_norms = token_row_norms(bags, ids, scale.unsqueeze(1), layer.num_embeddings, backprops.shape[0])
+    return {layer.weight: backprops.norm(dim=1) * factor_norms}
+
+
+@register_batch_grad_sampler(nn.EmbeddingBag)
+def compute_embeddingbag_batch_grad(layer: nn.EmbeddingBag, inputs: list, backprops: torch.Tensor) -> dict:
+    """Sum over the batch of ``nn.EmbeddingBag``'s per-bag gradients (one ``index_add``).
+
+    Arguments and configurations as for :func:`compute_embeddingbag_gradsampler`; returns
+    ``{weight: [num_embeddings, embedding_dim]}`` when the weight is trainable.
+
+    Raises:
+        NotImplementedError: As :func:`compute_embeddingbag_gradsampler`.
+    """
+    if not layer.weight.requires_grad:
+        return {}
+    bags, ids, scale = _bag_token_scales(layer, inputs, backprops)
     values = backprops[bags] * scale.unsqueeze(1)
-    return {layer.weight: _scatter_rows(batch, layer.num_embeddings, bags, flat_ids, values)}
+    return {layer.weight: values.new_zeros((layer.num_embeddings, values.shape[1])).index_add_(0, ids, values)}

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["compute_embedding_norm_sample", "embedding_token_view"]
+__all__ = ["compute_embedding_norm_sample", "embedding_token_view", "token_row_norms"]
 
 
 def embedding_token_view(
@@ -54,6 +54,27 @@ def _grouped_rows(rows: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, vocab:
     return unique // vocab, summed
 
 
+def token_row_norms(
+    rows: torch.Tensor, ids: torch.Tensor, g: torch.Tensor, vocab: int, batch: int, scale_by_freq: bool = False
+) -> torch.Tensor:
+    """Per-example norms of ``G_i[k] = sum_{t: row_t = i, id_t = k} g_t`` (a ``[vocab, dim]`` matrix each).
+
+    Args:
+        rows: Example of each token ``[N]``.
+        ids: Token ids ``[N]`` in ``[0, vocab)``.
+        g: The tokens' values ``[N, dim]``.
+        vocab: Number of rows.
+        batch: Number of examples.
+        scale_by_freq: Divide each row's sum by its number of tokens.
+
+    Returns:
+        ``[batch]`` Frobenius norms.
+    """
+    example, summed = _grouped_rows(rows, ids, g, vocab, scale_by_freq)
+    squares = summed.pow(2).sum(dim=1)
+    return squares.new_zeros(batch).index_add_(0, example, squares).sqrt()
+
+
 def compute_embedding_norm_sample(layer: nn.Embedding, activations: list, backprops: torch.Tensor) -> dict:
     """Per-example gradient norms of ``nn.Embedding``.
 
@@ -71,9 +92,6 @@ def compute_embedding_norm_sample(layer: nn.Embedding, activations: list, backpr
     """
     if not layer.weight.requires_grad:
         return {}
-    batch = backprops.shape[0]
     rows, ids, g = embedding_token_view(activations[0], backprops, layer.padding_idx)
-    example, summed = _grouped_rows(rows, ids, g, layer.num_embeddings, layer.scale_grad_by_freq)
-    squares = summed.pow(2).sum(dim=1)
-    norms = squares.new_zeros(batch).index_add_(0, example, squares)
-    return {layer.weight: norms.sqrt()}
+    norms = token_row_norms(rows, ids, g, layer.num_embeddings, backprops.shape[0], layer.scale_grad_by_freq)
+    return {layer.weight: norms}

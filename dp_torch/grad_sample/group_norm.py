@@ -1,4 +1,4 @@
-"""Grad sampler for ``nn.GroupNorm`` (``affine=True``)."""
+"""Grad, norm and batch-gradient samplers for ``nn.GroupNorm`` (``affine=True``)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._norm_common import norm_grad_samples
-from ._registry import register_grad_sampler
+from ._norm_common import batch_grad_sampler_from, norm_grad_samples, norm_sampler_from
+from ._registry import register_batch_grad_sampler, register_grad_sampler, register_norm_sampler
 
-__all__ = ["compute_group_norm_grad_sample"]
+__all__ = ["compute_group_norm_batch_grad", "compute_group_norm_grad_sample", "compute_group_norm_norm_sample"]
 
 
 @register_grad_sampler(nn.GroupNorm)
@@ -21,3 +21,13 @@ def compute_group_norm_grad_sample(layer: nn.GroupNorm, activations: list, backp
     return norm_grad_samples(
         layer, activations, backprops, lambda x: F.group_norm(x, layer.num_groups, eps=layer.eps), True
     )
+
+
+#: Per-example gradient norms (materialised: they are ``[B, C]``).
+compute_group_norm_norm_sample = register_norm_sampler(nn.GroupNorm)(
+    norm_sampler_from(compute_group_norm_grad_sample, "compute_group_norm_norm_sample")
+)
+#: Sum over the batch of the per-example gradients.
+compute_group_norm_batch_grad = register_batch_grad_sampler(nn.GroupNorm)(
+    batch_grad_sampler_from(compute_group_norm_grad_sample, "compute_group_norm_batch_grad")
+)

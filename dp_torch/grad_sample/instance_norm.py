@@ -1,4 +1,4 @@
-"""Grad sampler for ``nn.InstanceNorm1d/2d/3d`` (``affine=True``)."""
+"""Grad, norm and batch-gradient samplers for ``nn.InstanceNorm1d/2d/3d`` (``affine=True``)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._norm_common import norm_grad_samples
-from ._registry import register_grad_sampler
+from ._norm_common import batch_grad_sampler_from, norm_grad_samples, norm_sampler_from
+from ._registry import register_batch_grad_sampler, register_grad_sampler, register_norm_sampler
 
-__all__ = ["compute_instance_norm_grad_sample"]
+__all__ = [
+    "compute_instance_norm_batch_grad",
+    "compute_instance_norm_grad_sample",
+    "compute_instance_norm_norm_sample",
+]
+
+_INSTANCE_NORMS = [nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d]
 
 
-@register_grad_sampler([nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d])
+@register_grad_sampler(_INSTANCE_NORMS)
 def compute_instance_norm_grad_sample(layer: nn.modules.instancenorm._InstanceNorm, activations: list,
                                       backprops: torch.Tensor) -> dict:
     """Per-example gradients of instance normalisation: ``x_hat * g`` and ``g`` summed over space.
@@ -25,3 +31,13 @@ def compute_instance_norm_grad_sample(layer: nn.modules.instancenorm._InstanceNo
     return norm_grad_samples(
         layer, activations, backprops, lambda x: F.instance_norm(x, eps=layer.eps), True
     )
+
+
+#: Per-example gradient norms (materialised: they are ``[B, C]``).
+compute_instance_norm_norm_sample = register_norm_sampler(_INSTANCE_NORMS)(
+    norm_sampler_from(compute_instance_norm_grad_sample, "compute_instance_norm_norm_sample")
+)
+#: Sum over the batch of the per-example gradients.
+compute_instance_norm_batch_grad = register_batch_grad_sampler(_INSTANCE_NORMS)(
+    batch_grad_sampler_from(compute_instance_norm_grad_sample, "compute_instance_norm_batch_grad")
+)

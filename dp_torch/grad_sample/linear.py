@@ -1,4 +1,4 @@
-"""Grad and norm samplers for ``nn.Linear`` (and its subclasses, e.g. ``RNNLinear``).
+"""Grad, norm and batch-gradient samplers for ``nn.Linear`` (and subclasses, e.g. ``RNNLinear``).
 
 For an input ``a`` of shape ``[B, ..., d_in]`` and backprops ``g`` of shape
 ``[B, ..., d_out]`` (the middle dimensions flattened to ``T`` positions), example ``i``'s
@@ -6,7 +6,9 @@ weight gradient is ``sum_t g_it a_it^T`` and its bias gradient ``sum_t g_it``.
 
 Ghost clipping needs only the norm: ``||sum_t g_t a_t^T||_F^2 = sum_{t,s} (a_t.a_s)(g_t.g_s)``.
 That Gram form costs ``O(T^2 (d_in + d_out))`` per example against ``O(T d_in d_out)`` for
-materialising the gradient; the norm sampler picks the cheaper one per call.
+materialising the gradient; the norm sampler picks the cheaper one per call
+(:mod:`._ghost_cost`). The helpers on ``(a, g)`` views are shared with other layers that
+are a matrix product in disguise (transformers' ``Conv1D``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,36 @@ import math
 import torch
 import torch.nn as nn
 
-from ._registry import CALL_CONCATENATORS, register_grad_sampler, register_norm_sampler
+from . import _ghost_cost
+from ._trainable import weight_and_bias
+from ._registry import (
+    CALL_CONCATENATORS,
+    register_batch_grad_sampler,
+    register_grad_sampler,
+    register_norm_sampler,
+)
 
-__all__ = ["compute_linear_grad_sample", "compute_linear_norm_sample", "linear_sequence_views"]
+__all__ = [
+    "compute_linear_batch_grad",
+    "compute_linear_grad_sample",
+    "compute_linear_norm_sample",
+    "linear_sequence_views",
+    "outer_sum_norms",
+    "per_example_outer_sums",
+    "sequence_views",
+]
+
+
+def sequence_views(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(a, g)`` reshaped to ``[B, T, d_in]`` and ``[B, T, d_out]`` (``a`` in ``g``'s dtype).
+
+    Args:
+        a: Input ``[B, ..., d_in]``.
+        g: Backprops ``[B, ..., d_out]`` with the same middle dimensions.
+    """
+    batch = g.shape[0]
+    steps = math.prod(g.shape[1:-1])
+    return a.to(g.dtype).reshape(batch, steps, a.shape[-1]), g.reshape(batch, steps, g.shape[-1])
 
 
 def linear_sequence_views(layer: nn.Linear, activations: list, backprops: torch.Tensor) -> tuple:
@@ -29,10 +58,40 @@ def linear_sequence_views(layer: nn.Linear, activations: list, backprops: torch.
         activations: The layer's inputs; ``activations[0]`` is ``[B, ..., d_in]``.
         backprops: ``[B, ..., d_out]``.
     """
-    a = activations[0].to(backprops.dtype)
-    batch = backprops.shape[0]
-    steps = math.prod(backprops.shape[1:-1])
-    return a.reshape(batch, steps, layer.in_features), backprops.reshape(batch, steps, layer.out_features)
+    del layer  # the views follow from the tensors' own shapes
+    return sequence_views(activations[0], backprops)
+
+
+def per_example_outer_sums(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``sum_t g_it a_it^T`` per example: ``[B, d_out, d_in]`` from ``[B, T, d_in]``, ``[B, T, d_out]``."""
+    if a.shape[1] == 1:
+        return g[:, 0, :, None] * a[:, 0, None, :]
+    return torch.bmm(g.transpose(1, 2), a)
+
+
+def _gram_norms_squared(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    gram_a = torch.bmm(a, a.transpose(1, 2))
+    gram_g = torch.bmm(g, g.transpose(1, 2))
+    return (gram_a * gram_g).sum(dim=(1, 2)).clamp(min=0)
+
+
+def outer_sum_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``||sum_t g_it a_it^T||_F`` per example, by the Gram form or materialised, whichever is cheaper.
+
+    Args:
+        a: ``[B, T, d_in]``.
+        g: ``[B, T, d_out]``.
+
+    Returns:
+        ``[B]`` norms.
+    """
+    batch, steps, d_in = a.shape
+    if steps == 1:
+        return (a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)).sqrt()
+    costs = _ghost_cost.outer_product_costs(batch, steps, d_in, g.shape[2])
+    if _ghost_cost.choose_route(*costs) == _ghost_cost.GRAM:
+        return _gram_norms_squared(a, g).sqrt()
+    return per_example_outer_sums(a, g).pow(2).sum(dim=(1, 2)).sqrt()
 
 
 @register_grad_sampler(nn.Linear)
@@ -48,26 +107,7 @@ def compute_linear_grad_sample(layer: nn.Linear, activations: list, backprops: t
         ``{weight: [B, out, in], bias: [B, out]}`` for the trainable ones.
     """
     a, g = linear_sequence_views(layer, activations, backprops)
-    ret = {}
-    if layer.weight.requires_grad:
-        if a.shape[1] == 1:
-            ret[layer.weight] = g[:, 0, :, None] * a[:, 0, None, :]
-        else:
-            ret[layer.weight] = torch.bmm(g.transpose(1, 2), a)
-    if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = g.sum(dim=1)
-    return ret
-
-
-def _weight_norm_squared(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    steps, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    if steps == 1:
-        return a[:, 0].pow(2).sum(1) * g[:, 0].pow(2).sum(1)
-    if steps * (d_in + d_out) <= d_in * d_out:
-        gram_a = torch.bmm(a, a.transpose(1, 2))
-        gram_g = torch.bmm(g, g.transpose(1, 2))
-        return (gram_a * gram_g).sum(dim=(1, 2)).clamp(min=0)
-    return torch.bmm(g.transpose(1, 2), a).pow(2).sum(dim=(1, 2))
+    return weight_and_bias(layer, lambda: per_example_outer_sums(a, g), lambda: g.sum(dim=1))
 
 
 @register_norm_sampler(nn.Linear)
@@ -78,12 +118,19 @@ def compute_linear_norm_sample(layer: nn.Linear, activations: list, backprops: t
     (L2 norms) for the trainable ones.
     """
     a, g = linear_sequence_views(layer, activations, backprops)
-    ret = {}
-    if layer.weight.requires_grad:
-        ret[layer.weight] = _weight_norm_squared(a, g).sqrt()
-    if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = g.sum(dim=1).pow(2).sum(dim=1).sqrt()
-    return ret
+    return weight_and_bias(layer, lambda: outer_sum_norms(a, g), lambda: g.sum(dim=1).norm(dim=1))
+
+
+@register_batch_grad_sampler(nn.Linear)
+def compute_linear_batch_grad(layer: nn.Linear, activations: list, backprops: torch.Tensor) -> dict:
+    """Sum over the batch of ``nn.Linear``'s per-example gradients: one matrix product.
+
+    Arguments as for :func:`compute_linear_grad_sample`; returns ``{weight: [out, in],
+    bias: [out]}`` for the trainable ones.
+    """
+    a, g = linear_sequence_views(layer, activations, backprops)
+    a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    return weight_and_bias(layer, lambda: g.t() @ a, lambda: g.sum(dim=0))
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Small real models from ``transformers`` (and ``peft``) configs, for the torch zoo tests.
+"""Small real models from ``transformers`` (and ``peft``) configs, and a plain-torch
+``EmbeddingBag`` classifier, for the torch zoo tests.
 
 Every builder makes a randomly initialised model from a local config (nothing is
 downloaded), with dropout 0, in train mode, and a batch for it. A :class:`ZooCase` knows
@@ -189,7 +190,31 @@ def resnet(gen: torch.Generator) -> ZooCase:
     return _classifier_case("resnet", model, inputs, 3, gen)
 
 
+class BagClassifier(nn.Module):
+    """Two ``EmbeddingBag`` encoders of the same tokens (weighted sum with a padding id, and
+    mean) feeding a linear classifier."""
+
+    def __init__(self, dim: int = 8, classes: int = 3):
+        super().__init__()
+        self.weighted = nn.EmbeddingBag(VOCAB, dim, mode="sum", padding_idx=3)
+        self.mean = nn.EmbeddingBag(VOCAB, dim, mode="mean")
+        self.head = nn.Linear(2 * dim, classes)
+
+    def forward(self, input_ids: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+        bags = [self.weighted(input_ids, per_sample_weights=token_weights), self.mean(input_ids)]
+        return self.head(torch.tanh(torch.cat(bags, dim=1)))
+
+
+def embedding_bag(gen: torch.Generator) -> ZooCase:
+    """Bag-of-words classifier from ``nn.EmbeddingBag`` (per-sample weights, padding id, mean)."""
+    ids = _tokens(gen)
+    ids[0, :2] = 3  # padding tokens
+    inputs = {"input_ids": ids, "token_weights": torch.rand(BATCH, SEQ, generator=gen)}
+    return _classifier_case("embedding_bag", BagClassifier(), inputs, 3, gen)
+
+
 BUILDERS: dict[str, Callable[[torch.Generator], ZooCase]] = {
+    "embedding_bag": embedding_bag,
     "gpt2": gpt2,
     "bert": bert,
     "roberta": roberta,
