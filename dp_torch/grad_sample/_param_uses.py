@@ -62,15 +62,17 @@ class ParameterUseTracker:
         outside: Names of the parameters used outside their layers since :meth:`take`.
     """
 
-    def __init__(self, owned: dict, names: dict[int, str]):
+    def __init__(self, owned: dict, names: dict[int, str], unowned: tuple = ()):
         """Build the owner map.
 
         Args:
             owned: ``{layer: [parameters it owns]}`` (a parameter may have several owners,
                 e.g. tied embeddings).
             names: ``{id(parameter): qualified name}``.
+            unowned: Trainable parameters no hooked layer owns (a layer left unhooked with
+                ``strict=False``): every differentiable use of them is recorded.
         """
-        self._owners: dict[int, set] = {}
+        self._owners: dict[int, set] = {id(p): set() for p in unowned}
         for module, params in owned.items():
             for p in params:
                 self._owners.setdefault(id(p), set()).add(module)

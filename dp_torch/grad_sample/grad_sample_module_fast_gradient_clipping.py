@@ -1,9 +1,11 @@
 """Fast gradient clipping and ghost clipping (mirrors Opacus' module of the same name).
 
-In this mode the first backward pass computes only the per-example gradient *norms*
-(``per_sample_gradient_norms``, L2 over all trainable parameters); the clipped sum
-``sum_i c_i grad_i`` then comes from a second backward pass of ``sum_i c_i loss_i``
-(:class:`dp_torch.utils.fast_gradient_clipping_utils.DPLossFastGradientClipping` runs both).
+In this mode one backward pass computes the per-example gradient *norms*
+(``per_sample_gradient_norms``, L2 over all trainable parameters) and keeps what it needs
+to form the clipped sum ``sum_i c_i grad_i`` afterwards (book-keeping, see
+:mod:`dp_torch.grad_sample._clipped_sum`): :meth:`add_clipped_sum` adds it to ``p.grad``
+without a second backward pass.
+:class:`dp_torch.utils.fast_gradient_clipping_utils.DPLossFastGradientClipping` runs both steps.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import _registry
+from ._clipped_sum import ClippedSumStore, compute_dtype
 from ._param_uses import ParameterUseTracker
 from ._rows import check_rows
 from .grad_sample_module import POISSON_ACCUMULATION_ERROR, GradSampleHooks, _Activations, _CallRecord
@@ -65,14 +68,15 @@ def create_norm_sample(*, param: torch.Tensor, grad_sample: torch.Tensor, max_ba
 
 
 def _reject_batch_coupled_layers(module: nn.Module) -> None:
-    """Ghost clipping's second pass backpropagates the batch loss, so it needs layers whose
-    batch gradient is the sum of the per-example gradients."""
+    """Ghost clipping forms the clipped sum from each layer's batch gradient (of row-scaled
+    output gradients), so it needs layers whose batch gradient is the sum of the per-example
+    gradients."""
     for name, m in module.named_modules():
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq and m.weight.requires_grad:
             raise NotImplementedError(
                 f"Layer {name or '<root>'} ({type(m).__name__}) has scale_grad_by_freq=True: its batch "
                 "gradient divides by batch-wide token counts, so it is not a sum of per-example "
-                "gradients and the clipped second backward pass would be wrong; use "
+                "gradients and the clipped sum would be wrong; use "
                 "grad_sample_mode='hooks' or scale_grad_by_freq=False."
             )
 
@@ -139,6 +143,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
         self._touched: set = set()
         self._output_edges: list = []
+        self._kept = ClippedSumStore()
         GradSampleHooks.__init__(
             self, m, batch_first=batch_first, loss_reduction=loss_reduction,
             strict=strict, force_functorch=force_functorch,
@@ -173,6 +178,32 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         """Per-example clip factors ``min(1, C / (norm + 1e-6))``, 0 for a non-finite norm."""
         return clipping_coefficients(self.per_sample_gradient_norms, self.max_grad_norm)
 
+    def add_clipped_sum(self, coef: torch.Tensor) -> None:
+        """Add ``sum_i coef[i] * grad_i`` of the last backward pass to every trainable ``p.grad``.
+
+        Formed from what the norm pass kept (no second backward pass); the kept tensors are
+        released afterwards, so each pass's sum can be added once.
+
+        Args:
+            coef: Per-example factors ``[B]``, usually :meth:`get_clipping_coef`.
+
+        Raises:
+            ValueError: If ``coef`` does not have one factor per example of the pass, or if
+                nothing was kept (no backward pass since the last sum).
+        """
+        norms = self._per_sample_gradient_norms
+        if norms is None or not self._kept:
+            raise ValueError(
+                "add_clipped_sum: no backward pass was kept since the last clipped sum; run the "
+                "forward pass and loss.backward() through DPLossFastGradientClipping first."
+            )
+        if coef.shape != norms.shape:
+            raise ValueError(
+                f"add_clipped_sum: coef must have shape {tuple(norms.shape)} (one factor per "
+                f"example of the pass), got {tuple(coef.shape)}."
+            )
+        self._kept.add_clipped_sum(coef, self._grad_samples_of_call)
+
     def log_module_gradient_sample_mode(self, module: nn.Module, *, force_functorch: bool = False,
                                         use_ghost_clipping: bool = True) -> None:
         """Log (level INFO) how each hooked layer of ``module`` gets its per-example norms.
@@ -201,7 +232,9 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
                   force_functorch: bool = False) -> None:
         """Install the hooks of :class:`GradSampleHooks` and the parameter-use tracker."""
         super().add_hooks(loss_reduction=loss_reduction, batch_first=batch_first, force_functorch=force_functorch)
-        self._use_tracker = ParameterUseTracker(self._owned, self._param_names)
+        owned = {id(p) for params in self._owned.values() for p in params}
+        unowned = tuple(p for p in self._module.parameters() if p.requires_grad and id(p) not in owned)
+        self._use_tracker = ParameterUseTracker(self._owned, self._param_names, unowned)
         self._use_tracker.install(self.autograd_grad_sample_hooks)
 
     def _enter_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -219,10 +252,11 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         if outside:
             raise ValueError(
                 f"Parameters {outside} were used outside the layers that own them during the "
-                "forward pass (e.g. F.linear(x, self.fc.weight) in a parent's forward): ghost "
-                "clipping computes per-example norms from the owning layers' calls only, so these "
-                "norms would miss that use and the clipping would not bound each example's "
-                "gradient. Call the layer itself, or use grad_sample_mode='hooks'."
+                "forward pass (e.g. F.linear(x, self.fc.weight) in a parent's forward, or a layer "
+                "left without hooks by strict=False): ghost clipping computes per-example norms "
+                "and the clipped sum from the hooked owning layers' calls only, so that use would "
+                "escape the clipping. Call the layer itself, freeze the parameters, or use "
+                "grad_sample_mode='hooks'."
             )
 
     def _on_new_call(self, record: _CallRecord, output: torch.Tensor) -> None:
@@ -259,10 +293,10 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         self._release_uses([id(p) for p in record.params], record.token)
         self._touched.update(id(p) for p in record.params)
         norm_sampler = self._norm_sampler_for(record.module)
+        if norm_sampler is not None:
+            backprops = backprops.to(compute_dtype(backprops))
         if norm_sampler is not None and single:
-            for p, norm in norm_sampler(record.module, activations, backprops).items():
-                if p.requires_grad:
-                    p._norm_sample = norm
+            self._set_norms(record, activations, backprops)
         elif norm_sampler is not None:
             self._stash_call(record, activations, backprops)
         else:
@@ -272,10 +306,19 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
                 if done and id(p) in self._pending:
                     self._finalize_param(p)
 
+    def _set_norms(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> None:
+        """Norms of a call from its layer's norm sampler; the call is kept for the clipped sum."""
+        for p, norm in self._norm_sampler_for(record.module)(record.module, activations, backprops).items():
+            if p.requires_grad:
+                p._norm_sample = norm
+        self._kept.keep_call(record, activations, backprops)
+
     def _finalize_param(self, p: torch.Tensor) -> None:
         current = getattr(p, "_current_grad_sample", None)
         if current is not None:
+            current = current.to(compute_dtype(current))
             create_norm_sample(param=p, grad_sample=current, max_batch_len=current.shape[0])
+            self._kept.keep_samples(p, current)
             del p._current_grad_sample
         self._pending.pop(id(p), None)
         p.grad_sample = None
@@ -290,7 +333,12 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         if grads and bool(torch.stack([g.detach().abs().sum() for g in grads]).sum() != 0):
             raise ValueError(POISSON_ACCUMULATION_ERROR.replace("p.grad_sample is set", "p.grad is not zero"))
 
+    def _discard_pending(self) -> None:
+        super()._discard_pending()
+        self._kept.clear()
+
     def _start_pass_state(self) -> None:
+        self._kept.clear()
         self._touched = set()
         self._stashed_params = set()
         self._stash = []
@@ -329,9 +377,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
                     merged = self._merge_calls(calls)
                 if merged is not None:
                     record, acts, backprops = merged
-                    for p, norm in self._norm_sampler_for(record.module)(record.module, acts, backprops).items():
-                        if p.requires_grad:
-                            p._norm_sample = norm
+                    self._set_norms(record, acts, backprops)
                 else:
                     for record, acts, backprops in calls:
                         self._accumulate_call(record, acts, backprops)
@@ -349,6 +395,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             raise
 
     def _clear_norms(self) -> None:
+        self._kept.clear()
         for p in self._module.parameters():
             if hasattr(p, "_norm_sample"):
                 del p._norm_sample
@@ -373,8 +420,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             return
         self._check_norm_rows(named)
         norms = [n for _, n in named]
-        dtype = norms[0].dtype
-        for n in norms[1:]:
+        dtype = torch.float32
+        for n in norms:
             dtype = torch.promote_types(dtype, n.dtype)
         total = torch.zeros(norms[0].shape[0], dtype=dtype, device=norms[0].device)
         for n in norms:

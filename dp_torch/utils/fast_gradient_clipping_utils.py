@@ -4,11 +4,12 @@
 :class:`DPTensorFastGradientClipping` whose ``backward()`` runs the two passes:
 
 1. backward of the reduced loss, during which the model's hooks compute the per-example
-   gradient norms (the parameter gradients are *not* computed in this pass: autograd is
-   asked only for the gradients at the hooked layer outputs, which skips every
-   weight-gradient product, and ``p.grad`` is left untouched);
-2. backward of ``sum_i c_i * loss_i`` with ``c_i = min(1, C / (norm_i + 1e-6))`` (0 for a
-   non-finite norm), hooks off.
+   gradient norms (the parameter gradients are *not* computed by autograd: it is asked
+   only for the gradients at the hooked layer outputs, which skips every weight-gradient
+   product); the hooks keep each layer's inputs and output gradients;
+2. ``c_i = min(1, C / (norm_i + 1e-6))`` (0 for a non-finite norm), and each layer's share
+   of ``sum_i c_i grad_i`` from the kept tensors, with the output gradients scaled row by
+   row by ``c`` (book-keeping: no second backward pass).
 
 Afterwards every trainable ``p.grad`` has been *increased* by the clipped sum
 ``sum_i c_i grad_i`` (not averaged; the optimizer adds the noise once and divides by the
@@ -33,7 +34,7 @@ def _check_reduction(value: Any, name: str) -> None:
 
 
 class DPTensorFastGradientClipping:
-    """A per-example loss whose ``backward()`` performs the clipped double backward.
+    """A per-example loss whose ``backward()`` performs the clipped backward.
 
     It behaves like the reduced loss for logging: ``item()``, ``detach()``, ``float()``,
     and arithmetic with numbers and other such losses (applied per example).
@@ -148,7 +149,7 @@ class DPTensorFastGradientClipping:
     def __str__(self) -> str:
         return f"DPTensorFastGradientClipping({self.item():.4f})"
 
-    # ------------------------------------------------------------------ the double backward
+    # ------------------------------------------------------------------ the clipped backward
 
     def _first_pass_inputs(self) -> list:
         take = getattr(self.module, "take_output_edges", None)
@@ -169,18 +170,19 @@ class DPTensorFastGradientClipping:
             self.module.max_grad_norm = float(bound)
 
     def backward(self) -> None:
-        """First pass: per-example norms; second pass: ``p.grad += sum_i c_i grad_i``.
+        """One backward pass for the per-example norms, then ``p.grad += sum_i c_i grad_i``.
+
+        The clipped sum is formed from the activations and output gradients the pass kept
+        (book-keeping; no second backward pass).
 
         Raises:
-            ValueError: If the number of clip factors differs from the number of losses, or
-                if a parameter that got no per-example norm received a gradient (it is used
-                outside its layer, so its contribution escaped clipping; ``p.grad`` is then
-                not private and must be discarded).
+            ValueError: If the number of clip factors differs from the number of losses.
         """
         losses = self.loss_per_sample
         inputs = self._first_pass_inputs()
-        if inputs and losses.requires_grad:
-            torch.autograd.grad(self._reduced(), inputs, retain_graph=True, allow_unused=True)
+        if not (inputs and losses.requires_grad):
+            return
+        torch.autograd.grad(self._reduced(), inputs, allow_unused=True)
         self._sync_bound()
         coef = self.module.get_clipping_coef()
         if coef.shape != losses.shape:
@@ -189,36 +191,7 @@ class DPTensorFastGradientClipping:
                 "per-example losses; the criterion's output must have one loss per example of the "
                 "model's batch (for sequence losses pass shape=logits.shape)."
             )
-        second = (coef.detach().to(device=losses.device, dtype=losses.dtype) * losses).sum()
-        unnormed = _parameters_without_norm(self.module)
-        before = {name: _grad_state(p) for name, p in unnormed.items()}
-        was_enabled = self.module.hooks_enabled
-        self.module.disable_hooks()
-        try:
-            if second.requires_grad:
-                second.backward()
-        finally:
-            if was_enabled:
-                self.module.enable_hooks()
-        leaked = [name for name, p in unnormed.items() if _grad_state(p) != before[name]]
-        if leaked:
-            raise ValueError(
-                f"Parameters {leaked} received a gradient in the clipped pass but no per-example norm "
-                "in the first pass: they are used outside the layer that owns them (e.g. "
-                "F.linear(x, self.fc.weight) in a parent's forward), so their contribution was not "
-                "clipped and p.grad must not be used. Call the layer itself, or give the module that "
-                "uses them a grad sampler."
-            )
-
-
-def _parameters_without_norm(module: Any) -> dict:
-    named = module._module.named_parameters()
-    return {name: p for name, p in named if p.requires_grad and not hasattr(p, "_norm_sample")}
-
-
-def _grad_state(p: torch.Tensor) -> tuple:
-    """Identity and version of ``p.grad``: changes whenever autograd writes to it."""
-    return (None, None) if p.grad is None else (id(p.grad), p.grad._version)
+        self.module.add_clipped_sum(coef)
 
 
 class DPLossFastGradientClipping:

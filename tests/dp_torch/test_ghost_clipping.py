@@ -466,3 +466,50 @@ def test_clip_bound_follows_the_optimizer_so_noise_matches_sensitivity() -> None
     assert_close(model.get_clipping_coef().numpy(), expected.numpy(), rtol=1e-12)
     total = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
     assert total <= 0.01 * len(y) * (1 + 1e-9)
+
+
+# ---------------------------------------------------------------------- book-keeping
+
+
+def _small_ghost_step(model: nn.Module, **kwargs):
+    gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=0.5, **kwargs)
+    criterion = DPLossFastGradientClipping(gsm, _Opt("mean"), nn.MSELoss())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    return gsm, criterion(gsm(x), torch.zeros(5, 2, dtype=torch.float64))
+
+
+def test_autograd_never_computes_a_parameter_gradient() -> None:
+    """Book-keeping: the clipped sum comes from the kept tensors, not a second backward pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Tanh(), nn.Linear(3, 2)).double()
+    reached = []
+    for p in model.parameters():
+        p.register_hook(lambda g, reached=reached: reached.append(g))
+    gsm, loss = _small_ghost_step(model)
+    loss.backward()
+    assert reached == []
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gsm.parameters())
+
+
+def test_clipped_sum_is_added_once_and_checks_its_factors() -> None:
+    torch.manual_seed(0)
+    gsm, loss = _small_ghost_step(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double())
+    loss.backward()
+    with pytest.raises(ValueError, match="no backward pass was kept"):
+        gsm.add_clipped_sum(gsm.get_clipping_coef())
+    gsm2, loss2 = _small_ghost_step(nn.Linear(4, 2).double())
+    torch.autograd.grad(loss2.loss_per_sample.mean(), gsm2.take_output_edges())
+    with pytest.raises(ValueError, match=r"coef must have shape \(5,\)"):
+        gsm2.add_clipped_sum(torch.ones(4, dtype=torch.float64))
+    assert all(p.grad is None for p in gsm2.parameters())
+
+
+def test_unhooked_layer_under_strict_false_is_refused_in_forward_bookkeeping() -> None:
+    """A layer left without hooks (strict=False) would get no gradient from the kept tensors:
+    its use is reported instead of silently dropped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double()
+    gsm, loss = _small_ghost_step(model, strict=False)
+    with pytest.raises(ValueError, match=r"\['1.bias', '1.weight'\].*strict=False"):
+        loss.backward()
+    assert all(p.grad is None for p in gsm.parameters())

@@ -1,0 +1,115 @@
+"""Book-keeping for ghost clipping: the clipped sum without a second backward pass (internal).
+
+The norm pass of ghost clipping sees, for every hooked layer call, the call's inputs
+(activations) and the gradient of the loss at its output (backprops). A layer's parameter
+gradient is linear in its backprops, so once the clip factors ``c`` are known, the layer's
+share of the clipped sum ``sum_i c_i grad_i`` is the layer's *batch* gradient for the
+backprops scaled row by row by ``c`` (Bu et al. 2023, "book-keeping"). This module keeps
+what the norm pass saw and forms that sum afterwards:
+
+* calls whose norms came from a norm sampler are kept as ``(record, activations,
+  backprops)``; their sum comes from the layer's batch-gradient sampler
+  (:data:`~dp_torch.grad_sample._registry.BATCH_GRAD_SAMPLERS`) or, without one, from its
+  per-example gradients for the scaled backprops, summed over the batch;
+* parameters whose per-example gradients were materialised for their norms keep those
+  gradients; their sum is ``tensordot(c, grad_samples)``.
+
+The sums are formed in at least float32 and added to ``p.grad`` (created if absent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import _registry
+
+__all__ = ["ClippedSumStore", "compute_dtype"]
+
+#: ``(record, activations, backprops) -> {param: per-example gradients}`` of one call.
+GradSamplesOfCall = Callable[[Any, Any, torch.Tensor], dict]
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype per-example quantities of ``t`` are computed in: at least float32."""
+    return torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32
+
+
+def _row_scaled(backprops: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``backprops`` (batch first) with row ``i`` multiplied by ``coef[i]``, in >= float32."""
+    rows = backprops.shape[0]
+    dtype = compute_dtype(backprops)
+    factors = coef[:rows].to(device=backprops.device, dtype=dtype)
+    return backprops.to(dtype) * factors.view(rows, *([1] * (backprops.dim() - 1)))
+
+
+def _add_to_grad(p: torch.Tensor, value: torch.Tensor) -> None:
+    value = value.to(device=p.device, dtype=p.dtype)
+    if p.grad is None:
+        p.grad = value.reshape(p.shape).clone()  # never alias a sampler's or the store's tensors
+    else:
+        p.grad.add_(value.reshape(p.shape))
+
+
+class ClippedSumStore:
+    """What one ghost norm pass keeps so that :meth:`add_clipped_sum` can form the clipped sum.
+
+    Attributes:
+        calls: ``[(record, activations, backprops)]`` of calls with norm-sampled parameters.
+        samples: ``{id(param): (param, per-example gradients)}`` of materialised parameters.
+    """
+
+    def __init__(self) -> None:
+        """An empty store."""
+        self.calls: list = []
+        self.samples: dict = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.calls or self.samples)
+
+    def keep_call(self, record: Any, activations: Any, backprops: torch.Tensor) -> None:
+        """Keep a call whose per-example norms came from a norm sampler."""
+        self.calls.append((record, activations, backprops))
+
+    def keep_samples(self, p: torch.Tensor, grad_sample: torch.Tensor) -> None:
+        """Keep a parameter's materialised per-example gradients ``[B, *p.shape]``."""
+        self.samples[id(p)] = (p, grad_sample)
+
+    def clear(self) -> None:
+        """Drop everything kept (a new pass, an error, or the sum was formed)."""
+        self.calls = []
+        self.samples = {}
+
+    def add_clipped_sum(self, coef: torch.Tensor, grad_samples_of_call: GradSamplesOfCall) -> None:
+        """Add ``sum_i coef[i] * grad_i`` of every kept parameter to its ``p.grad``; clear the store.
+
+        Args:
+            coef: The clip factors ``[B]``.
+            grad_samples_of_call: Per-example gradients of a call, for layers without a
+                batch-gradient sampler.
+        """
+        try:
+            coef = coef.detach()
+            for record, activations, backprops in self.calls:
+                self._add_call(record, activations, _row_scaled(backprops, coef), grad_samples_of_call)
+            for p, grad_sample in self.samples.values():
+                dtype = compute_dtype(grad_sample)
+                factors = coef[: grad_sample.shape[0]].to(device=grad_sample.device, dtype=dtype)
+                _add_to_grad(p, torch.tensordot(factors, grad_sample.to(dtype), dims=1))
+        finally:
+            self.clear()
+
+    @staticmethod
+    def _add_call(record: Any, activations: Any, scaled: torch.Tensor,
+                  grad_samples_of_call: GradSamplesOfCall) -> None:
+        sampler = _registry.find_sampler(_registry.BATCH_GRAD_SAMPLERS, record.module)
+        if sampler is not None:
+            sums = sampler(record.module, activations, scaled)
+        else:
+            sums = {p: gs.sum(dim=0) for p, gs in grad_samples_of_call(record, activations, scaled).items()}
+        owned = {id(p) for p in record.params}
+        for p, value in sums.items():
+            if p.requires_grad and id(p) in owned:
+                _add_to_grad(p, value)
