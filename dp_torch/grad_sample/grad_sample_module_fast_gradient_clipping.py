@@ -295,9 +295,9 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         norm_sampler = self._norm_sampler_for(record.module)
         if norm_sampler is not None:
             backprops = backprops.to(compute_dtype(backprops))
-        if norm_sampler is not None and single:
+        if norm_sampler is not None and single and not self._materialise(record, activations, backprops):
             self._set_norms(record, activations, backprops)
-        elif norm_sampler is not None:
+        elif norm_sampler is not None and not single:
             self._stash_call(record, activations, backprops)
         else:
             self._accumulate_call(record, activations, backprops)
@@ -305,6 +305,22 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
                 done = id(p) not in self._uses and id(p) not in self._stashed_params
                 if done and id(p) in self._pending:
                     self._finalize_param(p)
+
+    def _materialise(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> bool:
+        """Whether a call is cheaper to keep as per-example gradients than as its tensors.
+
+        The clipped sum needs either the call's inputs and output gradients (then a
+        batch-gradient product) or the per-example gradients (then only ``tensordot(c, .)``).
+        When the per-example gradients take no more memory than the call's tensors (norm
+        layers, narrow layers over long sequences), materialising them costs about one
+        weight-gradient product and saves both the norm work and the later product.
+        """
+        if self.force_functorch or _registry.find_sampler(self.GRAD_SAMPLERS, record.module) is None:
+            return False
+        rows = backprops.shape[0]
+        sample_size = rows * sum(p.numel() for p in record.params if p.requires_grad)
+        call_size = backprops.numel() + sum(a.numel() for a in activations if isinstance(a, torch.Tensor))
+        return sample_size <= call_size
 
     def _set_norms(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> None:
         """Norms of a call from its layer's norm sampler; the call is kept for the clipped sum."""

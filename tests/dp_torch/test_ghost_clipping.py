@@ -186,17 +186,29 @@ def test_scale_grad_by_freq_is_rejected(layer) -> None:
         GradSampleModuleFastGradientClipping(nn.Sequential(layer))
 
 
-def test_linear_and_embedding_never_materialise(monkeypatch) -> None:
-    """With ghost clipping, Linear and Embedding norms come from the norm samplers only."""
+def _boom(*args, **kwargs):
+    raise AssertionError("this sampler must not run")
 
-    def boom(*args, **kwargs):
-        raise AssertionError("per-example gradients materialised")
 
-    monkeypatch.setitem(_registry.GRAD_SAMPLERS, nn.Linear, boom)
-    monkeypatch.setitem(_registry.GRAD_SAMPLERS, nn.Embedding, boom)
+def test_wide_linear_and_embedding_never_materialise(monkeypatch) -> None:
+    """Where per-example gradients would take more memory than the call's own tensors (wide
+    layers, short sequences), norms come from the norm samplers and the clipped sum from the
+    batch-gradient samplers."""
+    monkeypatch.setitem(_registry.GRAD_SAMPLERS, nn.Linear, _boom)
+    monkeypatch.setitem(_registry.GRAD_SAMPLERS, nn.Embedding, _boom)
     torch.manual_seed(0)
-    ids = torch.randint(0, 5, (4, 6))
-    _check_ghost(_case(TokenModel(5, 3, None, False).double(), ids), torch.float64)
+    ids = torch.randint(0, 50, (4, 2))
+    _check_ghost(_case(TokenModel(50, 40, None, False).double(), ids), torch.float64)
+
+
+def test_narrow_layer_over_a_long_sequence_is_materialised(monkeypatch) -> None:
+    """Per-example gradients smaller than the call's tensors: kept instead of the call, so
+    neither the norm sampler nor the batch-gradient product runs for that layer."""
+    monkeypatch.setitem(_registry.NORM_SAMPLERS, nn.Linear, _boom)
+    monkeypatch.setitem(_registry.BATCH_GRAD_SAMPLERS, nn.Linear, _boom)
+    torch.manual_seed(0)
+    x = torch.randn(3, 20, 4, dtype=torch.float64)
+    _check_ghost(_case(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double(), x), torch.float64)
 
 
 # --------------------------------------------------------------------------- structure
