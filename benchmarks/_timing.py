@@ -24,20 +24,26 @@ from typing import Any, Optional, TypeVar
 
 __all__ = [
     "Plan",
+    "PRECISIONS",
     "add_output_arguments",
+    "add_precision_arguments",
     "add_ratios",
     "add_run_arguments",
     "add_size_arguments",
     "by_model",
     "csv_of",
     "error_text",
+    "failure_notes",
     "guarded",
     "log",
     "make_plan",
     "median_seconds",
     "positive",
+    "precisions",
+    "print_report",
     "record_times",
     "repeats_for",
+    "report",
     "rounds_for",
     "sizes",
     "time_between_barriers",
@@ -49,6 +55,9 @@ __all__ = [
 
 _T = TypeVar("_T")
 Row = dict[str, Any]
+#: Compute precisions of the step: float32, or bfloat16 compute (torch autocast, flax
+#: ``dtype``) with float32 parameters.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 # ---------------------------------------------------------------------- sizes
@@ -287,11 +296,12 @@ def add_ratios(rows: dict[str, Row], twin_of: Callable[[str], Optional[str]], ke
             row[key] = row["median_ms"] / reference
 
 
-def by_model(results: Sequence[Row]) -> dict[str, dict[str, Row]]:
-    """The rows grouped by model, then by mode, in their order."""
-    grouped: dict[str, dict[str, Row]] = {}
+def by_model(results: Sequence[Row]) -> dict[tuple[str, str], dict[str, Row]]:
+    """The rows grouped by ``(model, precision)`` (``"fp32"`` if unset), then by mode."""
+    grouped: dict[tuple[str, str], dict[str, Row]] = {}
     for row in results:
-        grouped.setdefault(row["model"], {})[row["mode"]] = row
+        key = (row["model"], row.get("precision", "fp32"))
+        grouped.setdefault(key, {})[row["mode"]] = row
     return grouped
 
 
@@ -303,6 +313,10 @@ def _cell(row: Optional[Row], ratio: bool) -> str:
     text = f"{row['median_ms']:.2f} ms"
     if ratio and "vs_nonprivate" in row:
         text += f" ({row['vs_nonprivate']:.1f}x)"
+    if row.get("peak_mib") is not None:
+        text += f", {row['peak_mib']:.0f} MiB"
+    elif "memory_error" in row:
+        text += ", memory fails"
     return text
 
 
@@ -317,21 +331,65 @@ def time_table(results: Sequence[Row], modes: Sequence[str],
         key: The row field of the ratio columns.
 
     Returns:
-        Header, rule and one line per model: title (with the sequence length), batch,
-        median ms of each mode (with the ratio to non-private), the ratio columns.
+        Header, rule and one line per model and precision: title (with the sequence
+        length), batch, precision, each mode's median ms (with the ratio to the non-private
+        step of the same precision, and the peak memory in MiB where measured), the ratio
+        columns.
     """
-    head = ["model", "batch"] + list(modes) + [header for _, header in ratios]
+    head = ["model", "batch", "dtype"] + list(modes) + [header for _, header in ratios]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for rows in by_model(results).values():
+    for (_, precision), rows in by_model(results).items():
         any_row = next(iter(rows.values()))
         title = any_row["title"]
         if any_row["seq_len"] is not None:
             title += f", seq {any_row['seq_len']}"
-        cells = [title, str(any_row["batch"])]
+        cells = [title, str(any_row["batch"]), precision]
         cells += [_cell(rows.get(m), ratio=m != "nonprivate") for m in modes]
         cells += [f"{rows[m][key]:.2f}" if key in rows.get(m, {}) else "-" for m, _ in ratios]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def report(results: Sequence[Row], modes: Sequence[str], ratios: Sequence[tuple[str, str]],
+           key: str) -> str:
+    """:func:`time_table`, then (after a blank line) the :func:`failure_notes`, if any."""
+    notes = failure_notes(results)
+    return "\n".join(time_table(results, modes, ratios, key) + ([""] + notes if notes else []))
+
+
+def print_report(paths: Sequence[pathlib.Path],
+                 render: Callable[[list[Row], list[str]], str]) -> dict[str, Any]:
+    """Print one report of the rows of several JSON result files (``--report``).
+
+    Args:
+        paths: Files written by ``--json`` (unreadable ones are named on stderr and skipped,
+            so that one crashed run does not hide the others).
+        render: The script's table function of ``(results, modes)``.
+
+    Returns:
+        ``{"results": [row, ...], "table": str}``.
+    """
+    results: list[Row] = []
+    for path in paths:
+        try:
+            results += json.loads(path.read_text(encoding="utf-8"))["results"]
+        except (OSError, ValueError, KeyError) as error:
+            log(f"skipping {path}: {error_text(error)}")
+    modes = list(dict.fromkeys(row["mode"] for row in results))
+    table = render(results, modes)
+    print(table, flush=True)
+    return {"results": results, "table": table}
+
+
+def failure_notes(results: Sequence[Row]) -> list[str]:
+    """One markdown list item per failed step or memory measurement, saying why."""
+    notes = []
+    for row in results:
+        for key, what in (("error", "step"), ("memory_error", "memory")):
+            if key in row:
+                where = f"{row['model']} {row.get('precision', 'fp32')} {row['mode']}"
+                notes.append(f"- {where} ({what}): {row[key]}")
+    return notes
 
 
 def log(text: str) -> None:
@@ -407,7 +465,24 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 step: a rot check")
 
 
+def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--precision fp32,bf16`` (a list; default fp32) and ``--bf16`` (both precisions)."""
+    parser.add_argument("--precision", type=csv_of(PRECISIONS, "--precision"), default=None,
+                        help="compute precisions, each a table row per model (default fp32)")
+    parser.add_argument("--bf16", action="store_true", help="same as --precision fp32,bf16")
+
+
+def precisions(args: argparse.Namespace) -> list[str]:
+    """The precisions asked for by ``--precision`` / ``--bf16``."""
+    if args.precision is not None:
+        return list(args.precision)
+    return list(PRECISIONS) if args.bf16 else ["fp32"]
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--json`` and ``--verbose``."""
+    """``--json``, ``--report`` and ``--verbose``."""
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
+    parser.add_argument("--report", type=pathlib.Path, nargs="+", default=None,
+                        metavar="JSON", help="print one table of earlier runs' --json files "
+                        "and exit (measures nothing)")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")

@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import platform
 import sys
@@ -101,7 +102,7 @@ import optax  # noqa: E402
 import optax.contrib  # noqa: E402
 
 import dp_jax  # noqa: E402
-from benchmarks import _timing  # noqa: E402
+from benchmarks import _memory, _timing  # noqa: E402
 from benchmarks._timing import repeats_for, rounds_for  # noqa: E402
 from benchmarks.models_flax import (  # noqa: E402
     MODEL_NAMES,
@@ -146,6 +147,9 @@ class Config:
         batch: Fixed batch size of the timed steps.
         seq_len: Sequence length for token models, else ``None``.
         microbatch: ``microbatch_size`` of the ``dp_jax-mb`` component, else ``None``.
+        precision: ``"fp32"``, or ``"bf16"``: the model computes in ``jnp.bfloat16``
+            (parameters, gradients, noise and optimizer stay float32; the loss is taken
+            in float32).
     """
 
     model: str
@@ -153,6 +157,7 @@ class Config:
     batch: int
     seq_len: Optional[int]
     microbatch: Optional[int] = None
+    precision: str = "fp32"
 
 
 class Runner:
@@ -165,6 +170,8 @@ class Runner:
         threaded: Whether ``f`` returns ``(new_carry, extra)`` to feed back.
         compile_s: Seconds spent lowering and compiling.
         temp_mib: XLA's temporary-buffer estimate in MiB, or ``None``.
+        plan_mib: XLA's whole footprint of one call in MiB (arguments + outputs +
+            temporaries - outputs aliased to arguments), or ``None``.
     """
 
     def __init__(self, fn: Callable[..., Any], carry: Any, args: tuple[Any, ...], *,
@@ -184,7 +191,7 @@ class Runner:
         self.carry = carry
         self.args = args
         self.threaded = threaded
-        self.temp_mib = _temp_mib(self.compiled)
+        self.temp_mib, self.plan_mib = _planned_mib(self.compiled)
 
     def __call__(self) -> None:
         """Run one step and block until its outputs are ready."""
@@ -194,22 +201,38 @@ class Runner:
             self.carry = out[0]
 
 
-def _temp_mib(compiled: Any) -> Optional[float]:
+def _planned_mib(compiled: Any) -> tuple[Optional[float], Optional[float]]:
+    """XLA's temporary buffers and whole footprint of one call, in MiB (``None``: unknown)."""
     try:
         analysis = compiled.memory_analysis()
     except Exception:  # noqa: BLE001  (not every backend implements it)
-        return None
-    size = getattr(analysis, "temp_size_in_bytes", None)
-    return None if size is None else size / 2**20
+        return None, None
+    sizes = [getattr(analysis, f"{part}_size_in_bytes", None)
+             for part in ("temp", "argument", "output", "alias")]
+    if sizes[0] is None:
+        return None, None
+    plan = None if None in sizes else sizes[0] + sizes[1] + sizes[2] - sizes[3]
+    return sizes[0] / 2**20, None if plan is None else plan / 2**20
 
 
 # ---------------------------------------------------------------------- the steps
 
 
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy in float32: over the batch, over an example's positions
+    (language model), or both."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return jnp.mean(losses)
+
+
+def _example_loss(module: Any) -> Callable[[Any, Any], jax.Array]:
+    """The per-example loss the DP modes differentiate."""
+    return dp_jax.linen_loss(module, _cross_entropy)
+
+
 def _batched_loss(module: Any) -> Callable[[Any, Any, Any], jax.Array]:
     def loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-        logits = module.apply({"params": params}, x)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+        return _cross_entropy(module.apply({"params": params}, x), y)
 
     return loss
 
@@ -232,7 +255,7 @@ def _dp_engine(module: Any, params: Any, x: Any, y: Any, microbatch: Optional[in
     engine = dp_jax.PrivacyEngine(accountant="rdp")
     extra = {} if grad_sample_mode == "vmap" else {"grad_sample_mode": grad_sample_mode}
     private = engine.make_private(
-        loss_fn=dp_jax.linen_loss(module), params=params, optimizer=optax.sgd(_LR),
+        loss_fn=_example_loss(module), params=params, optimizer=optax.sgd(_LR),
         data={"x": np.asarray(x), "y": np.asarray(y)}, sample_rate=1.0,
         noise_multiplier=_NOISE, max_grad_norm=_CLIP, seed=_SEED, microbatch_size=microbatch,
         **extra,
@@ -243,7 +266,7 @@ def _dp_engine(module: Any, params: Any, x: Any, y: Any, microbatch: Optional[in
 
 
 def _dp_transform(module: Any, params: Any, x: Any, y: Any) -> Runner:
-    loss_fn = dp_jax.linen_loss(module)
+    loss_fn = _example_loss(module)
     tx = dp_jax.dp_sgd(_LR, _NOISE, _CLIP, int(x.shape[0]), jax.random.key(_SEED))
 
     def step(state, batch, mask):
@@ -257,7 +280,7 @@ def _dp_transform(module: Any, params: Any, x: Any, y: Any) -> Runner:
 
 
 def _optax_contrib(module: Any, params: Any, x: Any, y: Any) -> Runner:
-    loss_fn = dp_jax.linen_loss(module)
+    loss_fn = _example_loss(module)
     tx = optax.chain(
         optax.contrib.differentially_private_aggregate(_CLIP, _NOISE, key=jax.random.key(_SEED)),
         optax.sgd(_LR),
@@ -275,7 +298,7 @@ def _optax_contrib(module: Any, params: Any, x: Any, y: Any) -> Runner:
 def _component(name: str, module: Any, params: Any, x: Any, y: Any) -> Runner:
     """A non-threaded function of ``(params, *args)`` that isolates one part of a DP step."""
     loss = _batched_loss(module)
-    loss_fn = dp_jax.linen_loss(module)
+    loss_fn = _example_loss(module)
     batch = {"x": x, "y": y}
     vgrad = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
     if name == "forward":
@@ -330,7 +353,8 @@ def build_runner(config: Config) -> Runner:
         raise ValueError(f"mode must be one of {list(MODES + COMPONENTS)}, got {config.mode!r}.")
     if config.mode == "dp_jax-mb" and config.microbatch is None:
         raise ValueError("mode 'dp_jax-mb' needs Config.microbatch; pass --microbatch K.")
-    module = build_model(config.model, seq_len=config.seq_len)
+    dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
+    module = build_model(config.model, seq_len=config.seq_len, dtype=dtype)
     params = jax.device_put(init_params(config.model, seq_len=config.seq_len, seed=_SEED))
     inputs, labels = make_batch(config.model, config.batch, seq_len=config.seq_len, seed=_SEED)
     x, y = jax.device_put(inputs), jax.device_put(labels)
@@ -391,52 +415,109 @@ def _sizes(model: str, plan: _timing.Plan) -> tuple[int, Optional[int]]:
     return _timing.sizes(SPECS[model], plan)
 
 
-def _bench_model(model: str, modes: Sequence[str], plan: _timing.Plan,
+def _bench_model(model: str, precision: str, modes: Sequence[str], plan: _timing.Plan,
                  args: argparse.Namespace) -> list[dict[str, Any]]:
     batch, seq = _sizes(model, plan)
     num_params = count_parameters(jax.eval_shape(lambda: init_params(model, seq_len=seq)))
-    rows: dict[str, dict[str, Any]] = {}
+    configs = {mode: Config(model, mode, batch, seq,
+                            args.microbatch if mode == "dp_jax-mb" else None, precision)
+               for mode in modes}
+    rows = {mode: {**dataclasses.asdict(c), "title": SPECS[model].title}
+            for mode, c in configs.items()}
     runners: dict[str, Runner] = {}
     rounds: dict[str, tuple[int, int]] = {}
     repeats: dict[str, int] = {}
     block_s = 0.0 if args.smoke else args.block_ms / 1e3
-    for mode in modes:
-        config = Config(model, mode, batch, seq, args.microbatch if mode == "dp_jax-mb" else None)
-        row = rows[mode] = {**dataclasses.asdict(config), "title": SPECS[model].title}
-
-        def build(config: Config = config) -> tuple[Runner, float]:
-            runner = build_runner(config)
-            return runner, _timing.timed(runner)  # fail here, not in the middle of a round
-
-        built = _timing.guarded(build, row, width=14, verbose=args.verbose)
+    for mode, config in configs.items():
+        built = _timing.guarded(lambda c=config: _build_checked(c), rows[mode], width=14,
+                                verbose=args.verbose)
         if built is None:
             continue
-        runner, first_s = built
-        runners[mode] = runner
+        runners[mode], first_s = built
         rounds[mode] = rounds_for(first_s, steps=plan.steps, warmup=plan.warmup,
                                   budget_s=args.mode_budget)
-        repeats[mode] = row["repeats"] = repeats_for(first_s, block_s=block_s)
-        row["first_ms"] = 1e3 * first_s
-        row["compile_s"] = runner.compile_s
-        row["temp_mib"] = runner.temp_mib
+        repeats[mode] = repeats_for(first_s, block_s=block_s)
+        rows[mode].update(_runner_facts(runners[mode], first_s, repeats[mode], args.memory))
         if mode in MODES:
-            row["params"] = num_params
+            rows[mode]["params"] = num_params
     times = time_interleaved(runners, steps=plan.steps, warmup=plan.warmup, rounds=rounds,
                              repeats=repeats)
     del runners
     _timing.record_times(rows, times)
-    for mode in modes:
+    for mode, config in configs.items():
+        if "median_ms" in rows[mode] and args.memory == "process":
+            rows[mode].update(measure_memory(config, warmup=plan.warmup))
         _timing.log(_row_log(rows[mode]))
     _timing.add_ratios(rows, _optax_twin, "vs_optax_contrib")
     return [rows[mode] for mode in modes]
 
 
+def _build_checked(config: Config) -> tuple[Runner, float]:
+    """Compile ``config`` and time its first call (so that it fails here, not in a round)."""
+    runner = build_runner(config)
+    return runner, _timing.timed(runner)
+
+
+def _runner_facts(runner: Runner, first_s: float, repeats: int, memory: str) -> dict[str, Any]:
+    """The row fields of a compiled mode: first call, compile time, XLA's memory plan."""
+    facts = {"first_ms": 1e3 * first_s, "compile_s": runner.compile_s, "repeats": repeats,
+             "temp_mib": runner.temp_mib, "plan_mib": runner.plan_mib}
+    if memory == "plan" and runner.plan_mib is not None:
+        facts.update(peak_mib=runner.plan_mib, memory_kind="xla-plan")
+    return facts
+
+
 def _row_log(row: dict[str, Any]) -> str:
+    where = f"  {row['model']:15s} {row['precision']} {row['mode']:14s}"
     if "median_ms" not in row:
-        return f"  {row['model']:12s} {row['mode']:14s} failed"
-    temp = "-" if row.get("temp_mib") is None else f"{row['temp_mib']:.0f} MiB"
-    return (f"  {row['model']:12s} {row['mode']:14s} {row['median_ms']:9.2f} ms  "
-            f"compile {row['compile_s']:5.1f} s  temp {temp}")
+        return f"{where} failed"
+    memory = (f"{row['peak_mib']:.0f} MiB ({row['memory_kind']})" if "peak_mib" in row
+              else row.get("memory_error", "-"))
+    return f"{where} {row['median_ms']:9.2f} ms  compile {row['compile_s']:5.1f} s  {memory}"
+
+
+# ---------------------------------------------------------------------- memory (subprocess)
+
+
+def _device_peak_mib() -> Optional[float]:
+    """The default device's peak allocation so far in MiB (``None``: no memory stats)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
+def _memory_worker(config: Config, warmup: int) -> dict[str, Any]:
+    """Compile and run ``config`` alone (warm-up + 2 steps); its peak memory in MiB.
+
+    On an accelerator the figure is the device's ``peak_bytes_in_use`` (absolute:
+    parameters, optimizer state and batch included); on the CPU the resident-set growth
+    during the steps (:func:`benchmarks._memory.rss_growth`).
+    """
+    runner = build_runner(config)
+
+    def steps() -> None:
+        for _ in range(warmup + 2):
+            runner()
+
+    if not _on_accelerator():
+        return _memory.rss_growth(steps)
+    steps()
+    return {"peak_mib": _device_peak_mib(), "memory_kind": "device-peak"}
+
+
+def measure_memory(config: Config, *, warmup: int, timeout: float = 600.0) -> dict[str, Any]:
+    """Peak memory of ``config`` measured in a fresh Python process.
+
+    Args:
+        config: The configuration.
+        warmup: Untimed steps before the two measured ones.
+        timeout: Seconds before the subprocess is abandoned.
+
+    Returns:
+        ``{"peak_mib": float, "memory_kind": str}``, or ``{"memory_error": str}``.
+    """
+    job = {"config": dataclasses.asdict(config), "warmup": warmup}
+    return _memory.run_worker(__file__, job, timeout=timeout)
 
 
 def _optax_twin(mode: str) -> Optional[str]:
@@ -444,18 +525,19 @@ def _optax_twin(mode: str) -> Optional[str]:
 
 
 def markdown_table(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
-    """The step-time table in markdown: median ms, ratio to non-private, dp_jax/optax.
+    """The step-time table in markdown: median ms, ratio to non-private, memory, dp_jax/optax.
 
     Args:
-        results: Rows as produced by this script (one per model and mode).
+        results: Rows as produced by this script (one per model, precision and mode).
         modes: Column order (modes and components).
 
     Returns:
-        One markdown table, one line per model.
+        One markdown table, one line per model and precision, followed (after a blank
+        line) by one list item per failed step or memory measurement.
     """
     ours = ([(m, f"{m} / optax-contrib") for m in modes
              if m in ("dp_jax", "dp_jax-ghost", "dp_jax-sgd")] if "optax-contrib" in modes else [])
-    return "\n".join(_timing.time_table(results, modes, ours, "vs_optax_contrib"))
+    return _timing.report(results, modes, ours, "vs_optax_contrib")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -477,7 +559,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="modes faster than this run blocks of consecutive steps per round, "
                         "the first one untimed (default 20; 0 turns blocks off; off with "
                         "--smoke)")
+    parser.add_argument("--memory", choices=("plan", "process", "none"), default="plan",
+                        help="plan: XLA's footprint of the compiled step (default); process: "
+                        "each mode again alone in a subprocess (resident-set growth on the "
+                        "CPU, peak_bytes_in_use on a GPU); none")
+    _timing.add_precision_arguments(parser)
     _timing.add_output_arguments(parser)
+    parser.add_argument(_memory.WORKER_FLAG, dest="memory_worker", default=None,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.microbatch is not None and not args.profile:
         parser.error(f"--microbatch {args.microbatch} needs --profile (it adds the "
@@ -507,6 +596,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         ``{"environment": {...}, "results": [row, ...], "table": str}``.
     """
     args = parse_args(argv)
+    if args.memory_worker is not None:
+        job = json.loads(args.memory_worker)
+        print(json.dumps(_memory_worker(Config(**job["config"]), job["warmup"])), flush=True)
+        return {}
+    if args.report:
+        return _timing.print_report(args.report, markdown_table)
     plan = _plan(args)
     modes = list(args.modes)
     if args.profile:
@@ -519,7 +614,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     for model in args.models:
         batch, seq = _sizes(model, plan)
         _timing.log(f"{model}: batch {batch}, seq {seq}")
-        results += _bench_model(model, modes, plan, args)
+        for precision in _timing.precisions(args):
+            results += _bench_model(model, precision, modes, plan, args)
+    environment["device_peak_mib"] = _device_peak_mib() if _on_accelerator() else None
+    environment["precisions"] = _timing.precisions(args)
+    environment["memory"] = args.memory
     table = markdown_table(results, modes)
     return _timing.write_output(results, table, environment, started, args.json)
 

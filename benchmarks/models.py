@@ -1,4 +1,4 @@
-"""The four benchmark models (PyTorch), with the shapes of the published reference speed table.
+"""The benchmark models (PyTorch), with the shapes of the published reference speed table.
 
 Each architecture is described exactly so that a flax twin can be written from the
 docstring alone. Conventions: ``Linear(a, b)`` is ``y = x W^T + b`` with a bias,
@@ -22,6 +22,14 @@ Models (``build_model(name)``; inputs from ``make_batch``; classes below give ev
   ``Embedding(128,256)``, 4 pre-LN blocks (d 256, 4 heads, MLP 1024, GELU), final
   ``LayerNorm(256)``, mean over positions, ``Linear(256,2)``; input ``int64 [B, 128]``;
   reference batch 64.
+* ``transformer-768`` (34,596,866): the same with d 768, 12 heads, MLP 3072; reference
+  batch 32.
+* ``gpt2`` (5,240,320): ``transformers.GPT2LMHeadModel`` from a local ``GPT2Config``
+  (4 layers, d 256, 4 heads, 128 positions, vocabulary 8000, dropout 0), random init;
+  learned position embeddings, pre-LN blocks, tanh-approximated GELU, LM head tied to the
+  token embedding. Input ``int64 [B, 128]``, labels the next token at every position
+  (``int64 [B, 128]``), output logits ``[B, 128, 8000]``; reference batch 32. Needs
+  ``transformers``.
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks._specs import MODEL_NAMES, SPECS, ModelSpec, check_name
+from benchmarks._specs import LANGUAGE_MODELS, MODEL_NAMES, SPECS, ModelSpec, check_name
 
 __all__ = [
+    "GPT2LM",
+    "LANGUAGE_MODELS",
     "MODEL_NAMES",
     "ModelSpec",
     "SPECS",
@@ -238,6 +248,40 @@ class TransformerClassifier(nn.Module):
         return self.head(self.ln(x).mean(dim=1))
 
 
+class GPT2LM(nn.Module):
+    """``transformers.GPT2LMHeadModel`` returning its logits, with explicit position ids.
+
+    The position ids are a contiguous ``[B, T]`` copy of ``0..T-1`` rather than the
+    library's broadcast ``[1, T]`` row, so that the position embedding sees one row per
+    example (Opacus' per-sample gradients need this; dp_torch handles either).
+    """
+
+    def __init__(self, vocab: int = 8000, positions: int = 128, width: int = 256,
+                 layers: int = 4, heads: int = 4) -> None:
+        """Create a randomly initialised GPT-2 (dropout 0).
+
+        Args:
+            vocab: Vocabulary size.
+            positions: Size of the position table (longest sequence).
+            width: Model width.
+            layers: Number of blocks.
+            heads: Attention heads per block.
+        """
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width,
+                            n_layer=layers, n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        self.gpt2 = GPT2LMHeadModel(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` for token ids ``tokens`` of shape ``[B, T]``."""
+        batch, length = tokens.shape
+        where = torch.arange(length, device=tokens.device).repeat(batch, 1)
+        return self.gpt2(input_ids=tokens, position_ids=where).logits
+
+
 def build_model(
     name: str, *, lstm_cls: Callable[..., nn.Module] = nn.LSTM, seq_len: Optional[int] = None
 ) -> nn.Module:
@@ -246,8 +290,8 @@ def build_model(
     Args:
         name: One of :data:`MODEL_NAMES`.
         lstm_cls: Recurrent layer class for ``"lstm"`` (ignored otherwise).
-        seq_len: Sequence length for ``"transformer"`` (size of its position table);
-            defaults to the reference 128.
+        seq_len: Sequence length for the ``"transformer"`` models (size of their position
+            table); defaults to the reference 128. GPT-2's table always has 128 rows.
 
     Returns:
         The model (in training mode, float32, on the CPU).
@@ -261,8 +305,12 @@ def build_model(
         return CNN()
     if name == "lstm":
         return LSTMClassifier(lstm_cls=lstm_cls)
-    if name == "transformer":
-        return TransformerClassifier(seq_len=seq_len or SPECS[name].seq_len)
+    spec = SPECS.get(name)
+    if name == "gpt2":
+        return GPT2LM(spec.vocab, spec.seq_len, spec.width, heads=spec.heads)
+    if spec is not None and spec.width is not None:
+        return TransformerClassifier(seq_len=seq_len or spec.seq_len, d_model=spec.width,
+                                     heads=spec.heads)
     raise ValueError(f"name must be one of {list(MODEL_NAMES)}, got {name!r}.")
 
 
@@ -282,7 +330,8 @@ def make_batch(
         generator: Optional torch generator for reproducible data.
 
     Returns:
-        ``(inputs, labels)`` on the CPU.
+        ``(inputs, labels)`` on the CPU; a language model's labels are its inputs shifted
+        left by one position (the last wraps around).
 
     Raises:
         ValueError: If ``name`` is unknown or ``batch`` / ``seq_len`` is not positive.
@@ -291,6 +340,9 @@ def make_batch(
     if batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}.")
     spec = SPECS[name]
+    if name in LANGUAGE_MODELS:
+        tokens = torch.randint(0, spec.vocab, (batch, seq_len or spec.seq_len), generator=generator)
+        return tokens, tokens.roll(-1, 1)
     labels = torch.randint(0, spec.num_classes, (batch,), generator=generator)
     if name == "mlp":
         return torch.randn(batch, 784, generator=generator), labels

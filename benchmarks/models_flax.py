@@ -1,10 +1,12 @@
-"""The four benchmark models in ``flax.linen``: twins of :mod:`benchmarks.models`.
+"""The benchmark models in ``flax.linen``: twins of :mod:`benchmarks.models`.
 
 Same layers, same parameter shapes and counts as the PyTorch models, with JAX's
 conventions: images are NHWC (``[B, 32, 32, 3]``) instead of NCHW, dense kernels are
 ``[in, out]`` (the transpose of ``torch.nn.Linear.weight``), convolution kernels are
 ``[k, k, in, out]``. Initialisations follow flax's defaults (the LSTM's follow PyTorch's
-uniform rule); they do not affect the step time. Nothing here imports torch.
+uniform rule); they do not affect the step time. Every model takes a compute ``dtype``
+(``jnp.bfloat16`` for the bf16 benchmark; parameters stay float32 and are cast where
+used). Nothing here imports torch.
 
 Models (``build_model(name)``; parameters from ``init_params``, inputs from
 ``make_batch``):
@@ -22,6 +24,13 @@ Models (``build_model(name)``; parameters from ``init_params``, inputs from
   learned position ``Embed(T_max, 256)``, 4 pre-LN blocks (d 256, 4 heads, MLP 1024,
   exact GELU, LayerNorm epsilon 1e-5), final ``LayerNorm``, mean over positions,
   ``Dense 2``; input ``int32 [B, T]``.
+* ``transformer-768`` (34,596,866): the same with d 768, 12 heads, MLP 3072.
+* ``gpt2`` (5,240,320): the twin of ``transformers.GPT2LMHeadModel`` with the benchmark's
+  config: token ``Embed(8000, 256)`` plus a learned position ``Embed(128, 256)``, 4 pre-LN
+  causal blocks (d 256, 4 heads, MLP 1024, tanh-approximated GELU, LayerNorm epsilon
+  1e-5), final LayerNorm, logits by the transposed token embedding (the tied LM head);
+  input ``int32 [B, T]``, labels ``int32 [B, T]`` (the next tokens), output
+  ``[B, T, 8000]``.
 """
 
 from __future__ import annotations
@@ -34,10 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._specs import MODEL_NAMES, SPECS, ModelSpec, check_name
+from benchmarks._specs import LANGUAGE_MODELS, MODEL_NAMES, SPECS, ModelSpec, check_name
 
 __all__ = [
     "CNN",
+    "GPT2LM",
+    "LANGUAGE_MODELS",
     "LSTM",
     "LSTMClassifier",
     "MLP",
@@ -56,14 +67,20 @@ _LN_EPSILON = 1e-5  # PyTorch's LayerNorm default (flax's is 1e-6)
 
 
 class MLP(nn.Module):
-    """MLP 784 -> 512 -> 512 -> 10 with ReLU between the dense layers (``fc1..fc3``)."""
+    """MLP 784 -> 512 -> 512 -> 10 with ReLU between the dense layers (``fc1..fc3``).
+
+    Attributes:
+        dtype: Compute dtype.
+    """
+
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Logits ``[B, 10]`` for ``x`` of shape ``[B, 784]``."""
-        x = nn.relu(nn.Dense(512, name="fc1")(x))
-        x = nn.relu(nn.Dense(512, name="fc2")(x))
-        return nn.Dense(10, name="fc3")(x)
+        x = nn.relu(nn.Dense(512, dtype=self.dtype, name="fc1")(x))
+        x = nn.relu(nn.Dense(512, dtype=self.dtype, name="fc2")(x))
+        return nn.Dense(10, dtype=self.dtype, name="fc3")(x)
 
 
 class CNN(nn.Module):
@@ -72,16 +89,22 @@ class CNN(nn.Module):
     ``conv1`` (32 channels), ReLU, 2x2 max pool -> 16x16; ``conv2`` (64), ReLU, pool ->
     8x8; ``conv3`` (128), ReLU, pool -> 4x4; ``conv4`` (256), ReLU, mean over the 4x4
     positions; ``fc = Dense 10``. No normalisation layers.
+
+    Attributes:
+        dtype: Compute dtype.
     """
+
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Logits ``[B, 10]`` for images ``x`` of shape ``[B, 32, 32, 3]``."""
-        for i, width in enumerate((32, 64, 128)):
-            x = nn.relu(nn.Conv(width, (3, 3), padding="SAME", name=f"conv{i + 1}")(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(nn.Conv(256, (3, 3), padding="SAME", name="conv4")(x))
-        return nn.Dense(10, name="fc")(jnp.mean(x, axis=(1, 2)))
+        for i, width in enumerate((32, 64, 128, 256)):
+            conv = nn.Conv(width, (3, 3), padding="SAME", dtype=self.dtype, name=f"conv{i + 1}")
+            x = nn.relu(conv(x))
+            if i < 3:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        return nn.Dense(10, dtype=self.dtype, name="fc")(jnp.mean(x, axis=(1, 2)))
 
 
 class LSTM(nn.Module):
@@ -95,9 +118,11 @@ class LSTM(nn.Module):
 
     Attributes:
         hidden: Hidden size ``H``.
+        dtype: Compute dtype (the parameters are cast to it).
     """
 
     hidden: int = 256
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -108,10 +133,11 @@ class LSTM(nn.Module):
         def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
             return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-        kernel_ih = self.param("kernel_ih", init, (x.shape[-1], width))
-        bias_ih = self.param("bias_ih", init, (width,))
-        kernel_hh = self.param("kernel_hh", init, (self.hidden, width))
-        bias_hh = self.param("bias_hh", init, (width,))
+        kernel_ih, bias_ih, kernel_hh, bias_hh = (
+            self.param(name, init, shape).astype(self.dtype)
+            for name, shape in (("kernel_ih", (x.shape[-1], width)), ("bias_ih", (width,)),
+                                ("kernel_hh", (self.hidden, width)), ("bias_hh", (width,))))
+        x = x.astype(self.dtype)
         inputs = jnp.einsum("btd,dg->tbg", x, kernel_ih) + bias_ih  # time-major for the scan
 
         def cell(carry: tuple[jax.Array, jax.Array], projected: jax.Array):
@@ -135,18 +161,21 @@ class LSTMClassifier(nn.Module):
         embed_dim: Embedding width.
         hidden: LSTM hidden size.
         num_classes: Output classes.
+        dtype: Compute dtype.
     """
 
     vocab: int = 8000
     embed_dim: int = 128
     hidden: int = 256
     num_classes: int = 2
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits ``[B, num_classes]`` for token ids ``tokens`` of shape ``[B, T]``."""
-        x = nn.Embed(self.vocab, self.embed_dim, name="embedding")(tokens)
-        return nn.Dense(self.num_classes, name="fc")(LSTM(self.hidden, name="lstm")(x))
+        x = nn.Embed(self.vocab, self.embed_dim, dtype=self.dtype, name="embedding")(tokens)
+        h = LSTM(self.hidden, self.dtype, name="lstm")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(h)
 
 
 class TransformerBlock(nn.Module):
@@ -154,28 +183,39 @@ class TransformerBlock(nn.Module):
 
     ``x = x + proj(attention(qkv(ln1(x))))`` then ``x = x + fc2(gelu(fc1(ln2(x))))``;
     ``qkv`` splits into queries, keys, values (in that order), each into ``heads``
-    heads; softmax attention scaled by ``1 / sqrt(d / heads)``; exact (erf) GELU.
+    heads; softmax attention scaled by ``1 / sqrt(d / heads)``; exact (erf) GELU. GPT-2's
+    block is the same with a causal mask and the tanh-approximated GELU.
 
     Attributes:
         d_model: Model width ``d``.
         heads: Attention heads (must divide ``d_model``).
+        causal: Whether a position attends only to itself and earlier positions.
+        approximate_gelu: Whether the GELU is the tanh approximation (GPT-2's).
+        dtype: Compute dtype.
     """
 
     d_model: int = 256
     heads: int = 4
+    causal: bool = False
+    approximate_gelu: bool = False
+    dtype: Any = jnp.float32
 
     def _attention(self, x: jax.Array) -> jax.Array:
         batch, length, width = x.shape
         head_dim = width // self.heads
-        q, k, v = jnp.split(nn.Dense(3 * width, name="qkv")(x), 3, axis=-1)
+        q, k, v = jnp.split(nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x), 3, axis=-1)
 
         def split_heads(t: jax.Array) -> jax.Array:
             return jnp.reshape(t, (batch, length, self.heads, head_dim))
 
         q, k, v = split_heads(q), split_heads(k), split_heads(v)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        if self.causal:
+            scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores,
+                               jnp.finfo(scores.dtype).min)
         mixed = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
-        return nn.Dense(width, name="proj")(jnp.reshape(mixed, (batch, length, width)))
+        mixed = jnp.reshape(mixed, (batch, length, width))
+        return nn.Dense(width, dtype=self.dtype, name="proj")(mixed)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -185,9 +225,11 @@ class TransformerBlock(nn.Module):
                 f"heads must divide d_model, got heads={self.heads} and d_model={self.d_model}; "
                 "pick a divisor."
             )
-        x = x + self._attention(nn.LayerNorm(_LN_EPSILON, name="ln1")(x))
-        hidden = nn.Dense(4 * self.d_model, name="fc1")(nn.LayerNorm(_LN_EPSILON, name="ln2")(x))
-        return x + nn.Dense(self.d_model, name="fc2")(nn.gelu(hidden, approximate=False))
+        x = x + self._attention(nn.LayerNorm(_LN_EPSILON, dtype=self.dtype, name="ln1")(x))
+        normed = nn.LayerNorm(_LN_EPSILON, dtype=self.dtype, name="ln2")(x)
+        hidden = nn.Dense(4 * self.d_model, dtype=self.dtype, name="fc1")(normed)
+        hidden = nn.gelu(hidden, approximate=self.approximate_gelu)
+        return x + nn.Dense(self.d_model, dtype=self.dtype, name="fc2")(hidden)
 
 
 class TransformerClassifier(nn.Module):
@@ -195,7 +237,7 @@ class TransformerClassifier(nn.Module):
 
     Its attributes are the arguments of the PyTorch twin,
     :class:`benchmarks.models.TransformerClassifier` (vocabulary, longest sequence, width,
-    blocks, heads, classes).
+    blocks, heads, classes), and the compute ``dtype``.
     """
 
     vocab: int = 8000
@@ -204,26 +246,73 @@ class TransformerClassifier(nn.Module):
     layers: int = 4
     heads: int = 4
     num_classes: int = 2
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits ``[B, num_classes]`` for token ids ``tokens`` of shape ``[B, T]``."""
-        length = tokens.shape[1]
-        positions = nn.Embed(self.seq_len, self.d_model, name="positions")(jnp.arange(length))
-        x = nn.Embed(self.vocab, self.d_model, name="tokens")(tokens) + positions[None]
+        x = _embed(self, tokens, "tokens", "positions")[0]
         for i in range(self.layers):
-            x = TransformerBlock(self.d_model, self.heads, name=f"block{i}")(x)
-        x = jnp.mean(nn.LayerNorm(_LN_EPSILON, name="ln")(x), axis=1)
-        return nn.Dense(self.num_classes, name="head")(x)
+            x = TransformerBlock(self.d_model, self.heads, dtype=self.dtype, name=f"block{i}")(x)
+        x = jnp.mean(nn.LayerNorm(_LN_EPSILON, dtype=self.dtype, name="ln")(x), axis=1)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
-def build_model(name: str, *, seq_len: Optional[int] = None) -> nn.Module:
+class GPT2LM(nn.Module):
+    """GPT-2 language model: the twin of ``transformers.GPT2LMHeadModel`` (dropout 0).
+
+    Token embedding ``wte`` plus position embedding ``wpe`` (``0..T-1``), ``layers``
+    causal :class:`TransformerBlock` (``h0``, ``h1``, ...; tanh GELU), final LayerNorm
+    ``ln_f``, and logits ``x @ wte^T`` (the LM head tied to the token embedding).
+
+    Attributes:
+        vocab: Vocabulary size.
+        seq_len: Size of the position table (GPT-2's ``n_positions``).
+        d_model: Model width.
+        layers: Number of blocks.
+        heads: Attention heads per block.
+        dtype: Compute dtype.
+    """
+
+    vocab: int = 8000
+    seq_len: int = 128
+    d_model: int = 256
+    layers: int = 4
+    heads: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits ``[B, T, vocab]`` for token ids ``tokens`` of shape ``[B, T]``."""
+        x, wte = _embed(self, tokens, "wte", "wpe")
+        for i in range(self.layers):
+            x = TransformerBlock(self.d_model, self.heads, causal=True, approximate_gelu=True,
+                                 dtype=self.dtype, name=f"h{i}")(x)
+        return wte.attend(nn.LayerNorm(_LN_EPSILON, dtype=self.dtype, name="ln_f")(x))
+
+
+def _embed(model: Any, tokens: jax.Array, token_name: str,
+           position_name: str) -> tuple[jax.Array, nn.Embed]:
+    """Token plus learned position embeddings of a transformer (inside its compact call).
+
+    Returns:
+        ``([B, T, d] embeddings, the token embedding layer)``.
+    """
+    table = nn.Embed(model.vocab, model.d_model, dtype=model.dtype, name=token_name)
+    where = jnp.arange(tokens.shape[1])
+    positions = nn.Embed(model.seq_len, model.d_model, dtype=model.dtype, name=position_name)
+    return table(tokens) + positions(where)[None], table
+
+
+def build_model(name: str, *, seq_len: Optional[int] = None, dtype: Any = jnp.float32
+                ) -> nn.Module:
     """The flax module of benchmark model ``name``.
 
     Args:
         name: One of :data:`MODEL_NAMES`.
-        seq_len: Size of the transformer's position table (default: the reference 128);
-            ignored by the other models.
+        seq_len: Size of the classifier transformers' position table (default: the
+            reference 128); ignored by the other models (GPT-2's table has 128 rows).
+        dtype: Compute dtype (``jnp.bfloat16`` for bf16 compute).
 
     Returns:
         The (unbound) linen module.
@@ -232,13 +321,17 @@ def build_model(name: str, *, seq_len: Optional[int] = None) -> nn.Module:
         ValueError: If ``name`` is unknown.
     """
     check_name(name)
+    spec = SPECS[name]
     if name == "mlp":
-        return MLP()
+        return MLP(dtype)
     if name == "cnn":
-        return CNN()
+        return CNN(dtype)
     if name == "lstm":
-        return LSTMClassifier()
-    return TransformerClassifier(seq_len=seq_len or SPECS[name].seq_len)
+        return LSTMClassifier(dtype=dtype)
+    if name == "gpt2":
+        return GPT2LM(spec.vocab, spec.seq_len, spec.width, heads=spec.heads, dtype=dtype)
+    return TransformerClassifier(spec.vocab, seq_len or spec.seq_len, spec.width,
+                                 heads=spec.heads, dtype=dtype)
 
 
 def make_batch(
@@ -254,7 +347,8 @@ def make_batch(
 
     Returns:
         ``(inputs, labels)`` as numpy arrays (``float32`` images or ``int32`` tokens;
-        ``int32`` labels).
+        ``int32`` labels; a language model's labels are its tokens shifted left by one,
+        the last wrapping around).
 
     Raises:
         ValueError: If ``name`` is unknown or ``batch`` / ``seq_len`` is not positive.
@@ -264,6 +358,10 @@ def make_batch(
         raise ValueError(f"batch must be a positive int, got {batch!r}.")
     spec = SPECS[name]
     rng = np.random.default_rng(seed)
+    if name in LANGUAGE_MODELS:
+        tokens = rng.integers(0, spec.vocab, size=(batch, seq_len or spec.seq_len),
+                              dtype=np.int32)
+        return tokens, np.roll(tokens, -1, axis=1)
     labels = rng.integers(0, spec.num_classes, size=(batch,), dtype=np.int32)
     if name == "mlp":
         return rng.standard_normal((batch, 784), dtype=np.float32), labels

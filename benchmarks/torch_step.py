@@ -59,8 +59,6 @@ import json
 import os
 import pathlib
 import platform
-import resource
-import subprocess
 import sys
 import time
 import warnings
@@ -74,8 +72,15 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from benchmarks import _timing  # noqa: E402
-from benchmarks.models import MODEL_NAMES, SPECS, build_model, count_parameters, make_batch  # noqa: E402
+from benchmarks import _memory, _timing  # noqa: E402
+from benchmarks.models import (  # noqa: E402
+    LANGUAGE_MODELS,
+    MODEL_NAMES,
+    SPECS,
+    build_model,
+    count_parameters,
+    make_batch,
+)
 
 __all__ = [
     "MODES",
@@ -118,6 +123,8 @@ class Config:
         device: ``"cpu"`` or ``"cuda"``.
         threads: ``torch.set_num_threads`` value.
         warmup: Untimed steps before measuring.
+        precision: ``"fp32"``, or ``"bf16"``: forward and loss under ``torch.autocast``
+            with ``torch.bfloat16`` (parameters and gradients stay float32).
     """
 
     model: str
@@ -127,6 +134,7 @@ class Config:
     device: str
     threads: int
     warmup: int
+    precision: str = "fp32"
 
 
 class Stepper:
@@ -139,28 +147,48 @@ class Stepper:
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         inputs: torch.Tensor,
         labels: torch.Tensor,
+        autocast: Optional[str] = None,
     ) -> None:
         """Hold the objects of one configuration.
 
         Args:
             module: The (possibly wrapped) model.
             optimizer: The (possibly DP) optimizer.
-            criterion: The (possibly ghost-clipping) loss.
+            criterion: The (possibly ghost-clipping) loss of ``(output, labels)``.
             inputs: The fixed batch.
             labels: Its labels.
+            autocast: Device type (``"cpu"``, ``"cuda"``) of a bfloat16
+                ``torch.autocast`` around the forward pass and the loss, or ``None``.
         """
         self.module = module
         self.optimizer = optimizer
         self.criterion = criterion
         self.inputs = inputs
         self.labels = labels
+        self.autocast = autocast
 
     def __call__(self) -> None:
-        """``zero_grad``, forward, loss, backward and ``optimizer.step()``."""
+        """``zero_grad``, forward and loss (under autocast), backward, ``optimizer.step()``."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.criterion(self.module(self.inputs), self.labels)
+        with torch.autocast(self.autocast or "cpu", dtype=torch.bfloat16,
+                            enabled=self.autocast is not None):
+            loss = self.criterion(self.module(self.inputs), self.labels)
         loss.backward()
         self.optimizer.step()
+
+
+def _sequence_loss(criterion: Any, ghost: bool) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """The loss of a language model: ``criterion`` on the flattened ``[B*T, V]`` logits.
+
+    A ghost-clipping criterion gets ``shape=(B, T)`` so that an example's loss is the mean
+    over its positions.
+    """
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> Any:
+        batch, length = labels.shape
+        extra = {"shape": (batch, length)} if ghost else {}
+        return criterion(logits.reshape(batch * length, -1), labels.reshape(-1), **extra)
+
+    return loss
 
 
 def _framework(mode: str) -> tuple[str, str]:
@@ -214,10 +242,13 @@ def build_stepper(config: Config) -> Stepper:
         The :class:`Stepper`.
 
     Raises:
-        ValueError: If ``config.mode`` is unknown.
+        ValueError: If ``config.mode`` or ``config.precision`` is unknown.
     """
     if config.mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {config.mode!r}.")
+    if config.precision not in _timing.PRECISIONS:
+        raise ValueError(f"precision must be one of {list(_timing.PRECISIONS)}, "
+                         f"got {config.precision!r}.")
     library, grad_sample_mode = _framework(config.mode)
     device = torch.device(config.device)
     torch.manual_seed(_SEED)
@@ -230,23 +261,31 @@ def build_stepper(config: Config) -> Stepper:
     if library != "nonprivate":
         pool = make_batch(config.model, 4 * config.batch, seq_len=config.seq_len, generator=data)
         loader = DataLoader(TensorDataset(*pool), batch_size=config.batch)
-        engine = _engine(library)
-        kwargs: dict[str, Any] = {}
-        if grad_sample_mode == "ghost":
-            kwargs["criterion"] = criterion
-        with warnings.catch_warnings():
-            if library == "opacus":  # its notices about secure RNG and hooks, not ours
-                warnings.simplefilter("ignore")
-            made = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=_NOISE, max_grad_norm=_CLIP, poisson_sampling=True,
-                grad_sample_mode=grad_sample_mode, **kwargs,
-            )
-        if grad_sample_mode == "ghost":
-            model, optimizer, criterion, _ = made
-        else:
-            model, optimizer, _ = made
-    return Stepper(model, optimizer, criterion, inputs.to(device), labels.to(device))
+        model, optimizer, criterion = _make_private(library, grad_sample_mode, model, optimizer,
+                                                    criterion, loader)
+    if config.model in LANGUAGE_MODELS:
+        criterion = _sequence_loss(criterion, ghost=grad_sample_mode == "ghost")
+    autocast = config.device if config.precision == "bf16" else None
+    return Stepper(model, optimizer, criterion, inputs.to(device), labels.to(device), autocast)
+
+
+def _make_private(library: str, grad_sample_mode: str, model: nn.Module, optimizer: Any,
+                  criterion: Any, loader: DataLoader) -> tuple[nn.Module, Any, Any]:
+    """``make_private`` of ``library`` (noise 1, bound 1, Poisson); the criterion is
+    replaced by the ghost-clipping loss in ghost mode."""
+    engine = _engine(library)
+    kwargs: dict[str, Any] = {"criterion": criterion} if grad_sample_mode == "ghost" else {}
+    with warnings.catch_warnings():
+        if library == "opacus":  # its notices about secure RNG and hooks, not ours
+            warnings.simplefilter("ignore")
+        made = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=_NOISE, max_grad_norm=_CLIP, poisson_sampling=True,
+            grad_sample_mode=grad_sample_mode, **kwargs,
+        )
+    if grad_sample_mode == "ghost":
+        return made[0], made[1], made[2]
+    return made[0], made[1], criterion
 
 
 def _sync(device: str) -> Optional[Callable[[], None]]:
@@ -274,53 +313,21 @@ def time_interleaved(
 # ---------------------------------------------------------------------- memory (subprocess)
 
 
-def _rss_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
-            refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def _memory_worker(config: Config) -> dict[str, Any]:
-    """Run ``config`` alone (warm-up + 2 steps) and measure its peak memory in MiB."""
+    """Run ``config`` alone (warm-up + 2 steps) and measure its resident-set growth in MiB."""
     torch.set_num_threads(config.threads)
     warnings.filterwarnings("ignore", message=_QUIET)
     stepper = build_stepper(config)
-    if config.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+
+    def steps() -> None:
         for _ in range(config.warmup + 2):
             stepper()
-        torch.cuda.synchronize()
-        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20, "memory_kind": "cuda-peak"}
-    before = _rss_kib("VmRSS")
-    reset = _reset_peak_rss()
-    base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(config.warmup + 2):
-        stepper()
-    if reset and before is not None:
-        peak = _rss_kib("VmHWM")
-        if peak is not None:
-            return {"peak_mib": max(peak - before, 0) / 1024, "memory_kind": "rss-growth"}
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_maxrss
-    return {"peak_mib": max(grown, 0) / 1024, "memory_kind": "maxrss-growth (lower bound)"}
+
+    return _memory.rss_growth(steps)
 
 
 def measure_memory(config: Config, *, timeout: float = 600.0) -> dict[str, Any]:
-    """Peak memory of ``config`` measured in a fresh Python process.
+    """Peak memory of ``config`` on the CPU, measured in a fresh Python process.
 
     Args:
         config: The configuration.
@@ -329,20 +336,23 @@ def measure_memory(config: Config, *, timeout: float = 600.0) -> dict[str, Any]:
     Returns:
         ``{"peak_mib": float, "memory_kind": str}``, or ``{"memory_error": str}``.
     """
-    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--_memory-worker",
-               json.dumps(dataclasses.asdict(config))]
-    env = dict(os.environ)
-    root = str(pathlib.Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
-                              check=False)
-    except subprocess.TimeoutExpired:
-        return {"memory_error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"memory_error": f"exit {done.returncode}: {tail}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _memory.run_worker(__file__, dataclasses.asdict(config), timeout=timeout)
+
+
+def _cuda_mark() -> int:
+    """Reset CUDA's peak counter; the bytes allocated now (the other modes' state)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _cuda_peak(stepper: Stepper, base: int) -> dict[str, Any]:
+    """Two more steps of ``stepper``; its peak CUDA allocation above ``base`` in MiB."""
+    for _ in range(2):
+        stepper()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return {"peak_mib": peak / 2**20, "memory_kind": "cuda-peak"}
 
 
 # ---------------------------------------------------------------------- driver
@@ -356,41 +366,51 @@ def _sizes(model: str, plan: _timing.Plan) -> tuple[int, Optional[int]]:
     return _timing.sizes(SPECS[model], plan)
 
 
-def _bench_model(model: str, modes: Sequence[str], plan: _timing.Plan,
+def _bench_model(model: str, precision: str, modes: Sequence[str], plan: _timing.Plan,
                  args: argparse.Namespace) -> list[dict[str, Any]]:
     batch, seq = _sizes(model, plan)
-    rows: dict[str, dict[str, Any]] = {}
+    configs = {mode: Config(model, mode, batch, seq, args.device, args.threads, plan.warmup,
+                            precision) for mode in modes}
+    rows = {mode: {**dataclasses.asdict(c), "title": SPECS[model].title}
+            for mode, c in configs.items()}
     steppers: dict[str, Stepper] = {}
-    for mode in modes:
-        config = Config(model, mode, batch, seq, args.device, args.threads, plan.warmup)
-        row = rows[mode] = {**dataclasses.asdict(config), "title": SPECS[model].title}
-
-        def build(config: Config = config, row: dict[str, Any] = row) -> Stepper:
-            stepper = build_stepper(config)
-            row["params"] = count_parameters(stepper.module)
-            _timing.timed(stepper, _sync(args.device))  # fail here, not in a round
-            return stepper
-
-        stepper = _timing.guarded(build, row, width=15, verbose=args.verbose)
+    for mode, config in configs.items():
+        stepper = _timing.guarded(lambda c=config: _build_checked(c, rows[c.mode], args),
+                                  rows[mode], width=15, verbose=args.verbose)
         if stepper is not None:
             steppers[mode] = stepper
     times = time_interleaved(steppers, steps=plan.steps, warmup=plan.warmup, device=args.device)
     del steppers
     _timing.record_times(rows, times, with_min=True)
-    for mode in modes:
-        if "median_ms" in rows[mode] and not args.no_memory:
-            config = Config(model, mode, batch, seq, args.device, args.threads, plan.warmup)
+    for mode, config in configs.items():
+        if "median_ms" in rows[mode] and not args.no_memory and args.device == "cpu":
             rows[mode].update(measure_memory(config))
         _timing.log(_row_log(rows[mode]))
     _timing.add_ratios(rows, _opacus_twin, "vs_opacus")
     return [rows[mode] for mode in modes]
 
 
+def _build_checked(config: Config, row: dict[str, Any], args: argparse.Namespace) -> Stepper:
+    """Build ``config`` and run its first step (so that it fails here, not in a round).
+
+    On CUDA (unless ``--no-memory``) the mode's own peak allocation (its model, gradients,
+    optimizer state, batch and activations; not the other modes') is measured here.
+    """
+    base = _cuda_mark() if args.device == "cuda" and not args.no_memory else None
+    stepper = build_stepper(config)
+    row["params"] = count_parameters(stepper.module)
+    _timing.timed(stepper, _sync(args.device))
+    if base is not None:
+        row.update(_cuda_peak(stepper, base))
+    return stepper
+
+
 def _row_log(row: dict[str, Any]) -> str:
+    where = f"  {row['model']:15s} {row['precision']} {row['mode']:15s}"
     if "median_ms" not in row:
-        return f"  {row['model']:12s} {row['mode']:15s} failed"
+        return f"{where} failed"
     memory = f"{row['peak_mib']:.0f} MiB" if "peak_mib" in row else row.get("memory_error", "-")
-    return f"  {row['model']:12s} {row['mode']:15s} {row['median_ms']:9.2f} ms  {memory}"
+    return f"{where} {row['median_ms']:9.2f} ms  {memory}"
 
 
 def _opacus_twin(mode: str) -> Optional[str]:
@@ -399,29 +419,18 @@ def _opacus_twin(mode: str) -> Optional[str]:
 
 
 def markdown_tables(results: list[dict[str, Any]], modes: Sequence[str]) -> str:
-    """The step-time table (with ratios) and the memory table, in markdown.
+    """The step-time table (with ratios and peak memory), then why any cell failed.
 
     Args:
-        results: Rows as produced by this script (one per model and mode).
+        results: Rows as produced by this script (one per model, precision and mode).
         modes: Column order.
 
     Returns:
-        The time table, then (when memory was measured) the memory table after a blank line.
+        The table in markdown, followed (after a blank line) by one list item per failed
+        step or memory measurement.
     """
     ours = [(m, f"{m.split('-')[1]} ours/Opacus") for m in modes if m.startswith("dp_torch")]
-    lines = _timing.time_table(results, modes, ours, "vs_opacus")
-    if not any("peak_mib" in row or "memory_error" in row for row in results):
-        return "\n".join(lines)
-    mem_head = ["model"] + [f"{m} MiB" for m in modes]
-    lines += ["", "| " + " | ".join(mem_head) + " |", "|" + "---|" * len(mem_head)]
-    for model, rows in _timing.by_model(results).items():
-        cells = [model] + [
-            f"{rows[m]['peak_mib']:.0f}" if "peak_mib" in rows.get(m, {}) else
-            ("fails" if "error" in rows.get(m, {}) or "memory_error" in rows.get(m, {}) else "-")
-            for m in modes
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _timing.report(results, modes, ours, "vs_opacus")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -434,13 +443,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=_timing.positive(int),
                         default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                         else (os.cpu_count() or 1), help="torch.set_num_threads (default: all)")
+    _timing.add_precision_arguments(parser)
     _timing.add_run_arguments(parser)
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the memory measurement (subprocesses on the CPU)")
     _timing.add_output_arguments(parser)
-    parser.add_argument("--_memory-worker", dest="memory_worker", default=None,
+    parser.add_argument(_memory.WORKER_FLAG, dest="memory_worker", default=None,
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and args.memory_worker is None and not torch.cuda.is_available():
+    if args.device == "cuda" and not args.report and not torch.cuda.is_available():
         parser.error("--device cuda was given but torch.cuda.is_available() is False; "
                      "use --device cpu.")
     return args
@@ -463,9 +474,11 @@ def _environment(args: argparse.Namespace, plan: _timing.Plan) -> dict[str, Any]
         "steps": plan.steps, "warmup": plan.warmup, "batch_scale": plan.batch_scale,
         "seq_scale": plan.seq_scale, "optimizer": f"SGD(lr={_LR})",
         "noise_multiplier": _NOISE, "max_grad_norm": _CLIP,
+        "precisions": _timing.precisions(args),
     }
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
     if _opacus_available():
         import opacus
 
@@ -487,6 +500,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         config = Config(**json.loads(args.memory_worker))
         print(json.dumps(_memory_worker(config)), flush=True)
         return {}
+    if args.report:
+        return _timing.print_report(args.report, markdown_tables)
     plan = _plan(args)
     modes = [m for m in args.modes if not m.startswith("opacus") or _opacus_available()]
     skipped = sorted(set(args.modes) - set(modes))
@@ -498,7 +513,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     with _threads(args.threads):
         for model in args.models:
             _timing.log(f"{model}: batch {_sizes(model, plan)[0]}, seq {_sizes(model, plan)[1]}")
-            results += _bench_model(model, modes, plan, args)
+            for precision in _timing.precisions(args):
+                results += _bench_model(model, precision, modes, plan, args)
     table = markdown_tables(results, modes)
     return _timing.write_output(results, table, _environment(args, plan), started, args.json)
 
