@@ -16,8 +16,9 @@ Users' code is what runs: :func:`dp_jax.clipped_grad`, :func:`dp_jax.ghost_clipp
 and the :class:`dp_jax.PrivacyEngine` step with noise 0. In ghost mode the tests also
 assert which parameters took the ghost path (:func:`dp_jax.ghost_plan`), so a fall-back to
 vmap cannot pass for ghost clipping, and a parameter ghost clipping cannot handle exactly
-(LoRA factors, the tied table, convolutions, normalisation layers) must fall back. A
-bfloat16 model checks the precision rule of docs/design.md (float32 norms and factors).
+(LoRA factors, the tied table, normalisation layers) must fall back. A bfloat16 model
+checks the precision rule of docs/design.md (float32 norms, factors and clipped sums);
+:mod:`tests.dp_jax.test_mixed_precision` runs whole bfloat16 DP steps.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ EXPECTED_GHOST = {
     "gpt_full": {p + ".value" for p in _paths("['block']", _LORA_LAYERS, ("kernel", "bias"))}
     | {"['head']['kernel'].value", "['head']['bias'].value",
        "['wte']['embedding'].value", "['wpe']['embedding'].value"},
-    # Convolutions and GroupNorm fall back; the dense head is ghost.
-    "cnn": _paths("", ("Dense_0", "Dense_1"), ("kernel", "bias")),
+    # Convolutions and the dense head are ghost; GroupNorm falls back.
+    "cnn": _paths("", ("Dense_0", "Dense_1", "Conv_0", "Conv_1"), ("kernel", "bias")),
     # The tied table is also read by Embed.attend: it must fall back.
     "tied": {"['mix']['kernel'].value", "['mix']['bias'].value", "['wpe']['embedding'].value"},
 }
@@ -159,5 +160,5 @@ def test_bfloat16_model_is_clipped_with_float32_norms(mode, rtol):
     factors = np.minimum(1.0, bound / (norms + 1e-6))
     want = [np.tensordot(factors, g, axes=1) for g in leaves]
     got_leaves = jax.tree_util.tree_leaves(got)
-    assert all(g.dtype == jnp.bfloat16 for g in got_leaves)  # rounded once, at the end
+    assert all(g.dtype == jnp.float32 for g in got_leaves)  # never rounded to bfloat16
     assert rel_error([g.reshape(-1) for g in got_leaves], want) <= 2**-8

@@ -200,10 +200,11 @@ class GroupNormCNN(nn.Module):
 
     dtype: Any
     classes: int = 5
+    param_dtype: Any = None  # None: ``dtype``
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, 8, 8, 3]
-        kw = {"dtype": self.dtype, "param_dtype": self.dtype}
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype or self.dtype}
         x = nn.relu(nn.GroupNorm(num_groups=2, **kw)(nn.Conv(4, (3, 3), **kw)(x)))
         x = nn.Conv(8, (3, 3), strides=(2, 2), **kw)(x)
         x = nn.relu(nn.GroupNorm(num_groups=4, **kw)(x))
@@ -211,9 +212,13 @@ class GroupNormCNN(nn.Module):
         return nn.Dense(self.classes, **kw)(nn.relu(nn.Dense(16, **kw)(x)))
 
 
-def linen_cnn(dtype: Any) -> ZooCase:
-    """The GroupNorm CNN on random images, cross-entropy on 5 classes."""
-    model = GroupNormCNN(dtype)
+def linen_cnn(dtype: Any, param_dtype: Any = None) -> ZooCase:
+    """The GroupNorm CNN on random images, cross-entropy on 5 classes.
+
+    ``param_dtype`` (default ``dtype``) stores the parameters in another dtype than the
+    computation's, e.g. float32 parameters for a bfloat16 model.
+    """
+    model = GroupNormCNN(dtype, param_dtype=param_dtype)
     rng = np.random.default_rng(3)
     images = rng.standard_normal((BATCH, 8, 8, 3)).astype(np.dtype(dtype))
     labels = rng.integers(0, model.classes, size=BATCH).astype(np.int32)
