@@ -23,7 +23,8 @@ learning rate 0.01; and a noise multiplier calibrated by
 whole run (6 epochs, 96 steps) spends at most ``--epsilon`` (default 8) at ``--delta``
 (1e-5). ``--grad-sample-mode`` picks how the per-example gradients are clipped:
 ``ghost`` (default; per-example norms without per-example gradients, the loss's
-``backward()`` runs two passes), ``hooks`` or ``functorch``. All three clip the same
+``backward()`` runs one pass and forms the clipped sum from what it kept), ``hooks`` or
+``functorch``. All three clip the same
 gradients, so with the same seed they train the same model up to rounding.
 
 Before and after training it reports, on the held-out sequences, the mean next-token

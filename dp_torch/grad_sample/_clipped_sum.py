@@ -37,12 +37,35 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32
 
 
-def _row_scaled(backprops: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """``backprops`` (batch first) with row ``i`` multiplied by ``coef[i]``, in >= float32."""
-    rows = backprops.shape[0]
-    dtype = compute_dtype(backprops)
-    factors = coef[:rows].to(device=backprops.device, dtype=dtype)
-    return backprops.to(dtype) * factors.view(rows, *([1] * (backprops.dim() - 1)))
+def _row_scaled(t: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``t`` (batch first) with row ``i`` multiplied by ``coef[i]``, in >= float32.
+
+    A row with factor 0 (an example whose norm was not finite) becomes exactly 0, also
+    where it held ``inf`` or ``nan``.
+    """
+    rows = t.shape[0]
+    dtype = compute_dtype(t)
+    factors = coef[:rows].to(device=t.device, dtype=dtype).view(rows, *([1] * (t.dim() - 1)))
+    scaled = t.to(dtype) * factors
+    return torch.where(factors == 0, torch.zeros((), dtype=dtype, device=t.device), scaled)
+
+
+def _rows_zeroed(activations: Any, coef: torch.Tensor) -> Any:
+    """``activations`` with the batch rows of dropped examples (factor 0) set to 0, so that no
+    ``0 * inf`` of such an example reaches a product; unchanged when no example is dropped."""
+    if bool((coef != 0).all()):
+        return activations
+    keep = (coef != 0).to(torch.float64)
+    zeroed = [_row_scaled(a, keep).to(a.dtype) if d == 0 and a.is_floating_point() else a
+              for a, d in zip(activations, activations.in_dims)]
+    return type(activations)(zeroed, activations.kwargs, activations.in_dims, activations.kwarg_in_dims)
+
+
+def _weighted_rows(grad_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``sum_i coef[i] * grad_sample[i]`` as one matrix-vector product, in >= float32."""
+    dtype = compute_dtype(grad_sample)
+    factors = coef[: grad_sample.shape[0]].to(device=grad_sample.device, dtype=dtype)
+    return torch.tensordot(factors, grad_sample.to(dtype), dims=1)
 
 
 def _add_to_grad(p: torch.Tensor, value: torch.Tensor) -> None:
@@ -93,11 +116,12 @@ class ClippedSumStore:
         try:
             coef = coef.detach()
             for record, activations, backprops in self.calls:
-                self._add_call(record, activations, _row_scaled(backprops, coef), grad_samples_of_call)
+                self._add_call(record, _rows_zeroed(activations, coef), _row_scaled(backprops, coef),
+                               grad_samples_of_call)
+            all_kept = bool((coef != 0).all())
             for p, grad_sample in self.samples.values():
-                dtype = compute_dtype(grad_sample)
-                factors = coef[: grad_sample.shape[0]].to(device=grad_sample.device, dtype=dtype)
-                _add_to_grad(p, torch.tensordot(factors, grad_sample.to(dtype), dims=1))
+                _add_to_grad(p, _weighted_rows(grad_sample, coef) if all_kept
+                             else _row_scaled(grad_sample, coef).sum(dim=0))
         finally:
             self.clear()
 

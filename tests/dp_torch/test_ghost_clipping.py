@@ -525,3 +525,26 @@ def test_unhooked_layer_under_strict_false_is_refused_in_forward_bookkeeping() -
     with pytest.raises(ValueError, match=r"\['1.bias', '1.weight'\].*strict=False"):
         loss.backward()
     assert all(p.grad is None for p in gsm.parameters())
+
+
+@pytest.mark.parametrize("use_ghost_clipping", [True, False])
+def test_an_example_with_a_non_finite_gradient_adds_exactly_nothing(use_ghost_clipping) -> None:
+    """Factor 0 for a non-finite norm, and no ``0 * inf = nan`` of it reaches ``p.grad``: the
+    clipped sum equals the one of the batch without that example."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    x_bad = x.clone()
+    x_bad[2, 0] = float("inf")
+    grads, dropped = [], []
+    for inputs, keep in [(x_bad, slice(None)), (x[[0, 1, 3, 4]], slice(None))]:
+        gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(model), max_grad_norm=0.3, loss_reduction="sum",
+                                                   use_ghost_clipping=use_ghost_clipping)
+        criterion = DPLossFastGradientClipping(gsm, _Opt("sum"), nn.MSELoss(reduction="sum"), "sum")
+        criterion(gsm(inputs[keep]), torch.zeros(len(inputs), 2, dtype=torch.float64)).backward()
+        grads.append([p.grad.clone() for p in gsm.parameters()])
+        dropped.append(gsm.num_nonfinite_grad_samples)
+    assert dropped == [1, 0]
+    for bad, clean in zip(*grads):
+        assert torch.isfinite(bad).all()
+        assert_close(bad.numpy(), clean.numpy(), rtol=1e-12)

@@ -136,8 +136,8 @@ def _keep_float64_rmsnorm(model: nn.Module) -> None:
     """Make Llama's RMSNorm compute in float64 for a float64 model.
 
     ``LlamaRMSNorm`` computes in float32 whatever the input dtype (meant to *widen* half
-    precision), so a float64 Llama is only float32-accurate, and the clipped second pass of
-    ghost clipping (which scales each example's backprops before that rounding) differs
+    precision), so a float64 Llama is only float32-accurate, and the clipped sum of ghost
+    clipping (from each example's backprops scaled after that rounding) differs
     from the loop of single examples by float32 rounding. Computing in the wider of float32
     and the input dtype keeps the model's intent and makes float64 exact.
     """
