@@ -24,12 +24,15 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dp_torch.grad_sample.conv as conv
 import dp_torch.grad_sample.grad_sample_module as gsm_module
 import dp_torch.grad_sample.linear as linear
 from dp_torch.grad_sample import GradSampleModule, _ghost_cost, _registry
 from dp_torch.layers import DPGRU, DPLSTM, DPRNN, DPMultiheadAttention
+from tests.dp_torch.test_grad_sample import conv_configs
 from tests.tolerance import assert_close
 
 RTOL = 1e-10
@@ -158,6 +161,24 @@ def test_conv(name, forced, formulation, monkeypatch) -> None:
     monkeypatch.setattr(conv, "FORMULATION", formulation)
     _seeded()
     check_batched(*make_conv(**CONV_CASES[name]))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(SAME_PADDING_WARNING)
+@settings(max_examples=60, deadline=None)
+@given(cfg=conv_configs(), batch=st.integers(1, 4), route_index=st.integers(0, len(CONV_ROUTES) - 1))
+def test_conv_sweep(cfg, batch, route_index) -> None:
+    """Random convolutions (any dimension, stride, dilation, groups, padding and padding mode)."""
+    forced, formulation = CONV_ROUTES[route_index]
+    old = _ghost_cost.FORCE_ROUTE, conv.FORMULATION
+    _ghost_cost.FORCE_ROUTE, conv.FORMULATION = forced, formulation
+    try:
+        _seeded(batch)
+        kwargs = {k: cfg[k] for k in ("stride", "padding", "dilation", "groups", "padding_mode", "bias")}
+        check_batched(*make_conv(cfg["nd"], cfg["c_in"], cfg["c_out"], cfg["kernel"], cfg["spatial"], batch,
+                                 **kwargs))
+    finally:
+        _ghost_cost.FORCE_ROUTE, conv.FORMULATION = old
 
 
 def test_conv_empty_batch() -> None:
@@ -328,36 +349,47 @@ class _Head(nn.Module):
         return out[0]
 
 
+#: Sizes such that every projection's per-example gradient is larger than its call's tensors
+#: (ghost mode keeps smaller ones materialised, by design).
 COMPOSITES = {
-    "dp_lstm": lambda: DPLSTM(3, 4, num_layers=2, batch_first=True),
-    "dp_gru_bidirectional": lambda: DPGRU(3, 4, batch_first=True, bidirectional=True),
-    "dp_rnn": lambda: DPRNN(3, 4, batch_first=True),
-    "dp_multihead_attention": lambda: DPMultiheadAttention(4, 2, batch_first=True, add_bias_kv=True),
+    "dp_lstm": lambda: DPLSTM(16, 8, num_layers=2, batch_first=True),
+    "dp_gru_bidirectional": lambda: DPGRU(16, 8, batch_first=True, bidirectional=True),
+    "dp_rnn": lambda: DPRNN(16, 8, batch_first=True),
+    "dp_multihead_attention": lambda: DPMultiheadAttention(16, 2, batch_first=True, add_bias_kv=True),
 }
 
 
 def _composite(name: str) -> tuple[nn.Module, torch.Tensor]:
     _seeded()
-    model = _Head(COMPOSITES[name]()).double()
-    width = 4 if name == "dp_multihead_attention" else 3
-    return model, torch.randn(4, 5, width, dtype=torch.float64)
+    return _Head(COMPOSITES[name]()).double(), torch.randn(4, 5, 16, dtype=torch.float64)
 
 
-def _forbid_materialising(monkeypatch) -> None:
+def _forbid_fallback(monkeypatch) -> None:
+    """Make the ``torch.func`` fallback (a layer without a sampler) fail the test."""
+
     def boom(*args, **kwargs):
-        raise AssertionError("per-example gradients materialised in ghost mode")
+        raise AssertionError("a layer used the torch.func fallback")
 
-    for cls in list(_registry.GRAD_SAMPLERS):
-        monkeypatch.setitem(_registry.GRAD_SAMPLERS, cls, boom)
     monkeypatch.setattr(gsm_module, "ft_compute_per_sample_gradient", boom)
 
 
-def _loop_norms(model: nn.Module, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-    grads = loop_grads(model, lambda i: [x[i : i + 1]], backprops)
-    return torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in d.values())) for d in grads])
+def _spy_norm_sampler(monkeypatch, cls: type) -> list:
+    """The layers the norm sampler of ``cls`` is called for, in order."""
+    seen = []
+    real = _registry.NORM_SAMPLERS[cls]
+    monkeypatch.setitem(_registry.NORM_SAMPLERS, cls, lambda *a: seen.append(a[0]) or real(*a))
+    return seen
 
 
-def _ghost_norms(model: nn.Module, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+def _expected_step(per_example: list[dict], params: list, bound: float) -> tuple[torch.Tensor, list]:
+    """Per-example norms and the clipped sum ``sum_i min(1, C / (norm_i + 1e-6)) grad_i``."""
+    norms = torch.stack([torch.sqrt(sum(g[p].pow(2).sum() for p in params)) for g in per_example])
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    return norms, [sum(c * g[p] for c, g in zip(factors, per_example)) for p in params]
+
+
+def _ghost_step(model: nn.Module, x: torch.Tensor, backprops: torch.Tensor, bound: float) -> tuple:
+    """Per-example norms and ``p.grad`` (the clipped sum) of one ghost-clipping backward pass."""
     from dp_torch.grad_sample import GradSampleModuleFastGradientClipping
     from dp_torch.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
@@ -371,21 +403,37 @@ def _ghost_norms(model: nn.Module, x: torch.Tensor, backprops: torch.Tensor) -> 
     class Opt:
         loss_reduction = "sum"
 
-    gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="sum", max_grad_norm=1.0)
+    gsm = GradSampleModuleFastGradientClipping(model, loss_reduction="sum", max_grad_norm=bound)
     DPLossFastGradientClipping(gsm, Opt(), Criterion(), "sum")(gsm(x)).backward()
-    return gsm.per_sample_gradient_norms
+    return gsm.per_sample_gradient_norms, [p.grad for p in _trainable(model)]
 
 
 @pytest.mark.parametrize("name", sorted(COMPOSITES))
 def test_composite_layers_get_ghost_norms(monkeypatch, name) -> None:
+    """Every layer of the DP recurrent layers and attention has a norm sampler, the projections
+    (and every merged recurrence) run it, nothing uses the ``torch.func`` fallback, and the
+    norms and the clipped sum are the loop's."""
     model, x = _composite(name)
     for layer in model.modules():
         if any(p.requires_grad for p in layer.parameters(recurse=False)):
             assert _registry.find_sampler(_registry.NORM_SAMPLERS, layer) is not None, type(layer).__name__
     backprops = torch.randn(model(x).shape, dtype=torch.float64)
-    expected = _loop_norms(model, x, backprops)
-    _forbid_materialising(monkeypatch)
-    _close(_ghost_norms(copy.deepcopy(model), x, backprops), expected)
+    per_example = loop_grads(model, lambda i: [x[i : i + 1]], backprops)
+    bound = float(torch.stack([sum(g.pow(2).sum() for g in d.values()) for d in per_example]).sqrt().median())
+    norms, clipped = _expected_step(per_example, _trainable(model), bound)
+    ghost_model = copy.deepcopy(model)
+    seen = _spy_norm_sampler(monkeypatch, nn.Linear)
+    _forbid_fallback(monkeypatch)
+    got_norms, got_grads = _ghost_step(ghost_model, x, backprops, bound)
+    _close(got_norms, norms)
+    for got, want in zip(got_grads, clipped):
+        _close(got, want)
+    inner = ghost_model.inner
+    if isinstance(inner, DPMultiheadAttention):
+        expected_layers = [inner.qlinear, inner.klinear, inner.vlinear, inner.out_proj]
+    else:
+        expected_layers = [m for m in ghost_model.modules() if isinstance(m, nn.Linear)]
+    assert {id(m) for m in expected_layers} <= {id(m) for m in seen}
 
 
 @pytest.mark.parametrize("name", ["dp_lstm", "dp_gru_bidirectional"])
@@ -403,17 +451,20 @@ def test_recurrence_runs_one_sampler_per_layer_in_hooks_mode(monkeypatch, name) 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_peft_lora_gets_ghost_norms_and_its_step_is_the_definition(monkeypatch) -> None:
-    """GPT-2 with LoRA adapters: the trainable ``lora_A`` / ``lora_B`` layers have norm samplers,
-    nothing materialises per-example gradients, and one DP step equals the definition."""
+    """An MLP with PEFT LoRA adapters: the trainable ``lora_A`` / ``lora_B`` layers are plain
+    ``nn.Linear`` and run the Linear norm sampler, nothing uses the ``torch.func`` fallback,
+    and one DP step equals the loop-of-single-examples definition (the zoo's check)."""
     pytest.importorskip("peft")
     from tests.zoo.test_torch_zoo import _check
     from tests.zoo.torch_models import build
 
-    model = build("gpt2_lora", torch.float64).model
-    lora_layers = [m for n, m in model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
-    assert lora_layers and all(type(m) is nn.Linear for m in lora_layers)
+    model = build("mlp_lora", torch.float64).model
+    lora_layers = [n for n, m in model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+    assert len(lora_layers) == 4
     for layer in model.modules():
         if any(p.requires_grad for p in layer.parameters(recurse=False)):
             assert type(layer) is nn.Linear, type(layer).__name__
-    _forbid_materialising(monkeypatch)
-    _check("gpt2_lora", "ghost", torch.float64)
+    seen = _spy_norm_sampler(monkeypatch, nn.Linear)
+    _forbid_fallback(monkeypatch)
+    _check("mlp_lora", "ghost", torch.float64)
+    assert len({id(m) for m in seen}) == 4

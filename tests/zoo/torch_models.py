@@ -213,7 +213,28 @@ def embedding_bag(gen: torch.Generator) -> ZooCase:
     return _classifier_case("embedding_bag", BagClassifier(), inputs, 3, gen)
 
 
+class _MLP(nn.Module):
+    def __init__(self, width: int = 32, classes: int = 3):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def mlp_lora(gen: torch.Generator) -> ZooCase:
+    """A plain-torch MLP with PEFT LoRA adapters on both layers (only they train); the
+    adapters are wide enough that ghost mode takes their norm samplers."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["fc1", "fc2"], init_lora_weights=False)
+    model = get_peft_model(_MLP(), cfg)
+    return _classifier_case("mlp_lora", model, {"x": torch.randn(BATCH, 32, generator=gen)}, 3, gen)
+
+
 BUILDERS: dict[str, Callable[[torch.Generator], ZooCase]] = {
+    "mlp_lora": mlp_lora,
     "embedding_bag": embedding_bag,
     "gpt2": gpt2,
     "bert": bert,
