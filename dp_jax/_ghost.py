@@ -2,11 +2,15 @@
 
 :func:`ghost_clipped_grad` has the contract of :func:`dp_jax.clipped_grad` and returns the
 same clipped sum and :class:`~dp_jax.ClipAux`, but does not differentiate the kernels,
-biases and embedding tables of flax's linear and embedding layers per example: their
-norms come from the layers' inputs and output gradients (recorded in one ``jax.vmap`` of
-``jax.value_and_grad`` of the per-example loss, with a zero probe added to each layer's
-output), and their clipped sums from one product per layer. Every other parameter is
-differentiated per example, as :func:`dp_jax.clipped_grad` does.
+biases and embedding tables of flax's linear, convolution and embedding layers per
+example: their norms come from the layers' inputs (a convolution's input patches) and
+output gradients, recorded in one ``jax.vmap`` of ``jax.value_and_grad`` of the
+per-example loss with a zero probe added to each layer's output, either by the Gram
+form or, where that is cheaper, by forming the per-example product (mixed ghost
+clipping; :attr:`GhostPlan.methods` says which), and their clipped sums come from the
+same records in the same pass (book-keeping: one backward pass, no second one). Every
+other parameter is differentiated per example, as :func:`dp_jax.clipped_grad` does.
+Clipped sums are float32 or wider (see :func:`dp_jax.clipped_grad`).
 
 Guarantee:
     The result is :func:`dp_jax.clipped_grad`'s up to floating-point rounding: a
@@ -76,8 +80,8 @@ def ghost_clipped_grad(
     The contract and the result are those of :func:`dp_jax.clipped_grad`: ``clipped_sum =
     sum_{i: mask_i} g_i * min(1, C / (||g_i|| + 1e-6))``; a non-finite norm gives factor 0
     and is counted; padded rows contribute exactly zero whatever their inputs; the same
-    :class:`~dp_jax.ClipAux`. But the parameters of flax linear and embedding layers are
-    not differentiated per example: their per-example norms come from the layers' inputs
+    :class:`~dp_jax.ClipAux`. But the parameters of flax linear, convolution and
+    embedding layers are not differentiated per example: their per-example norms come from the layers' inputs
     and output gradients and their clipped sum from one product per layer (see the module
     docstring). A DP step of an MLP then costs about one forward and one backward pass.
 

@@ -6,8 +6,8 @@ A convolution's output at position ``p`` is ``patch_p(x) @ K`` (per group of
 and ``G`` its output gradients, exactly the shape of a dense layer's. This module
 mirrors flax's own preprocessing (batch flattening, ``CIRCULAR``/``REFLECT``/
 ``CAUSAL`` padding, strides and dilations, the same for ``flax.linen.Conv`` and
-``flax.nnx.Conv``), cuts the patches with ``jax.lax.conv_general_dilated_patches``
-and maps gradients in patch order back to the kernel's layout.
+``flax.nnx.Conv``), cuts the patches as strided slices of the padded inputs and maps
+gradients in patch order back to the kernel's layout.
 """
 
 from __future__ import annotations
@@ -112,22 +112,35 @@ def conv_apply(geom: ConvGeometry, inputs: jax.Array, kernel: jax.Array, bias: A
 
 
 def conv_patches(geom: ConvGeometry, inputs: jax.Array) -> jax.Array:
-    """``[positions, C * prod(kernel_size)]``: each output position's input patch.
+    """``[positions, G, window * C/G]``: each output position's input patch, per group.
 
-    The columns are in ``jax.lax.conv_general_dilated_patches`` order (input channel
-    major, then the window); :func:`patch_to_kernel` maps results back.
+    The patches are strided slices of the padded (and input-dilated) inputs, one per
+    window offset: no arithmetic, so they are exact in any dtype. The columns of a
+    group are in the kernel's order (window, then channel).
     """
-    rank = len(geom.kernel_size)
     x, padding = _prepared(geom, inputs)
-    patches = jax.lax.conv_general_dilated_patches(
-        x, geom.kernel_size, geom.strides, padding, lhs_dilation=geom.input_dilation,
-        rhs_dilation=geom.kernel_dilation, dimension_numbers=_dimension_numbers(rank),
-        precision=jax.lax.Precision.HIGHEST)
-    return jnp.reshape(patches, (-1, patches.shape[-1]))
+    spatial = x.shape[1:-1]
+    dilated_in = [(n - 1) * d + 1 for n, d in zip(spatial, geom.input_dilation)]
+    window = [(k - 1) * d + 1 for k, d in zip(geom.kernel_size, geom.kernel_dilation)]
+    pads = (jax.lax.padtype_to_pads(dilated_in, window, geom.strides, padding)
+            if isinstance(padding, str) else padding)
+    config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, geom.input_dilation)]
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), config + [(0, 0, 0)])
+    out = [(n - w) // st + 1 for n, w, st in zip(x.shape[1:-1], window, geom.strides)]
+    slices = []
+    for offset in np.ndindex(*geom.kernel_size):
+        start = [o * d for o, d in zip(offset, geom.kernel_dilation)]
+        stop = [b + (n - 1) * st + 1 for b, n, st in zip(start, out, geom.strides)]
+        slices.append(jax.lax.slice(x, [0, *start, 0], [x.shape[0], *stop, x.shape[-1]],
+                                    [1, *geom.strides, 1]))
+    patches = jnp.stack(slices, axis=-2)  # [N, *out, window, C]
+    k, channels = len(slices), x.shape[-1]
+    patches = jnp.reshape(patches, (-1, k, geom.groups, channels // geom.groups))
+    return jnp.reshape(jnp.swapaxes(patches, 1, 2), (-1, geom.groups * k * (channels // geom.groups)))
 
 
 def patch_to_kernel(grads: jax.Array, kernel_shape: Sequence[int]) -> jax.Array:
-    """Kernel-shaped gradients from ``[..., G, C/G * K, O/G]`` ones in patch order.
+    """Kernel-shaped gradients from ``[..., G, window * C/G, O/G]`` ones in patch order.
 
     ``kernel_shape`` is ``(*window, C/G, O)``; leading axes of ``grads`` (a batch
     axis) are kept.
@@ -136,7 +149,7 @@ def patch_to_kernel(grads: jax.Array, kernel_shape: Sequence[int]) -> jax.Array:
     lead = grads.shape[:-3]
     groups = grads.shape[-3]
     k = int(np.prod(window))
-    x = jnp.reshape(grads, lead + (groups, c_group, k, out // groups))
+    x = jnp.reshape(grads, lead + (groups, k, c_group, out // groups))
     n = len(lead)
-    x = jnp.transpose(x, tuple(range(n)) + (n + 2, n + 1, n, n + 3))  # [K, C/G, G, O/G]
+    x = jnp.transpose(x, tuple(range(n)) + (n + 1, n + 2, n, n + 3))  # [K, C/G, G, O/G]
     return jnp.reshape(x, lead + tuple(kernel_shape))
