@@ -152,7 +152,8 @@ def dp_accumulate_clipped_sums(
 
         def release(total, running):
             del running
-            return _noise_and_scale(total, state.key, std, denominator, noise, like)
+            out, next_key = _noise_and_scale(total, state.key, std, denominator, noise)
+            return _tree.tree_cast_like(out, like), next_key  # float32 until here
 
         out, next_key, book = _accumulate(state, clipped_sum, clip_aux, apply_update, release,
                                           state.key)
