@@ -188,8 +188,10 @@ def check_sums(entries: list[tuple[str, Optional[torch.Tensor], torch.Tensor, in
     parameter that the hooks do not see (a functional use outside its layer, a weight penalty
     added to the loss) or randomness that the per-example re-run cannot repeat (dropout inside
     a layer without a sampler) makes the two differ; per-example clipping of such gradients
-    would not be DP-SGD of this loss. The allowed rounding is ``SUM_TOLERANCE`` times the
-    parameter's ``sum_i ||g_i||``, and at least times 1% of the largest such sum of the pass
+    would not be DP-SGD of this loss. The allowed rounding is ``SUM_TOLERANCE`` (of the least
+    precise dtype among the pass's gradients: under autocast, per-sample gradients are
+    bfloat16 or float16 and their rounding reaches every layer below through the backprops)
+    times the parameter's ``sum_i ||g_i||``, and at least times 1% of the largest such sum of the pass
     (gradients that are zero in exact arithmetic, such as an attention key bias, carry
     rounding noise of the computation around them).
 
@@ -206,12 +208,20 @@ def check_sums(entries: list[tuple[str, Optional[torch.Tensor], torch.Tensor, in
         if grad_sample is None:
             _check_unsampled(name, grad)
         else:
-            stats[name] = (*sum_discrepancy(grad_sample, grad, divisor), grad.dtype)
+            stats[name] = (*sum_discrepancy(grad_sample, grad, divisor), _narrowest(grad, grad_sample))
     largest = max((scale for _, scale, _ in stats.values()), default=0.0)
-    for name, (diff, scale, dtype) in stats.items():
-        tol = SUM_TOLERANCE.get(dtype, 5e-2) * max(scale, 1e-2 * largest)
+    rounding = SUM_TOLERANCE.get(_narrowest(*(dtype for _, _, dtype in stats.values())), 5e-2)
+    for name, (diff, scale, _) in stats.items():
+        tol = rounding * max(scale, 1e-2 * largest)
         if diff > tol and diff > 0:
             raise GradSampleSumError(_sum_message(name, diff, tol))
+
+
+def _narrowest(*items: Any) -> Optional[torch.dtype]:
+    """The least precise floating dtype of some tensors or dtypes (``None`` if there is none)."""
+    dtypes = [x.dtype if isinstance(x, torch.Tensor) else x for x in items]
+    floats = [d for d in dtypes if d is not None and d.is_floating_point]
+    return min(floats, key=lambda d: torch.finfo(d).bits, default=None)
 
 
 def _layer_of(name: str) -> str:

@@ -21,6 +21,7 @@ from dp_torch.optimizers.ddpoptimizer_fast_gradient_clipping import (
     DistributedDPOptimizerFastGradientClipping,
 )
 from dp_torch.optimizers.optimizer import DPOptimizer
+from dp_torch.optimizers.optimizer import LossScaleError
 from dp_torch.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from dp_torch.optimizers.perlayeroptimizer import DPPerLayerOptimizer
 
@@ -32,6 +33,7 @@ __all__ = [
     "DistributedDPOptimizer",
     "DistributedDPOptimizerFastGradientClipping",
     "DistributedPerLayerOptimizer",
+    "LossScaleError",
     "SimpleDistributedPerLayerOptimizer",
     "get_optimizer_class",
 ]

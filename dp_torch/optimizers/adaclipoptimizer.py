@@ -16,11 +16,8 @@ from dp_torch.optimizers.optimizer import (
     ClipFactors,
     DPOptimizer,
     NoiseGenerator,
-    _check_processed_flag,
     _clip_factor,
     _generate_noise,
-    _mark_as_processed,
-    _noised,
 )
 from dpcore import clipping as core_clipping
 from dpcore import noise as core_noise
@@ -145,19 +142,12 @@ class AdaClipDPOptimizer(DPOptimizer):
         Raises:
             ValueError: If ``p.summed_grad`` is missing or was already used by a step.
         """
-        params = self.params
-        for p in params:
-            if getattr(p, "summed_grad", None) is None:
-                raise ValueError(
-                    "p.summed_grad is not set; call clip_and_accumulate() before add_noise()."
-                )
-            _check_processed_flag(p.summed_grad)
-        std = core_noise.noise_std(self.gradient_noise_multiplier, self.max_grad_norm)
-        for p in params:
-            noise = _generate_noise(std, p.summed_grad, self.generator, self.secure_mode)
-            p.grad = _noised(p.summed_grad, noise).view_as(p)
-            _mark_as_processed(p.summed_grad)
+        super().add_noise()
         self.unclipped_num_noise = self._count_noise()
+
+    def _noise_std(self) -> float:
+        """Standard deviation of the gradient noise: ``z_grad * max_grad_norm``."""
+        return core_noise.noise_std(self.gradient_noise_multiplier, self.max_grad_norm)
 
     def _count_noise(self) -> float:
         reference = torch.zeros((), dtype=torch.float64)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dp_torch.distributed import DistributedStepError, all_reduce_sum, require_process_group
+from dp_torch.optimizers import _mixed_precision as mp
 from dp_torch.optimizers.optimizer import (
     DPOptimizer,
     _check_processed_flag,
@@ -22,7 +23,6 @@ from dp_torch.optimizers.optimizer import (
     _mark_as_processed,
     _wide_device,
 )
-from dpcore import noise as core_noise
 
 __all__ = ["DistributedDPOptimizer"]
 
@@ -42,6 +42,11 @@ class DistributedDPOptimizer(DPOptimizer):
     Why rank 0 adds the noise: the noise must be in the sum exactly once, and in
     secure mode it comes from OS entropy, which ranks cannot share through a
     seed. Only rank 0's ``generator`` is used (the others' are never advanced).
+
+    The sums, the noise and the all-reduce are float32 or wider whatever the
+    model's dtype. Under a ``GradScaler`` the ranks agree on refusing a step
+    whose scaled gradients overflowed on any of them (one extra all-reduce of a
+    flag per step).
 
     Secure mode: rank 0's float64 noise is added to its float64 sum, the ranks'
     sums are all-reduced in **float64**, and the total is rounded to the
@@ -100,7 +105,7 @@ class DistributedDPOptimizer(DPOptimizer):
                     "p.summed_grad is not set; call clip_and_accumulate() before add_noise()."
                 )
             _check_processed_flag(summed)
-        std = core_noise.noise_std(self.noise_multiplier, self.max_grad_norm)
+        std = self._noise_std()
         contributions = [self._local_contribution(p, std) for p in params]
         try:
             totals = all_reduce_sum(contributions)
@@ -110,5 +115,11 @@ class DistributedDPOptimizer(DPOptimizer):
                 _mark_as_processed(p.summed_grad)
             raise
         for p, total in zip(params, totals):
-            p.grad = total.to(device=p.device, dtype=p.dtype).view_as(p)
+            mp.set_grad(p, total.to(device=p.device, dtype=mp.accumulation_dtype(p)))
             _mark_as_processed(p.summed_grad)
+
+    def _overflow_on_any_rank(self, overflow: bool) -> bool:
+        """Whether a GradScaler overflow happened on any rank (all-reduce of the flags)."""
+        device = self.params[0].device if self.params else torch.device("cpu")
+        flag = torch.tensor([1.0 if overflow else 0.0], device=device)
+        return bool(all_reduce_sum([flag])[0].item() > 0)

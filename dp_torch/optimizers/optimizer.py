@@ -13,12 +13,17 @@ and overridden one at a time:
    *expected* batch size (never the realised one), ``"sum"`` does not divide;
 4. the step hook (privacy accounting), then the wrapped optimizer's ``step``.
 
+Norms, factors, sums and noise are float32 or wider whatever the model's dtype, and a
+``torch.amp.GradScaler`` loss scale is divided out of the per-example gradients (see
+:mod:`dp_torch.optimizers._mixed_precision`).
+
 The rules are those of :mod:`dpcore.clipping` and :mod:`dpcore.noise`; the tests
 compare against that numpy reference math.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -30,11 +35,14 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dp_torch.grad_sample._rows import check_rows
+from dp_torch.optimizers import _mixed_precision as mp
 from dp_torch.optimizers.utils import params as _trainable_params
 from dpcore import clipping as core_clipping
 from dpcore import noise as core_noise
 
-__all__ = ["DPOptimizer", "NoiseGenerator"]
+__all__ = ["DPOptimizer", "LossScaleError", "NoiseGenerator"]
+
+LossScaleError = mp.LossScaleError
 
 logger = logging.getLogger(__name__)
 
@@ -354,6 +362,20 @@ class DPOptimizer(Optimizer):
     one with zero rows) contributes zero, the noise is still added and the step
     hook still fires.
 
+    Mixed precision: per-example norms, clip factors, the clipped sum
+    (``p.summed_grad``) and the noise are float32 (float64 for a float64 model)
+    whatever the dtype of the model, its activations or its per-sample gradients
+    (``torch.autocast``, or a ``model.to(torch.bfloat16)``); a bfloat16 or float16
+    parameter gets ``p.grad`` rounded to its dtype once, after noise and scaling.
+    With ``torch.amp.GradScaler`` (``scaler.scale(loss).backward();
+    scaler.step(optimizer); scaler.update()``) the scaler hands the loss scale to
+    this optimizer, which divides it out of the per-example gradients before
+    clipping, so clipping and noise are those of the unscaled loss. A step whose
+    scaled gradients overflowed raises :class:`LossScaleError` before anything is
+    updated or accounted, instead of being skipped (a skip would depend on the
+    batch without noise); use a fixed scale small enough for your gradients, or
+    bfloat16, which needs no scaler.
+
     Where this differs from Opacus 1.6 and why: ``docs/opacus_differences.md``.
 
     Attributes:
@@ -376,6 +398,9 @@ class DPOptimizer(Optimizer):
 
     #: Key under which :meth:`load_state_dict` takes the DP settings (:meth:`dp_state_dict`).
     DP_STATE_KEY = "dp_optimizer"
+
+    #: ``torch.amp.GradScaler.step`` hands over the loss scale instead of unscaling ``p.grad``.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -431,6 +456,7 @@ class DPOptimizer(Optimizer):
         self.num_nonfinite_grad_samples = 0
         self._step_skip_queue: list[bool] = []
         self._is_last_step_skipped = False
+        self._loss_scale: Optional[mp.LossScale] = None
         for p in self.params:
             p.summed_grad = None
 
@@ -671,8 +697,32 @@ class DPOptimizer(Optimizer):
         if not present:
             return None
         device = present[0].device
-        per_param = torch.stack([_row_norms(g, batch).to(device) for g in present], dim=1)
+        per_param = torch.stack([self._example_norms(g, batch).to(device) for g in present], dim=1)
         return torch.linalg.vector_norm(per_param, ord=2, dim=1)
+
+    def _example_norms(self, g: torch.Tensor, batch: int) -> torch.Tensor:
+        """Per-example norms of one parameter's per-sample gradients, float32 or wider, with a
+        ``GradScaler``'s loss scale divided out."""
+        norms = _row_norms(g, batch)
+        return norms if self._loss_scale is None else norms * self._loss_scale.inverse
+
+    def _check_loss_scale(self, keep: torch.Tensor) -> None:
+        """Under a ``GradScaler``, refuse a step whose scaled gradients overflowed anywhere.
+
+        Raises:
+            LossScaleError: If the scaler found inf/NaN in ``p.grad`` or a per-example
+                gradient is not finite (nothing has been changed).
+        """
+        scale = self._loss_scale
+        if scale is None:
+            return
+        overflow = scale.found_inf or (keep.numel() > 0 and not bool(keep.all()))
+        if self._overflow_on_any_rank(overflow):
+            raise LossScaleError(mp.overflow_message(scale))
+
+    def _overflow_on_any_rank(self, overflow: bool) -> bool:
+        """Whether any process of the step saw an overflow (one process here: its own flag)."""
+        return overflow
 
     def _clip_factors(self, flats: Sequence[Optional[torch.Tensor]], batch: int) -> ClipFactors:
         """Per-parameter clip factors (``[B]`` each, ``None`` where there is no
@@ -692,24 +742,31 @@ class DPOptimizer(Optimizer):
         Per-example norm over all parameters, factor ``min(1, C / (norm + 1e-6))``,
         non-finite norm: factor 0 and the example's rows zeroed (counted in
         :attr:`num_nonfinite_grad_samples`). A parameter without per-sample
-        gradient adds zeros. Marks ``p.grad_sample`` as processed.
+        gradient adds zeros. Norms, factors and ``p.summed_grad`` are float32 or
+        wider; in a ``GradScaler`` step the loss scale is divided out of the norms
+        and the sum. Marks ``p.grad_sample`` as processed.
 
         Raises:
             ValueError: If gradients were not cleared since the last step, or the
                 per-sample gradients are inconsistent. Nothing is changed then.
+            LossScaleError: In a ``GradScaler`` step whose scaled gradients
+                overflowed. Nothing is changed then.
         """
         flats, batch = self._collect_grad_samples()
         factors, keep = self._clip_factors(flats, batch)
+        self._check_loss_scale(keep)
         dropped = int((~keep).sum()) if keep.numel() else 0
         self.num_nonfinite_grad_samples += dropped
+        inverse = 1.0 if self._loss_scale is None else self._loss_scale.inverse
         for p, g, factor in zip(self.params, flats, factors):
+            dtype = mp.accumulation_dtype(p)
             if g is None:
-                contribution = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                contribution = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
             else:
-                g = g.to(p.dtype)
+                g = g.to(dtype)
                 if dropped:
                     g = g.masked_fill(~_rows_mask(keep, g), 0.0)
-                scale = factor.to(device=g.device, dtype=p.dtype)
+                scale = (factor * inverse).to(device=g.device, dtype=dtype)
                 contribution = torch.einsum("i,i...", scale, g).to(p.device)
             summed = getattr(p, "summed_grad", None)
             p.summed_grad = contribution if summed is None else summed + contribution
@@ -718,9 +775,11 @@ class DPOptimizer(Optimizer):
     def add_noise(self) -> None:
         """Add ``N(0, (noise_multiplier * max_grad_norm)**2)`` to ``p.summed_grad`` into ``p.grad``.
 
-        Noise is drawn parameter by parameter in :attr:`params` order. With a
+        Noise is drawn parameter by parameter in :attr:`params` order, in the dtype
+        of ``p.summed_grad`` (float32 or wider), and added there; a narrower
+        parameter's ``p.grad`` is the rounding of that sum. With a
         :class:`dpcore.noise.NoiseSource` it is the source's float64 draw cast to
-        the parameter's dtype (bit-identical to the JAX backend's).
+        that dtype (bit-identical to the JAX backend's).
 
         Secure mode, and how it differs from Opacus: Opacus sums four float32
         ``torch.normal`` draws from a CSPRNG generator and adds the result to the
@@ -748,11 +807,15 @@ class DPOptimizer(Optimizer):
                     "p.summed_grad is not set; call clip_and_accumulate() before add_noise()."
                 )
             _check_processed_flag(summed)
-        std = core_noise.noise_std(self.noise_multiplier, self.max_grad_norm)
+        std = self._noise_std()
         for p in params:
             noise = _generate_noise(std, p.summed_grad, self.generator, self.secure_mode)
-            p.grad = _noised(p.summed_grad, noise).view_as(p)
+            mp.set_grad(p, _noised(p.summed_grad, noise))
             _mark_as_processed(p.summed_grad)
+
+    def _noise_std(self) -> float:
+        """Standard deviation of the gradient noise: ``noise_multiplier * max_grad_norm``."""
+        return core_noise.noise_std(self.noise_multiplier, self.max_grad_norm)
 
     def _averaging_denominator(self) -> int:
         return core_clipping.averaging_denominator("mean", self.expected_batch_size)
@@ -761,13 +824,16 @@ class DPOptimizer(Optimizer):
         """Apply ``loss_reduction`` to ``p.grad``.
 
         ``"mean"``: divide by ``expected_batch_size * accumulated_iterations`` (never
-        by the realised batch size, which would leak it). ``"sum"``: nothing.
+        by the realised batch size, which would leak it). ``"sum"``: nothing. A
+        narrower parameter's gradient is divided in float32 and rounded once.
         """
         if self.loss_reduction != "mean":
+            for p in self.params:
+                mp.drop_wide_grad(p)
             return
         denominator = self._averaging_denominator() * self.accumulated_iterations
         for p in self.params:
-            p.grad /= denominator
+            mp.divide_grad(p, denominator)
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Clear ``p.grad``, ``p.grad_sample`` and, unless the step was skipped, ``p.summed_grad``.
@@ -780,6 +846,7 @@ class DPOptimizer(Optimizer):
         """
         for p in self.params:
             p.grad_sample = None
+            mp.drop_wide_grad(p)
             if not self._is_last_step_skipped:
                 p.summed_grad = None
         self.original_optimizer.zero_grad(set_to_none)
@@ -815,8 +882,29 @@ class DPOptimizer(Optimizer):
         """The first phase of :meth:`pre_step`: fold this batch into ``summed_grad``."""
         self.clip_and_accumulate()
 
+    @contextlib.contextmanager
+    def _step_context(self) -> Any:
+        """The context of one step's phases: autocast off (the DP arithmetic is float32 even
+        when ``step()`` is called inside ``torch.autocast``) and the loss scale a
+        ``GradScaler`` handed over, if any."""
+        with contextlib.ExitStack() as stack:
+            for device_type in sorted({p.device.type for p in self.params}):
+                if torch.amp.is_autocast_available(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            try:
+                self._loss_scale = mp.read_loss_scale(self)
+                yield
+            except BaseException:
+                mp.forget_loss_scale(self)  # the scaler removes them only after a step that returned
+                raise
+            finally:
+                self._loss_scale = None
+
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Run ``closure`` (if given, with grad enabled), the DP phases, then the wrapped step.
+
+        Called by ``GradScaler.step``, the loss scale it hands over is divided out of
+        the per-example gradients (see the class docstring).
 
         Args:
             closure: Re-evaluates the model and returns the loss (optional).
@@ -824,12 +912,18 @@ class DPOptimizer(Optimizer):
         Returns:
             The closure's loss if a closure was given, else the wrapped optimizer's
             return value (``None`` when the step was skipped).
+
+        Raises:
+            LossScaleError: In a ``GradScaler`` step whose scaled gradients overflowed,
+                or after ``scaler.unscale_(optimizer)``; nothing is updated or accounted.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self.pre_step():
+        with self._step_context():
+            full = self.pre_step()
+        if not full:
             return loss
         result = self.original_optimizer.step()
         return loss if closure is not None else result

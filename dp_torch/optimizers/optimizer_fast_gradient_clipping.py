@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from dp_torch.optimizers.optimizer import DPOptimizer, _check_processed_flag
+from dp_torch.optimizers import _mixed_precision as mp
+from dp_torch.optimizers.optimizer import DPOptimizer, LossScaleError, _check_processed_flag
 
 __all__ = ["DPOptimizerFastGradientClipping"]
 
@@ -29,6 +30,12 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
     and ``accumulated_iterations`` is always 1, as in Opacus. Arguments are those
     of :class:`~dp_torch.optimizers.DPOptimizer`; ``max_grad_norm`` is the bound
     the backward pass clipped to, and here it only scales the noise.
+
+    Mixed precision: ``p.summed_grad`` and the noise are float32 or wider whatever
+    the parameters' dtype. A ``torch.amp.GradScaler`` is refused
+    (:class:`~dp_torch.optimizers.LossScaleError` at ``scaler.step``): the backward
+    pass clips before the loss scale could be divided out; use bfloat16 autocast,
+    which needs no loss scale.
     """
 
     @property
@@ -54,16 +61,19 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
         Raises:
             ValueError: If ``p.summed_grad`` was already used by a noise-adding step
                 (``zero_grad()`` was not called); nothing is changed then.
+            LossScaleError: In a ``GradScaler`` step; nothing is changed then.
         """
+        if self._loss_scale is not None:
+            raise LossScaleError(mp.ghost_message())
         params = self.params
         for p in params:
             _check_processed_flag(getattr(p, "summed_grad", None))
         for p in params:
-            grad = p.grad
+            grad, dtype = p.grad, mp.accumulation_dtype(p)
             contribution = (
-                torch.zeros_like(p, memory_format=torch.contiguous_format)
+                torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
                 if grad is None
-                else grad.detach().clone()
+                else grad.detach().to(dtype, copy=True)
             )
             summed = getattr(p, "summed_grad", None)
             p.summed_grad = contribution if summed is None else summed + contribution
@@ -75,6 +85,7 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
             set_to_none: Set ``p.grad`` to ``None`` instead of zeroing it.
         """
         for p in self.params:
+            mp.drop_wide_grad(p)
             if not self._is_last_step_skipped:
                 p.summed_grad = None
         self.original_optimizer.zero_grad(set_to_none)

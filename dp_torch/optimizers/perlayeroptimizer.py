@@ -9,12 +9,7 @@ from typing import Optional
 import torch
 from torch.optim import Optimizer
 
-from dp_torch.optimizers.optimizer import (
-    ClipFactors,
-    DPOptimizer,
-    _clip_factor,
-    _row_norms,
-)
+from dp_torch.optimizers.optimizer import ClipFactors, DPOptimizer, _clip_factor
 from dp_torch.optimizers.utils import params as _trainable_params
 from dpcore import clipping as core_clipping
 
@@ -81,7 +76,7 @@ class DPPerLayerOptimizer(DPOptimizer):
         if not present:
             return [None] * len(flats), torch.ones(0, dtype=torch.bool)
         device = present[0].device
-        norms = [None if g is None else _row_norms(g, batch).to(device) for g in flats]
+        norms = [None if g is None else self._example_norms(g, batch).to(device) for g in flats]
         keep = torch.stack([torch.isfinite(n) for n in norms if n is not None]).all(dim=0)
         factors = [
             None if n is None else torch.where(keep, _clip_factor(n, c), torch.zeros_like(n))
