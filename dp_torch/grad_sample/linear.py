@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 
 from . import _ghost_cost
-from ._trainable import weight_and_bias
 from ._registry import (
     CALL_CONCATENATORS,
     register_batch_grad_sampler,
     register_grad_sampler,
     register_norm_sampler,
 )
+from ._trainable import weight_and_bias
 
 __all__ = [
     "compute_linear_batch_grad",
