@@ -1,7 +1,7 @@
 """DP-SGD step time in JAX: non-private, dp_jax and optax's contrib DP-SGD, side by side.
 
-For each of the four flax models of :mod:`benchmarks.models_flax` (MLP, CNN, LSTM,
-transformer; the reference table's shapes, twins of :mod:`benchmarks.models`) this script times,
+For each flax model of :mod:`benchmarks.models_flax` (MLP, CNN, LSTM, transformer d 256 and
+d 768, GPT-2; the reference table's shapes, twins of :mod:`benchmarks.models`) this script times,
 in one run, one jitted training step (plain SGD everywhere, learning rate 1e-3) of:
 
 * ``nonprivate``: ``jax.grad`` of the batch-mean cross-entropy of the batched model (no
@@ -40,9 +40,18 @@ step)`` consecutive steps (at most 25) in each round and only the block's first 
 not timed, so that a step of a few milliseconds is timed with warm caches, back to back
 with itself as in a training loop, rather than right after another mode's step.
 ``step_ms`` in the JSON lists every timed step, ``repeats`` the block length.
-Memory: XLA's own estimate of each compiled step's temporary buffers
-(``compiled.memory_analysis().temp_size_in_bytes``; parameters, inputs and outputs not
-included), where the backend reports it.
+Memory (beside the time in every cell): with ``--memory plan`` (default) XLA's footprint of
+one call of the compiled step (``compiled.memory_analysis()``: arguments + outputs +
+temporaries - outputs aliased to arguments), where the backend reports it; with ``--memory
+process`` each mode runs again alone in a fresh subprocess and the figure is the resident-set
+growth during its steps on the CPU, the device's ``peak_bytes_in_use`` on a GPU. On a GPU
+the JSON's environment also keeps the process's device peak (``device_peak_mib``).
+
+Precision: ``--bf16`` (or ``--precision fp32,bf16``) measures every model twice, the second
+time with the models' compute ``dtype=jnp.bfloat16`` (parameters, gradients, noise and the
+optimizer stay float32; the loss is taken in float32). Each precision is a table line of
+its own; its ratios are to the non-private step of the same precision. GPT-2's loss of an
+example is the mean cross-entropy over its positions.
 
 ``--profile`` adds component timings per model (same rounds), to see where a DP step's
 time goes: ``forward`` (batched forward + loss), ``grad`` (the non-private gradient
@@ -62,10 +71,11 @@ setting        mlp   cnn  lstm  transformer  notes
 gpu default    1024  512  256   64           reference sizes; 20 steps, 3 warm-up rounds
 cpu default    256   128  64    16           ``--batch-scale 0.25``; 10 steps, 3 warm-up
 ``--quick``    128   64   32    8            ``--batch-scale 0.125``; 7 steps, 2 warm-up
-``--smoke``    2     2    2     2            seq lstm 4, transformer 8; 1 step, no warm-up
+``--smoke``    2     2    2     2            seq lstm 4, transformers 8; 1 step, no warm-up
 =============  ====  ===  ====  ===========  ===============================================
 
-Sequence lengths are the reference ones (LSTM 64, transformer 128) except with
+``transformer-768`` and ``gpt2`` (reference batch 32) scale the same way (32, 8, 4, 2).
+Sequence lengths are the reference ones (LSTM 64, transformers 128) except with
 ``--smoke``. The device is whatever JAX picks (``jax.devices()[0]``: a GPU when JAX sees
 one, else the CPU).
 

@@ -1,8 +1,9 @@
 """DP-SGD step time and peak memory: non-private, dp_torch and Opacus 1.6, side by side.
 
-For each of the four models of :mod:`benchmarks.models` (MLP, CNN, LSTM, transformer;
-the reference table's shapes) this script measures, in one run, one training step
-(``zero_grad``, forward, loss, backward, ``optimizer.step()``; plain SGD everywhere) of:
+For each model of :mod:`benchmarks.models` (MLP, CNN, LSTM, transformer d 256 and d 768,
+GPT-2 fine-tuning; the reference table's shapes) this script measures, in one run, one
+training step (``zero_grad``, forward, loss, backward, ``optimizer.step()``; plain SGD
+everywhere) of:
 
 * ``nonprivate``: the plain model and ``torch.optim.SGD``;
 * ``dp_torch-hooks`` / ``dp_torch-ghost``: ``dp_torch.PrivacyEngine().make_private(...,
@@ -13,9 +14,17 @@ The DP objects are built by ``make_private`` on a Poisson ``DataLoader`` (noise 
 1, clipping bound 1, expected batch = the batch size), but the timed steps use one fixed
 batch of exactly the stated size, so batch sampling is not timed. The LSTM model uses
 ``nn.LSTM`` without privacy, ``dp_torch.layers.DPLSTM`` for dp_torch and
-``opacus.layers.DPLSTM`` for Opacus.
+``opacus.layers.DPLSTM`` for Opacus. GPT-2's loss is the cross-entropy of the flattened
+``[B*T, vocab]`` logits; an example's loss is the mean over its positions (ghost mode passes
+``shape=(B, T)``). A configuration that fails (Opacus' ghost mode refuses GPT-2's tied
+head) is a ``fails`` cell with its reason listed under the table.
 
-Time: all configurations of one model live in one process and are stepped in
+Precision: ``--bf16`` (or ``--precision fp32,bf16``) measures every model twice, the second
+time with the forward pass and loss under ``torch.autocast(device, dtype=torch.bfloat16)``;
+each precision is a table line of its own and its ratios are to the non-private step of the
+same precision.
+
+Time: all configurations of one model and precision live in one process and are stepped in
 interleaved rounds (one step of each per round, the order rotating), so that load from
 other processes affects them alike; the figure is the median over ``--steps`` rounds after
 ``--warmup`` rounds (``time.perf_counter``; on CUDA after ``torch.cuda.synchronize()``).
@@ -23,12 +32,12 @@ other processes affects them alike; the figure is the median over ``--steps`` ro
 pool stalls, so ``--threads 1`` suits a run beside other busy processes. The JSON keeps
 every step time and the minimum next to the median.
 
-Memory: each configuration runs again alone in a fresh subprocess (``--warmup`` + 2
-steps). On CUDA the figure is ``torch.cuda.max_memory_allocated()`` (absolute: parameters
-included). On the CPU it is the growth of the resident set during the steps: the peak
-RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` just before the first step; else
-``resource.getrusage`` maxrss) minus the RSS before the first step, so parameters and the
-interpreter are *not* included.
+Memory (beside the time in every cell): on CUDA, ``torch.cuda.max_memory_allocated()``
+while the mode is built and takes its first 3 steps, minus what was allocated before (the
+other modes), so the mode's parameters, gradients, optimizer state, batch and activations.
+On the CPU each configuration runs again alone in a fresh subprocess (``--warmup`` + 2
+steps) and the figure is the growth of the resident set during the steps (see
+:mod:`benchmarks._memory`; parameters and the interpreter are not included).
 
 Sizes (batch = reference batch x ``--batch-scale``, at least 2; sequence lengths x
 ``--seq-scale``):
@@ -39,15 +48,17 @@ setting        mlp   cnn  lstm  transformer  notes
 cuda default   1024  512  256   64           reference sizes; 20 steps, 3 warm-up rounds
 cpu default    256   128  64    16           ``--batch-scale 0.25``; 10 steps, 3 warm-up
 ``--quick``    128   64   32    8            ``--batch-scale 0.125``; 7 steps, 2 warm-up
-``--smoke``    2     2    2     2            seq lstm 4, transformer 8; 1 step, 1 warm-up
+``--smoke``    2     2    2     2            seq lstm 4, transformers 8; 1 step, 1 warm-up
 =============  ====  ===  ====  ===========  ===============================================
 
-Sequence lengths are the reference ones (LSTM 64, transformer 128) except with ``--smoke``.
+``transformer-768`` and ``gpt2`` (reference batch 32) scale the same way (32, 8, 4, 2).
+Sequence lengths are the reference ones (LSTM 64, transformers 128) except with ``--smoke``.
 
 Examples::
 
     python benchmarks/torch_step.py --quick --json torch_step.json   # CPU sizes
-    python benchmarks/torch_step.py --device cuda --json torch_step_cuda.json
+    python benchmarks/torch_step.py --device cuda --bf16 --json torch_step_cuda.json
+    python benchmarks/torch_step.py --report run1.json run2.json       # one table of both
 """
 
 from __future__ import annotations

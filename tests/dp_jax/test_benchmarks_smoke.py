@@ -31,7 +31,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "jax_step.py"
 MODELS = ("mlp", "cnn", "lstm", "transformer")
 MODES = ("nonprivate", "dp_jax", "dp_jax-ghost", "dp_jax-sgd", "optax-contrib")
-PARAMS = {"mlp": 669_706, "cnn": 390_986, "lstm": 1_419_778, "transformer": 5_240_834}
+PARAMS = {"mlp": 669_706, "cnn": 390_986, "lstm": 1_419_778, "transformer": 5_240_834,
+          "transformer-768": 34_596_866, "gpt2": 5_240_320}
 
 
 def _env() -> dict[str, str]:
@@ -46,7 +47,7 @@ def _env() -> dict[str, str]:
 def test_every_model_and_mode_steps(tmp_path):
     out = tmp_path / "result.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--json", str(out)],
+        [sys.executable, str(SCRIPT), "--smoke", "--json", str(out), "--models", ",".join(MODELS)],
         capture_output=True, text=True, timeout=240, env=_env(), check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,6 +58,7 @@ def test_every_model_and_mode_steps(tmp_path):
         assert "error" not in row, f"{model}/{mode}: {row.get('error')}"
         assert row["batch"] == 2 and len(row["step_ms"]) == 1
         assert 0 < row["median_ms"] < 60_000 and row["compile_s"] > 0
+        assert row["memory_kind"] == "xla-plan" and row["peak_mib"] == row["plan_mib"] > 0
         # The smoke transformer's position table has 8 rows instead of 128.
         expected = PARAMS[model] - (120 * 256 if model == "transformer" else 0)
         if mode in MODES:
@@ -72,8 +74,8 @@ def test_every_model_and_mode_steps(tmp_path):
     assert result["environment"]["backend"] in ("cpu", "gpu", "cuda", "rocm", "tpu")
     assert result["environment"]["x64"] is False
     # The table is printed, one line per model.
-    assert done.stdout.count("| MLP 784-512-512-10 | 2 |") == 1
-    assert done.stdout.count("| transformer, d 256, 4 layers, seq 8 | 2 |") == 1
+    assert done.stdout.count("| MLP 784-512-512-10 | 2 | fp32 |") == 1
+    assert done.stdout.count("| transformer, d 256, 4 layers, seq 8 | 2 | fp32 |") == 1
     assert result["table"] in done.stdout
 
 
@@ -105,21 +107,28 @@ def test_markdown_table_shows_ratios():
          "median_ms": 3.0, "vs_nonprivate": 1.5, "vs_optax_contrib": 0.75},
     ]
     table = jax_step.markdown_table(rows, MODES).splitlines()
-    assert table[0] == ("| model | batch | nonprivate | dp_jax | dp_jax-ghost | dp_jax-sgd | "
+    assert table[0] == ("| model | batch | dtype | nonprivate | dp_jax | dp_jax-ghost | dp_jax-sgd | "
                         "optax-contrib | dp_jax / optax-contrib | dp_jax-ghost / optax-contrib | "
                         "dp_jax-sgd / optax-contrib |")
-    assert table[2] == ("| MLP | 8 | 2.00 ms | 5.00 ms (2.5x) | 3.00 ms (1.5x) | fails | "
+    assert table[2] == ("| MLP | 8 | fp32 | 2.00 ms | 5.00 ms (2.5x) | 3.00 ms (1.5x) | fails | "
                         "4.00 ms (2.0x) | 1.25 | 0.75 | - |")
+    assert table[-1] == "- mlp fp32 dp_jax-sgd (step): ValueError: boom"
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", tuple(PARAMS))
 def test_flax_models_have_the_reference_parameter_counts(name):
     params = jax.eval_shape(lambda: models_flax.init_params(name))  # shapes only
     assert models_flax.count_parameters(params) == PARAMS[name]
     x, y = models_flax.make_batch(name, 3)
-    out = jax.eval_shape(models_flax.build_model(name).apply, {"params": params}, x)
-    assert out.shape == (3, models_flax.SPECS[name].num_classes) and out.dtype == jnp.float32
-    assert y.shape == (3,) and y.dtype == np.int32
+    lm = name in models_flax.LANGUAGE_MODELS
+    for dtype in (jnp.float32, jnp.bfloat16):
+        module = models_flax.build_model(name, dtype=dtype)
+        out = jax.eval_shape(module.apply, {"params": params}, x)
+        classes = models_flax.SPECS[name].num_classes
+        assert out.shape == ((3, 128, classes) if lm else (3, classes)) and out.dtype == dtype
+    assert y.shape == ((3, 128) if lm else (3,)) and y.dtype == np.int32
+    if lm:  # the next token at every position
+        assert np.array_equal(y[:, :-1], x[:, 1:])
 
 
 # ------------------------------------------------------------------ twins of the torch models
@@ -153,6 +162,8 @@ def _convert(name: str, model) -> dict:
                      "kernel_hh": _t(lstm.weight_hh_l0).T, "bias_hh": _t(lstm.bias_hh_l0)},
             "fc": _dense(model.fc),
         }
+    if name == "gpt2":
+        return _convert_gpt2(model.gpt2.transformer)
     blocks = {
         f"block{i}": {"ln1": _norm(b.ln1), "qkv": _dense(b.qkv), "proj": _dense(b.proj),
                       "ln2": _norm(b.ln2), "fc1": _dense(b.fc1), "fc2": _dense(b.fc2)}
@@ -163,12 +174,30 @@ def _convert(name: str, model) -> dict:
             **blocks, "ln": _norm(model.ln), "head": _dense(model.head)}
 
 
-@pytest.mark.parametrize("name", MODELS)
+def _conv1d(layer) -> dict[str, np.ndarray]:
+    """transformers' Conv1D keeps its weight as ``[in, out]``, flax's kernel layout."""
+    return {"kernel": _t(layer.weight), "bias": _t(layer.bias)}
+
+
+def _convert_gpt2(body) -> dict:
+    blocks = {
+        f"h{i}": {"ln1": _norm(b.ln_1), "qkv": _conv1d(b.attn.c_attn),
+                  "proj": _conv1d(b.attn.c_proj), "ln2": _norm(b.ln_2),
+                  "fc1": _conv1d(b.mlp.c_fc), "fc2": _conv1d(b.mlp.c_proj)}
+        for i, b in enumerate(body.h)
+    }
+    return {"wte": {"embedding": _t(body.wte.weight)}, "wpe": {"embedding": _t(body.wpe.weight)},
+            **blocks, "ln_f": _norm(body.ln_f)}
+
+
+@pytest.mark.parametrize("name", MODELS + ("gpt2",))
 def test_flax_models_compute_what_the_torch_models_compute(name):
     torch = pytest.importorskip("torch")
+    if name == "gpt2":
+        pytest.importorskip("transformers")
     from benchmarks import models as torch_models
 
-    seq = {"lstm": 6, "transformer": 16}.get(name)
+    seq = {"lstm": 6, "transformer": 16, "gpt2": 16}.get(name)
     torch.manual_seed(0)
     model = torch_models.build_model(name, seq_len=seq)
     if name == "transformer":  # tiny embeddings: the first LayerNorm's epsilon (1e-5) matters
@@ -189,7 +218,8 @@ def test_flax_models_compute_what_the_torch_models_compute(name):
         x = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC
     elif seq is not None:
         x = x.astype(np.int32)  # token ids
-    got = models_flax.build_model(name, seq_len=seq).apply({"params": params}, jnp.asarray(x))
+    module = models_flax.build_model(name, seq_len=seq)
+    got = module.apply({"params": params}, jnp.asarray(x))
     assert_close(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -242,3 +272,40 @@ def test_interleaved_rounds_follow_the_per_mode_plan():
     assert calls.count("a") == 5 and calls.count("b") == 3
     # Round 0: a then b; round 1 rotates: b then a.
     assert calls[:4] == ["a", "b", "b", "a"]
+
+
+def _run_smoke(tmp_path, *flags: str) -> tuple[dict, str]:
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--json", str(out), *flags],
+                          capture_output=True, text=True, timeout=600, env=_env(), check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text(encoding="utf-8")), done.stdout
+
+
+@pytest.mark.slow
+def test_gpt2_steps_in_both_precisions(tmp_path):
+    result, stdout = _run_smoke(tmp_path, "--models", "gpt2", "--bf16", "--modes",
+                                "nonprivate,dp_jax,dp_jax-ghost,optax-contrib")
+    rows = {(r["precision"], r["mode"]): r for r in result["results"]}
+    assert len(rows) == 8
+    for key, row in rows.items():
+        assert "error" not in row, f"{key}: {row.get('error')}"
+        assert row["params"] == PARAMS["gpt2"] and row["peak_mib"] > 0
+    assert stdout.count("| GPT-2 LM, d 256, 4 layers, seq 8 | 2 | bf16 |") == 1
+
+
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="needs a GPU (or other accelerator)")
+def test_accelerator_step_and_device_memory(tmp_path):
+    result, _ = _run_smoke(tmp_path, "--models", "mlp,gpt2", "--bf16", "--memory", "process",
+                           "--modes", "nonprivate,dp_jax-ghost")
+    for row in result["results"]:
+        assert "error" not in row, row.get("error")
+        assert row["memory_kind"] == "device-peak" and row["peak_mib"] > 0
+    assert result["environment"]["device_peak_mib"] > 0
+
+
+@pytest.mark.slow
+def test_memory_of_one_mode_in_a_subprocess():
+    row = jax_step.measure_memory(jax_step.Config("mlp", "nonprivate", 4, None), warmup=0)
+    assert row.get("memory_kind") in ("rss-growth", "maxrss-growth (lower bound)", "device-peak")
+    assert 0 <= row["peak_mib"] < 4096
