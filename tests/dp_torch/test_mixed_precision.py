@@ -27,9 +27,10 @@ import torch.nn as nn
 from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset
 
-from dp_torch import PrivacyEngine
+from dp_torch import GradSampleModule, PrivacyEngine
 from dp_torch.grad_sample.functorch import AutocastState, ft_compute_per_sample_gradient
-from dp_torch.optimizers import LossScaleError
+from dp_torch.optimizers import DistributedDPOptimizer, LossScaleError
+from tests.dp_torch.test_distributed import single_group  # noqa: F401  (a fixture)
 from tests.tolerance import assert_close
 from tests.zoo.test_torch_zoo import relative_error
 from tests.zoo.torch_models import ZooCase, build
@@ -293,6 +294,31 @@ def test_fp16_grad_scaler_overflow_is_refused_not_skipped() -> None:
     iteration()
     iteration()
     assert len(engine.accountant) == 2
+
+
+@pytest.mark.usefixtures("single_group")
+def test_distributed_optimizer_under_grad_scaler() -> None:
+    """DDP: the clipped sum of unscaled gradients, and an overflow refused on every rank."""
+    expected, _ = toy_update("hooks", autocast=None)
+    model, x, y = _toy()
+    bound = _toy_bound(model, x, y)
+    dp_model = GradSampleModule(model, loss_reduction="sum")
+    optimizer = DistributedDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                       max_grad_norm=bound, expected_batch_size=len(y), loss_reduction="sum")
+    before = [p.detach().clone() for p in model.parameters()]
+    for scale in (2.0**30, 2.0**10):
+        optimizer.zero_grad()
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = dp_model(x)
+        scaler.scale(nn.functional.cross_entropy(out.float(), y, reduction="sum")).backward()
+        if scale > 2.0**20:
+            with pytest.raises(LossScaleError):
+                scaler.step(optimizer)
+        else:
+            scaler.step(optimizer)
+    update = [b - p.detach() for b, p in zip(before, model.parameters())]
+    assert relative_error(update, expected) <= FP16_RTOL
 
 
 def test_grad_scaler_unscale_before_step_is_refused() -> None:
