@@ -20,7 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -71,7 +71,7 @@ class AutocastState:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
 
 
-def _float_dtypes(tensors: Iterator[Any]) -> set:
+def _float_dtypes(tensors: Iterable[Any]) -> set:
     return {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
 
 
@@ -83,7 +83,7 @@ def _inferred_autocast(device_type: str, params: Sequence[torch.Tensor], inputs:
     different floating dtypes (float32 weights, bfloat16 output) are autocast's mark, and
     its dtype is the narrowest of them.
     """
-    seen = _float_dtypes(params) | _float_dtypes(inputs) | _float_dtypes([torch.empty(0, dtype=output_dtype)])
+    seen = _float_dtypes([*params, *inputs]) | ({output_dtype} if output_dtype.is_floating_point else set())
     if len(seen) < 2:
         return AutocastState(device_type)
     return AutocastState(device_type, min(seen, key=lambda d: torch.finfo(d).bits))
