@@ -180,7 +180,8 @@ def sum_discrepancy(grad_sample: torch.Tensor, grad: torch.Tensor, divisor: int)
     return float(diff), float(flat.norm(dim=1).sum() / divisor)
 
 
-def check_sums(entries: list[tuple[str, Optional[torch.Tensor], torch.Tensor, int]]) -> None:
+def check_sums(entries: list[tuple[str, Optional[torch.Tensor], torch.Tensor, int]],
+               pass_dtype: Optional[torch.dtype] = None) -> None:
     """Raise unless, for every parameter, the per-sample gradients of a pass add up to its
     gradient of the pass.
 
@@ -199,6 +200,9 @@ def check_sums(entries: list[tuple[str, Optional[torch.Tensor], torch.Tensor, in
         entries: ``(name, per-sample gradients of the pass or None, gradient of the pass,
             divisor)`` per parameter; the divisor is ``1`` for a summed loss, the number of
             rows for a mean.
+        pass_dtype: The least precise dtype the pass's backprops arrived in (per-sample
+            gradients are computed in float32 from bfloat16/float16 backprops, but autograd's
+            gradient carries that dtype's rounding).
 
     Raises:
         GradSampleSumError: Naming the parameter, the discrepancy and the likely causes.
@@ -210,7 +214,7 @@ def check_sums(entries: list[tuple[str, Optional[torch.Tensor], torch.Tensor, in
         else:
             stats[name] = (*sum_discrepancy(grad_sample, grad, divisor), _narrowest(grad, grad_sample))
     largest = max((scale for _, scale, _ in stats.values()), default=0.0)
-    rounding = SUM_TOLERANCE.get(_narrowest(*(dtype for _, _, dtype in stats.values())), 5e-2)
+    rounding = SUM_TOLERANCE.get(_narrowest(pass_dtype, *(dtype for _, _, dtype in stats.values())), 5e-2)
     for name, (diff, scale, _) in stats.items():
         tol = rounding * max(scale, 1e-2 * largest)
         if diff > tol and diff > 0:

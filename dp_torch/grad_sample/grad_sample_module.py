@@ -19,7 +19,7 @@ import torch.nn as nn
 from . import _registry
 from ._rows import GradSampleBatchSizeError, broadcast_call, check_rows, check_sums, leading_batch_size, parameter_names
 from .embedding import embedding_bag_unsupported_reason
-from .functorch import ft_compute_per_sample_gradient, is_capture_suspended
+from .functorch import AutocastState, ft_compute_per_sample_gradient, is_capture_suspended
 from .gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule, check_wrapper_args
 
 __all__ = [
@@ -142,7 +142,7 @@ class _CallRecord:
     """What a forward hook remembers about one call of a layer until its backward."""
 
     __slots__ = ("module", "args", "kwargs", "batch_dim", "max_batch_len", "params", "token",
-                 "forward_batch", "output", "output_version", "__weakref__")
+                 "forward_batch", "output", "output_version", "autocast", "__weakref__")
 
     def __init__(self, module: nn.Module, args: tuple, kwargs: dict, batch_dim: int,
                  max_batch_len: Optional[int], params: list, forward_batch: Optional[int] = None):
@@ -156,6 +156,7 @@ class _CallRecord:
         self.token = [False]  # set once the call's backprops have been consumed
         self.output: Optional[torch.Tensor] = None  # kept for layers re-run by torch.func
         self.output_version = 0
+        self.autocast: Optional[AutocastState] = None  # the forward's autocast, for the re-run
 
 
 def _detach(value: Any) -> Any:
@@ -263,6 +264,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self.force_functorch = force_functorch
         self._owned: dict = {}
         self._pending: dict = {}
+        self._pass_low_dtype: Optional[torch.dtype] = None
         self._active_pass: Optional[int] = None
         self._uses: dict = {}
         self._stash: list = []
@@ -475,6 +477,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         )
         if self._uses_fallback(module):
             record.output, record.output_version = output.detach(), output._version
+            record.autocast = AutocastState.current(output.device.type)
         self._on_new_call(record, output)
         output.register_hook(partial(self._capture_backprops, record))
         return None if output is original else output
@@ -526,6 +529,9 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 f"batch dimension {bd}; check batch_first={self.batch_first}."
             )
         rows = backprops.shape[bd]
+        if backprops.is_floating_point() and torch.finfo(backprops.dtype).bits < 32:
+            self._pass_low_dtype = backprops.dtype
+            backprops = backprops.float()  # per-example quantities in float32 (no fp16 overflow)
         if self.loss_reduction == "mean":
             backprops = backprops * (record.max_batch_len if record.max_batch_len is not None else rows)
 
@@ -554,7 +560,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 expected = expected.movedim(record.batch_dim, 0)
             return ft_compute_per_sample_gradient(
                 record.module, activations, backprops, params=record.params, batch_dim=record.batch_dim,
-                expected_output=expected,
+                expected_output=expected, autocast=record.autocast,
             )
         sampler = _registry.find_sampler(self.GRAD_SAMPLERS, record.module)
         return sampler(record.module, activations, backprops)
@@ -604,7 +610,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
             current = getattr(p, "_current_grad_sample", None) if key in self._pending else None
             divisor = current.shape[0] if current is not None and self.loss_reduction == "mean" else 1
             entries.append((self._param_names.get(key, "<unnamed>"), current, grad, max(divisor, 1)))
-        check_sums(entries)
+        check_sums(entries, self._pass_low_dtype)
 
     def _check_pending_rows(self) -> None:
         """Every per-sample gradient of this pass must have one row per example."""
@@ -713,6 +719,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         self._stashed_params = set()
         self._pass_batches = set()
         self._pass_grads = {}
+        self._pass_low_dtype = None
 
     def _end_pass(self) -> None:
         try:

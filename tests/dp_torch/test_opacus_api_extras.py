@@ -49,5 +49,9 @@ def test_log_module_gradient_sample_mode_names_each_path(caplog: pytest.LogCaptu
         gsm.log_module_gradient_sample_mode(model)
     text = caplog.text
     assert "Module name: 0, module type: Linear, under ghost clipping" in text
-    assert "Module name: 1, module type: LayerNorm, under fast gradient clipping (grad sampler)" in text
+    assert "Module name: 1, module type: LayerNorm, under ghost clipping" in text
     assert "Module name: 2, module type: PReLU, under fast gradient clipping (torch.func fallback)" in text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        gsm.log_module_gradient_sample_mode(model, use_ghost_clipping=False)
+    assert "Module name: 1, module type: LayerNorm, under fast gradient clipping (grad sampler)" in caplog.text
