@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dp_jax import _distributed
+from dp_jax import _distributed, _tree
 from dp_jax._optimizer import DPParts
 from dp_jax._types import PyTree
 from dpcore import noise as core_noise
@@ -30,14 +30,16 @@ class HostNoise:
     """Secure-mode noise, drawn on the host from :class:`dpcore.noise.NoiseSource` (OS entropy).
 
     Float64 draws in JAX leaf order with std ``sigma * C`` read from the state,
-    cast to each leaf's dtype and copied to the device (a params-sized transfer
-    per logical step); then the adaptive count noise, if any.
+    kept in each leaf's dtype widened to float32 or wider (a bfloat16 or float16
+    leaf gets float32 noise: the noise is rounded once, with the update, never
+    before it is added) and copied to the device (a params-sized transfer per
+    logical step); then the adaptive count noise, if any.
     """
 
     def __init__(self, params: PyTree, parts: DPParts, mesh: Any = None) -> None:
         leaves, self._treedef = jax.tree_util.tree_flatten(params)
-        self._specs = [(tuple(np.shape(x)), jnp.result_type(x)) for x in leaves]
-        self._count_dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+        self._specs = [(tuple(np.shape(x)), _tree.wide_dtype(jnp.result_type(x))) for x in leaves]
+        self._count_dtype = _tree.wide_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
         self._std_of = parts.noise_std_of
         self._count_std = parts.count_std
         self._source = core_noise.NoiseSource(secure_mode=True)
