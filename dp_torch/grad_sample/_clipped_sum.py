@@ -115,11 +115,14 @@ class ClippedSumStore:
         """
         try:
             coef = coef.detach()
-            for record, activations, backprops in self.calls:
+            while self.calls:  # released one by one, so p.grad grows as the kept tensors shrink
+                record, activations, backprops = self.calls.pop()
                 self._add_call(record, _rows_zeroed(activations, coef), _row_scaled(backprops, coef),
                                grad_samples_of_call)
+                del record, activations, backprops
             all_kept = bool((coef != 0).all())
-            for p, grad_sample in self.samples.values():
+            while self.samples:
+                p, grad_sample = self.samples.popitem()[1]
                 _add_to_grad(p, _weighted_rows(grad_sample, coef) if all_kept
                              else _row_scaled(grad_sample, coef).sum(dim=0))
         finally:

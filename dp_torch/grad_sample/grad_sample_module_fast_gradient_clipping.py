@@ -204,6 +204,10 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             )
         self._kept.add_clipped_sum(coef, self._grad_samples_of_call)
 
+    def discard_clipped_sum(self) -> None:
+        """Release what the last pass kept for the clipped sum without adding it anywhere."""
+        self._kept.clear()
+
     def log_module_gradient_sample_mode(self, module: nn.Module, *, force_functorch: bool = False,
                                         use_ghost_clipping: bool = True) -> None:
         """Log (level INFO) how each hooked layer of ``module`` gets its per-example norms.

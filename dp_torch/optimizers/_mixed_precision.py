@@ -124,11 +124,15 @@ def overflow_message(scale: LossScale) -> str:
     )
 
 
-def ghost_message() -> str:
-    """Why ghost clipping refuses a loss scale."""
+def ghost_message(used: Optional[float], stepped: Optional[float]) -> str:
+    """Why a ghost-clipping step refuses a loss scale other than its backward pass's."""
+    def said(scale: Optional[float]) -> str:
+        return "no GradScaler" if scale is None else f"loss scale {scale:g}"
+
     return (
-        "grad_sample_mode='ghost' clips inside the backward pass, before a GradScaler's loss "
-        "scale can be divided out, so a scaled loss would be clipped at the wrong norms. Use "
-        "torch.autocast(dtype=torch.bfloat16) without a GradScaler, or grad_sample_mode='hooks' "
-        "(or 'functorch') with the GradScaler."
+        f"The ghost-clipping backward pass ran with {said(used)} but this step has "
+        f"{said(stepped)}: p.grad holds the clipped sum times the backward pass's scale, so "
+        "dividing by another one would change the clipping's scale. Pass the GradScaler to the "
+        "loss's backward (loss.backward(scaler=scaler); GradScaler.scale accepts only tensors), "
+        "then call scaler.step(optimizer) and scaler.update(), or use neither."
     )

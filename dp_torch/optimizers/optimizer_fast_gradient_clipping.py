@@ -1,6 +1,6 @@
 """``DPOptimizerFastGradientClipping``: the optimizer for ghost clipping.
 
-In ghost (fast gradient) clipping the model's double backward pass already
+In ghost (fast gradient) clipping the loss's backward pass already
 leaves the *clipped sum* over the batch's examples in ``p.grad``; this optimizer
 only accumulates it, adds the noise once per logical step, scales and steps.
 """
@@ -11,6 +11,7 @@ import torch
 
 from dp_torch.optimizers import _mixed_precision as mp
 from dp_torch.optimizers.optimizer import DPOptimizer, LossScaleError, _check_processed_flag
+from dp_torch.utils.fast_gradient_clipping_utils import GHOST_LOSS_SCALE
 
 __all__ = ["DPOptimizerFastGradientClipping"]
 
@@ -32,10 +33,14 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
     the backward pass clipped to, and here it only scales the noise.
 
     Mixed precision: ``p.summed_grad`` and the noise are float32 or wider whatever
-    the parameters' dtype. A ``torch.amp.GradScaler`` is refused
-    (:class:`~dp_torch.optimizers.LossScaleError` at ``scaler.step``): the backward
-    pass clips before the loss scale could be divided out; use bfloat16 autocast,
-    which needs no loss scale.
+    the parameters' dtype. With a ``torch.amp.GradScaler``, pass it to the loss's
+    backward (``loss.backward(scaler=scaler)``, see
+    :meth:`~dp_torch.utils.fast_gradient_clipping_utils.DPTensorFastGradientClipping.backward`):
+    the pass divides the scale out of the per-example norms, and ``scaler.step(optimizer)``
+    divides it out of ``p.grad``. A step whose scale differs from the one the backward
+    pass used (or a scaler step after a backward pass without the scaler, and the
+    reverse) is refused (:class:`~dp_torch.optimizers.LossScaleError`), as is one whose
+    scaled gradients overflowed; nothing is changed then.
     """
 
     @property
@@ -61,10 +66,11 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
         Raises:
             ValueError: If ``p.summed_grad`` was already used by a noise-adding step
                 (``zero_grad()`` was not called); nothing is changed then.
-            LossScaleError: In a ``GradScaler`` step; nothing is changed then.
+            LossScaleError: If the loss scale of this step differs from the one the
+                backward pass ran at, or the scaled gradients overflowed; nothing is
+                changed then.
         """
-        if self._loss_scale is not None:
-            raise LossScaleError(mp.ghost_message())
+        inverse = self._checked_inverse_scale()
         params = self.params
         for p in params:
             _check_processed_flag(getattr(p, "summed_grad", None))
@@ -73,10 +79,22 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
             contribution = (
                 torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
                 if grad is None
-                else grad.detach().to(dtype, copy=True)
+                else grad.detach().to(dtype, copy=True).mul_(inverse)
             )
             summed = getattr(p, "summed_grad", None)
             p.summed_grad = contribution if summed is None else summed + contribution
+
+    def _checked_inverse_scale(self) -> float:
+        """``1 / S`` of this step's loss scale (1 without a scaler), once it is known to be the
+        scale the ghost backward pass ran at and nothing overflowed."""
+        used = getattr(self, GHOST_LOSS_SCALE, None)
+        scale = self._loss_scale
+        stepped = None if scale is None else 1.0 / scale.inverse
+        if used != stepped:
+            raise LossScaleError(mp.ghost_message(used, stepped))
+        if scale is not None and scale.found_inf:
+            raise LossScaleError(mp.overflow_message(scale))
+        return 1.0 if scale is None else scale.inverse
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Clear ``p.grad`` and (unless the last step was skipped) ``p.summed_grad``.

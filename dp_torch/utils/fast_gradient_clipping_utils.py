@@ -23,7 +23,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["DPLossFastGradientClipping", "DPTensorFastGradientClipping"]
+from dp_torch.grad_sample.grad_sample_module_fast_gradient_clipping import clipping_coefficients
+
+__all__ = ["GHOST_LOSS_SCALE", "DPLossFastGradientClipping", "DPTensorFastGradientClipping"]
+
+#: Attribute set on the optimizer by each ghost backward pass: the ``GradScaler`` scale the
+#: pass ran at (``None`` without a scaler), checked by the ghost optimizer's step.
+GHOST_LOSS_SCALE = "_dp_ghost_loss_scale"
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -169,22 +175,40 @@ class DPTensorFastGradientClipping:
         if bound is not None and bound != self.module.max_grad_norm:
             self.module.max_grad_norm = float(bound)
 
-    def backward(self) -> None:
+    def backward(self, scaler: Optional[Any] = None) -> None:
         """One backward pass for the per-example norms, then ``p.grad += sum_i c_i grad_i``.
 
         The clipped sum is formed from the activations and output gradients the pass kept
         (book-keeping; no second backward pass).
 
+        Args:
+            scaler: A ``torch.amp.GradScaler`` for float16 training (``GradScaler.scale``
+                accepts only tensors, so pass the scaler here instead of calling
+                ``scaler.scale(loss)``). The pass runs on the scaled loss; the scale ``S`` is
+                divided out of the per-example norms, so it changes no clip factor, and
+                ``p.grad`` receives ``S`` times the clipped sum, which ``scaler.step(optimizer)``
+                divides out (the optimizer refuses a step whose scale differs from the one used
+                here). Then ``scaler.step(optimizer)`` and ``scaler.update()`` as usual.
+
         Raises:
             ValueError: If the number of clip factors differs from the number of losses.
+            LossScaleError: With ``scaler``, if a scaled per-example gradient overflowed
+                (nothing is added to ``p.grad``; call ``optimizer.zero_grad()`` and use a
+                smaller fixed scale, see :mod:`dp_torch.optimizers`).
         """
         losses = self.loss_per_sample
+        scaled = scaler is not None and scaler.is_enabled()
+        setattr(self.optimizer, GHOST_LOSS_SCALE, float(scaler.get_scale()) if scaled else None)
         inputs = self._first_pass_inputs()
         if not (inputs and losses.requires_grad):
             return
-        torch.autograd.grad(self._reduced(), inputs, allow_unused=True)
+        reduced, scale = self._reduced(), 1.0
+        if scaled:
+            reduced = scaler.scale(reduced)
+            scale = float(scaler.get_scale())
+        torch.autograd.grad(reduced, inputs, allow_unused=True)
         self._sync_bound()
-        coef = self.module.get_clipping_coef()
+        coef = self._clip_factors(scale)
         if coef.shape != losses.shape:
             raise ValueError(
                 f"Got {coef.shape[0] if coef.dim() else coef} clip factors for {losses.shape[0]} "
@@ -192,6 +216,18 @@ class DPTensorFastGradientClipping:
                 "model's batch (for sequence losses pass shape=logits.shape)."
             )
         self.module.add_clipped_sum(coef)
+
+    def _clip_factors(self, scale: float) -> torch.Tensor:
+        """Clip factors of the unscaled norms; a loss-scaled pass must not overflow."""
+        if scale == 1.0:
+            return self.module.get_clipping_coef()
+        norms = self.module.per_sample_gradient_norms
+        if not bool(torch.isfinite(norms).all()):
+            self.module.discard_clipped_sum()
+            from dp_torch.optimizers import _mixed_precision as mp
+
+            raise mp.LossScaleError(mp.overflow_message(mp.LossScale(inverse=1.0 / scale, found_inf=False)))
+        return clipping_coefficients(norms / scale, self.module.max_grad_norm)
 
 
 class DPLossFastGradientClipping:

@@ -237,7 +237,10 @@ def toy_update(mode: str, *, autocast: Optional[torch.dtype], scaler: Optional[t
     with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
         out = dp_model(x)
     loss = (crit or nn.CrossEntropyLoss(reduction="sum"))(out.float(), y)
-    (scaler.scale(loss) if scaler is not None and scale_loss else loss).backward()
+    if mode == "ghost":  # GradScaler.scale takes tensors only: the ghost loss takes the scaler
+        loss.backward(scaler=scaler if scale_loss else None)
+    else:
+        (scaler.scale(loss) if scaler is not None and scale_loss else loss).backward()
     if scaler is None:
         optimizer.step()
     else:
@@ -334,17 +337,46 @@ def test_grad_scaler_unscale_before_step_is_refused() -> None:
     assert len(engine.accountant) == 0
 
 
-def test_ghost_mode_refuses_a_grad_scaler() -> None:
-    """Ghost clipping clips in the backward pass, before a loss scale could be divided out."""
+def test_ghost_mode_with_a_grad_scaler_clips_unscaled_gradients() -> None:
+    """``loss.backward(scaler=scaler)``: a scale of 2**10 (which would clip every example if it
+    reached the norms) gives the float32 step to float16 rounding, accounted once."""
+    expected, _ = toy_update("hooks", autocast=None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    got, engine = toy_update("ghost", autocast=torch.float16, scaler=scaler)
+    assert relative_error(got, expected) <= FP16_RTOL
+    unscaled, _ = toy_update("ghost", autocast=torch.float16)
+    assert relative_error(got, unscaled) <= 1e-3
+    assert len(engine.accountant) == 1 and scaler.get_scale() == 2.0**10
+
+
+def test_ghost_mode_refuses_a_scale_its_backward_did_not_use() -> None:
+    """A scaler step after a backward pass without the scaler (p.grad unscaled) is refused,
+    as is a scaler passed to backward but a plain step."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     scaler.scale(torch.zeros(()))  # the scaler in use (say for another model's loss)
-    with pytest.raises(LossScaleError, match="ghost"):
+    with pytest.raises(LossScaleError, match="ran with no GradScaler but this step has loss scale 256"):
         toy_update("ghost", autocast=torch.float16, scaler=scaler, scale_loss=False)
     model, x, y = _toy()
-    _, (dp_model, optimizer, crit) = _private(model, len(y), mode="ghost",
-                                                 criterion=nn.CrossEntropyLoss(reduction="sum"))
-    with pytest.raises(ValueError):  # GradScaler.scale takes tensors only, not the ghost loss
-        scaler.scale(crit(dp_model(x), y))
+    engine, (dp_model, optimizer, crit) = _private(model, len(y), mode="ghost",
+                                                      criterion=nn.CrossEntropyLoss(reduction="sum"))
+    crit(dp_model(x), y).backward(scaler=scaler)
+    with pytest.raises(LossScaleError, match="ran with loss scale 256 but this step has no GradScaler"):
+        optimizer.step()
+    assert len(engine.accountant) == 0
+
+
+def test_ghost_mode_overflow_is_refused_in_backward() -> None:
+    """An overflowing scale raises in the backward pass: nothing reaches p.grad or the accountant."""
+    model, x, y = _toy()
+    engine, (dp_model, optimizer, crit) = _private(model, len(y), mode="ghost",
+                                                      criterion=nn.CrossEntropyLoss(reduction="sum"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = dp_model(x)
+    with pytest.raises(LossScaleError, match="overflowed"):
+        crit(out.float(), y).backward(scaler=scaler)
+    assert all(p.grad is None for p in model.parameters())
+    assert len(engine.accountant) == 0
 
 
 def test_ghost_mode_fp16_without_scaler_equals_fp32() -> None:
