@@ -37,24 +37,24 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32
 
 
-def _row_scaled(t: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+def _row_scaled(t: torch.Tensor, coef: torch.Tensor, dropped: bool = True) -> torch.Tensor:
     """``t`` (batch first) with row ``i`` multiplied by ``coef[i]``, in >= float32.
 
-    A row with factor 0 (an example whose norm was not finite) becomes exactly 0, also
-    where it held ``inf`` or ``nan``.
+    With ``dropped`` (some factor is 0: an example whose norm was not finite), a row with
+    factor 0 becomes exactly 0, also where it held ``inf`` or ``nan``.
     """
     rows = t.shape[0]
     dtype = compute_dtype(t)
     factors = coef[:rows].to(device=t.device, dtype=dtype).view(rows, *([1] * (t.dim() - 1)))
     scaled = t.to(dtype) * factors
+    if not dropped:
+        return scaled
     return torch.where(factors == 0, torch.zeros((), dtype=dtype, device=t.device), scaled)
 
 
 def _rows_zeroed(activations: Any, coef: torch.Tensor) -> Any:
     """``activations`` with the batch rows of dropped examples (factor 0) set to 0, so that no
-    ``0 * inf`` of such an example reaches a product; unchanged when no example is dropped."""
-    if bool((coef != 0).all()):
-        return activations
+    ``0 * inf`` of such an example reaches a product."""
     keep = (coef != 0).to(torch.float64)
     zeroed = [_row_scaled(a, keep).to(a.dtype) if d == 0 and a.is_floating_point() else a
               for a, d in zip(activations, activations.in_dims)]
@@ -115,16 +115,17 @@ class ClippedSumStore:
         """
         try:
             coef = coef.detach()
+            dropped = not bool((coef != 0).all())
             while self.calls:  # released one by one, so p.grad grows as the kept tensors shrink
                 record, activations, backprops = self.calls.pop()
-                self._add_call(record, _rows_zeroed(activations, coef), _row_scaled(backprops, coef),
-                               grad_samples_of_call)
+                if dropped:
+                    activations = _rows_zeroed(activations, coef)
+                self._add_call(record, activations, _row_scaled(backprops, coef, dropped), grad_samples_of_call)
                 del record, activations, backprops
-            all_kept = bool((coef != 0).all())
             while self.samples:
                 p, grad_sample = self.samples.popitem()[1]
-                _add_to_grad(p, _weighted_rows(grad_sample, coef) if all_kept
-                             else _row_scaled(grad_sample, coef).sum(dim=0))
+                _add_to_grad(p, _row_scaled(grad_sample, coef).sum(dim=0) if dropped
+                             else _weighted_rows(grad_sample, coef))
         finally:
             self.clear()
 
