@@ -215,11 +215,15 @@ def dp_adam(
 
     Args:
         learning_rate: Learning rate or schedule.
-        noise_multiplier, max_grad_norm, expected_batch_size, key, loss_reduction,
-            clipping: As for :func:`dp_sgd`.
+        noise_multiplier: As for :func:`dp_sgd`.
+        max_grad_norm: As for :func:`dp_sgd`.
+        expected_batch_size: As for :func:`dp_sgd`.
+        key: As for :func:`dp_sgd`.
         b1: Adam's first-moment decay.
         b2: Adam's second-moment decay.
         eps: Adam's epsilon.
+        loss_reduction: As for :func:`dp_sgd`.
+        clipping: As for :func:`dp_sgd`.
 
     Returns:
         The chained transformation.

@@ -190,7 +190,8 @@ def unfold3d(
         tensor: ``[B, C, D, H, W]``.
         kernel_size: Window size (int or triple).
         padding: Zero padding per side (int or triple), ``"same"`` or ``"valid"``.
-        stride, dilation: As in :func:`unfold2d`, an int or a triple.
+        stride: As in :func:`unfold2d`, an int or a triple.
+        dilation: As in :func:`unfold2d`, an int or a triple.
 
     Returns:
         ``[B, C * kd * kh * kw, L]``; the convolution ``F.conv3d(tensor, w)`` equals
