@@ -187,7 +187,7 @@ class PrivacyEngine:
                 clips its own rows, the clipped sums and counts are ``psum``-ed, the
                 noise is added once to the global sum from the replicated state, and
                 the returned state, step and batches are placed on the mesh
-                (replicated state, :class:`dp_jax.ShardedBatches`). Works across
+                (replicated state, :class:`dp_jax.distributed.ShardedBatches`). Works across
                 processes after ``jax.distributed.initialize`` (secure-mode noise is
                 then drawn by process 0 and broadcast). ``None``: one device.
             axis_name: The data axis of ``mesh``.
@@ -403,7 +403,7 @@ class PrivacyEngine:
     ) -> None:
         """Save parameters, optimizer state (PRNG key included), sampler position and ledger.
 
-        Save between logical steps. See :func:`dp_jax.save_checkpoint`. With several
+        Save between logical steps. See :func:`dp_jax.checkpoint.save_checkpoint`. With several
         JAX processes (``jax.distributed``) call it on every process: only process 0
         writes (its sampler position is the one all processes follow).
 
