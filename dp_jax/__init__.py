@@ -41,6 +41,8 @@ from dp_jax._grads import clip_per_example
 from dp_jax._grads import clipped_grad
 from dp_jax._grads import per_example_grads
 from dp_jax._mesh import data_mesh
+from dp_jax._optax_contrib import differentially_private_aggregate
+from dp_jax._optax_contrib import dpsgd
 from dp_jax._transforms import dp_adam
 from dp_jax._transforms import dp_aggregate
 from dp_jax._transforms import dp_sgd
@@ -65,10 +67,12 @@ __all__ = [
     "clip_per_example",
     "clipped_grad",
     "data_mesh",
+    "differentially_private_aggregate",
     "distributed",
     "dp_adam",
     "dp_aggregate",
     "dp_sgd",
+    "dpsgd",
     "fix",
     "ghost_clipped_grad",
     "ghost_plan",
