@@ -292,6 +292,8 @@ class DPCallback(pl.Callback):
         self._undo: list[Any] = []
         self._sample_rate = 0.0
         self._last_step = 0
+        self._chunks = 1
+        self._passes = 0
 
     # ---------------------------------------------------------------- checks
 
@@ -358,10 +360,11 @@ class DPCallback(pl.Callback):
         self._undo.append(self._hooks.cleanup)
         if self.grad_sample_mode == "ghost":
             self._swap_attribute(pl_module, self.criterion_attr, parts[2])
-        if trainer.accumulate_grad_batches > 1:
-            self._hooks.allow_grad_accumulation()
-            if pl_module.automatic_optimization:
-                self._undo_loss_division(pl_module, trainer.accumulate_grad_batches)
+        self._chunks = trainer.accumulate_grad_batches
+        if self._chunks > 1:
+            self._undo_loss_division(pl_module, self._chunks)
+            if self.grad_sample_mode == "ghost":
+                self._hooks.allow_grad_accumulation()  # p.grad sums the chunks' clipped sums
         trainer.strategy.optimizers = [self.optimizer]
         self._last_step = trainer.global_step
 
@@ -402,6 +405,29 @@ class DPCallback(pl.Callback):
 
         pl_module.backward = undivided_backward  # type: ignore[method-assign]
         self._undo.append(lambda: pl_module.__dict__.pop("backward", None))
+
+    def on_before_zero_grad(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                            optimizer: torch.optim.Optimizer) -> None:
+        """A logical batch starts: no chunk of it has been folded yet."""
+        self._passes = 0
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Clip a chunk that is not the last of its logical batch into the running sum.
+
+        Its per-example gradients are clipped and added to ``p.summed_grad``, then
+        dropped (as for a skipped step of ``BatchMemoryManager``); the optimizer
+        step after the last chunk clips that one, adds noise once and divides by
+        the logical expected batch size. Ghost clipping sums clipped gradients in
+        the backward pass itself, so it needs nothing here.
+        """
+        self._passes += 1
+        if self.optimizer is None or self.grad_sample_mode == "ghost":
+            return
+        if self._passes % self._chunks == 0:
+            return
+        self.optimizer.clip_and_accumulate()
+        for p in self.optimizer.params:
+            p.grad_sample = None
 
     def _calibrate(self, trainer: pl.Trainer, loader: DPDataLoader) -> float:
         from dp_torch.accountants.utils import get_noise_multiplier
