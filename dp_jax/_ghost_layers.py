@@ -5,7 +5,9 @@ Supported layers: ``flax.linen.Dense``, ``DenseGeneral`` (no ``batch_dims``), ``
 ``LinearGeneral`` (no ``batch_axis``), ``Conv`` (no ``mask``) and ``Embed``; each with
 flax's default ``dot_general`` / ``conv_general_dilated`` and ``promote_dtype`` (for nnx,
 no ``preferred_element_type`` or ``out_sharding``) and not subclassed with a new
-``__call__`` (linen). Any other call runs untouched.
+``__call__`` (linen). Also the normalisation layers of :mod:`dp_jax._ghost_normlayers`
+and ``flax.nnx.LoRA`` (``x @ lora_a @ lora_b``: two linear maps, the second on
+``x @ lora_a``; ``nnx.LoRALinear`` calls one). Any other call runs untouched.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flax.core.tracers import current_trace
 from flax.linen import dtypes as linen_dtypes
 from flax.nnx.nn import dtypes as nnx_dtypes
 
+from dp_jax import _ghost_normlayers as norms
 from dp_jax._ghost_conv import ConvGeometry, conv_apply, conv_geometry, conv_patches
 
 
@@ -34,15 +37,16 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 class _Call(NamedTuple):
     """One call of a supported layer, with what the layer itself reads."""
 
-    kind: str  # "linear", "conv" or "embed"
+    kind: str  # "linear", "conv", "embed", "norm" or "lora"
     framework: str  # "linen" or "nnx": which promote_dtype signature applies
     inputs: Any
     kernel: Any  # the kernel, or the embedding table
-    bias: Any  # None without a bias (always None for embeddings)
-    axes: tuple[int, ...]  # contracted input axes, sorted, non-negative (linear)
+    bias: Any  # None without a bias (always None for embeddings); LoRA: lora_b
+    axes: tuple[int, ...]  # contracted input axes (linear); feature axes (norm)
     dtype: Any  # the layer's ``dtype`` attribute (None: inferred)
     precision: Any
     geom: Optional[ConvGeometry] = None  # convolutions only
+    module: Any = None  # normalisation layers and LoRA: the module itself
 
 
 def _as_tuple(value: Any) -> tuple[int, ...]:
@@ -82,8 +86,29 @@ def _conv_call(framework: str, module: Any, inputs: Any, kernel: Any, bias: Any
                  geom)
 
 
+def _norm_call(framework: str, module: Any, args: tuple, kwargs: dict, scale: Any, bias: Any
+               ) -> Optional[_Call]:
+    inputs = _only_input(args, {}, ()) if norms.norm_supported(module, kwargs) else None
+    if inputs is None or not jnp.issubdtype(jnp.result_type(inputs), jnp.inexact):
+        return None
+    axes = norms.feature_axes(module, jnp.ndim(inputs))
+    features = None if axes is None else tuple(jnp.shape(inputs)[a] for a in axes)
+    if features is None or any(p is not None and int(np.prod(jnp.shape(p))) != int(
+            np.prod(features)) for p in (scale, bias)):
+        return None
+    return _Call("norm", framework, inputs, scale, bias, axes, module.dtype, None,
+                 module=module)
+
+
 def _linen_call(module: Any, args: tuple, kwargs: dict) -> Optional[_Call]:
     method = type(module).__call__
+    if any(method is known for known in norms.LINEN_NORM_CALLS):
+        if module.scope is None:
+            return None
+        params = module.variables.get("params", {})
+        return _norm_call("linen", module, args, kwargs,
+                          params.get("scale") if module.use_scale else None,
+                          params.get("bias") if getattr(module, "use_bias", False) else None)
     if not any(method is known for known in _LINEN_CALLS):
         return None
     inputs = _only_input(args, kwargs, ())
@@ -133,7 +158,28 @@ def _nnx_linear_ok(module: Any) -> Optional[Any]:
     return None
 
 
+def _value(variable: Any) -> Any:
+    return None if variable is None else variable.get_value()
+
+
+def _nnx_lora(module: Any, args: tuple, kwargs: dict) -> Optional[_Call]:
+    inputs = _only_input(args, kwargs, ())
+    if inputs is None or module.promote_dtype is not nnx_dtypes.promote_dtype or (
+            jnp.ndim(inputs) < 1 or not jnp.issubdtype(jnp.result_type(inputs), jnp.inexact)):
+        return None
+    a, b = _value(module.lora_a), _value(module.lora_b)
+    if jnp.ndim(a) != 2 or jnp.ndim(b) != 2 or jnp.shape(a)[1] != jnp.shape(b)[0] or (
+            jnp.shape(inputs)[-1] != jnp.shape(a)[0]):
+        return None
+    return _Call("lora", "nnx", inputs, a, b, (), module.dtype, None, module=module)
+
+
 def _nnx_call(module: Any, args: tuple, kwargs: dict) -> Optional[_Call]:
+    if isinstance(module, norms.NNX_NORM_CLASSES):
+        return _norm_call("nnx", module, args, kwargs, _value(module.scale),
+                          _value(getattr(module, "bias", None)))
+    if isinstance(module, nnx.LoRA):
+        return _nnx_lora(module, args, kwargs)
     inputs = _only_input(args, kwargs, ("out_sharding",))
     if inputs is None or not isinstance(module, _NNX_CLASSES) or (
             module.promote_dtype is not nnx_dtypes.promote_dtype):
@@ -162,8 +208,8 @@ def _describe(framework: str, module: Any, args: tuple, kwargs: dict) -> Optiona
     """The call as a :class:`_Call` if it is a supported layer, else None."""
     call = _linen_call(module, args, kwargs) if framework == "linen" else _nnx_call(
         module, args, kwargs)
-    if call is None:
-        return None
+    if call is None or call.kind in ("norm", "lora"):
+        return call
     if call.kind == "embed":
         return call if jnp.ndim(call.kernel) == 2 else None
     if call.kind == "conv":
@@ -183,6 +229,8 @@ def _promote(call: _Call, *arrays: Any, inexact: bool = True) -> list:
 
 def _layer_out(call: _Call, kernel: Any, bias: Any) -> jax.Array:
     """What the layer computes with the given parameters (flax's own arithmetic)."""
+    if call.kind == "norm":
+        return norms.norm_out(call.module, call.inputs, kernel, bias, call.axes)
     if call.kind == "embed":
         (table,) = _promote(call, kernel, inexact=False)
         if table.shape[0] == 1:
@@ -205,7 +253,11 @@ def _record(call: _Call, dtype: Any) -> jax.Array:
     Convolution: the input patches as ``[positions, C * window]``, in ``dtype``.
     Embedding: the row ids as ``[rows]``, negative ids wrapped as ``jnp.take`` does and
     out-of-range ids (whose gradient ``jnp.take`` drops) replaced by ``num_embeddings``.
+    Normalisation: the normalised input as ``[rows, features]``, in its own dtype
+    (float32 or wider for a 16-bit layer: flax's statistics are).
     """
+    if call.kind == "norm":
+        return norms.norm_record(call.module, call.inputs, call.kernel, call.bias, call.axes)
     if call.kind == "embed":
         size = jnp.shape(call.kernel)[0]
         ids = jnp.reshape(jnp.asarray(call.inputs), (-1,))
@@ -229,7 +281,8 @@ _Handler = Callable[[str, Any, Callable[..., Any], tuple, dict], Any]
 _LOCAL = threading.local()
 _PATCH_LOCK = threading.Lock()
 _PATCH_DEPTH = [0]
-_NNX_CLASSES = (nnx.Linear, nnx.LinearGeneral, nnx.Embed, nnx.Conv)
+_NNX_CLASSES = (nnx.Linear, nnx.LinearGeneral, nnx.Embed, nnx.Conv, nnx.LoRA, nnx.RNN,
+                *norms.NNX_NORM_CLASSES)
 
 
 def _nnx_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:

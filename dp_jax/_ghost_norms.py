@@ -7,7 +7,8 @@ or the per-example product when that is cheaper (the choice of
 :func:`~dp_jax._ghost_plan.leaf_method`); the clipped sum is one product over all rows
 of the batch, or the weighted sum of the per-example products. An
 embedding table's squared norm is a Gram matrix masked by token equality, its
-clipped sum one scatter-add.
+clipped sum one scatter-add. A normalisation layer's scale gradient is the
+per-example ``sum_rows xhat * g`` (``[B, features]``), its bias that of a dense layer.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def _ghost_part(leaf_index: int, leaf: Any, plan: _Plan, records: list, probe_gr
     recorded = jnp.concatenate([records[i] for i in chosen], axis=1)
     if first.kind == "embed":
         return _embed_part(recorded, g, shape, out_dtype)
+    if first.kind == "norm":  # a scale: sum over rows of xhat * g, per example
+        per_example = jnp.einsum("bnc,bnc->bc", recorded.astype(dtype), g, precision=_HIGHEST)
+        return _vmap_part(jnp.reshape(per_example, (size,) + shape).astype(out_dtype))
     groups = first.groups
     a = jnp.reshape(recorded.astype(dtype), recorded.shape[:2] + (groups, -1))
     g = jnp.reshape(g, g.shape[:2] + (groups, -1))

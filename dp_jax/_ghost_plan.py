@@ -5,8 +5,10 @@ Guarantee:
     calls read a substitute copy of their parameters never reads the original
     one (the jaxpr is inspected); anything else (tied weights, ``Embed.attend``,
     a regulariser on a kernel, calls inside ``jax.lax.scan``, ``jax.checkpoint``,
-    a nested ``jax.jit`` or a flax lifted transformation) is differentiated per
-    example. :func:`ghost_plan` lists which parameters took which path.
+    a nested ``jax.jit`` or a flax lifted transformation other than a short
+    ``RNN``, which is unrolled: :mod:`dp_jax._ghost_rnn`) is differentiated per
+    example. :func:`ghost_plan` lists which parameters took which path, and why
+    calls it saw were not intercepted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core.tracers import current_trace
 
-from dp_jax._ghost_layers import _Call, _intercept, _layer_out, _matcher, _record
+from dp_jax import _ghost_rnn as rnn
+from dp_jax._ghost_layers import (_Call, _describe, _intercept, _layer_out, _matcher, _promote,
+                                  _record)
 from dp_jax._types import PyTree
 
 
@@ -33,10 +37,11 @@ _DIRECT_MAX_ELEMENTS = 2**27
 class _Site(NamedTuple):
     """One probed layer call: which ghost leaves it feeds and its per-example shapes."""
 
-    kind: str  # "linear", "conv" or "embed"
-    kernel: Optional[int]  # leaf index of a ghost kernel / table, else None
+    kind: str  # "linear", "conv", "embed" or "norm"
+    kernel: Optional[int]  # leaf index of a ghost kernel / table / scale, else None
     bias: Optional[int]  # leaf index of a ghost bias, else None
-    d_in: int  # kernel rows (embedding: num_embeddings; convolution: window x C / groups)
+    d_in: int  # kernel rows (embedding: num_embeddings; convolution: window x C / groups;
+    # normalisation: features, as d_out)
     d_out: int  # kernel columns (embedding: features; convolution: all output channels)
     rows: int  # rows per example (positions)
     out_shape: tuple[int, ...]
@@ -53,9 +58,14 @@ class _Site(NamedTuple):
 class _Plan(NamedTuple):
     ghost: frozenset[int]  # leaf indices taking the ghost path
     sites: tuple[_Site, ...]  # probed calls in call order
+    notes: tuple[str, ...] = ()  # calls seen but not intercepted, and why
 
 
 def _site_of(call: _Call, out: jax.Array, kernel: Optional[int], bias: Optional[int]) -> _Site:
+    if call.kind == "norm":
+        d = int(np.prod([jnp.shape(call.inputs)[a] for a in call.axes]))
+        return _Site("norm", kernel, bias, d, d, int(np.prod(out.shape)) // d, tuple(out.shape),
+                     out.dtype, None)
     n_in = 1 if call.kind == "embed" else len(call.axes)
     shape = jnp.shape(call.kernel)
     d_in, d_out = int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:]))
@@ -74,30 +84,82 @@ def _used_inputs(jaxpr: Any) -> set[int]:
     return {i for i, v in enumerate(jaxpr.invars) if id(v) in read}
 
 
+# emit(call, kernel_leaf, bias_leaf, compute, original) -> the call's output, where
+# compute(kernel, bias) is the call's arithmetic and original() (or None) flax's own call.
+_Emit = Callable[[_Call, Optional[int], Optional[int], Callable[[Any, Any], Any],
+                  Optional[Callable[[], Any]]], Any]
+
+
+def _where(framework: str, module: Any) -> str:
+    scope = getattr(module, "scope", None) if framework == "linen" else None
+    path = "/".join(scope.path) if scope is not None and scope.path else ""
+    return f"{type(module).__name__}" + (f" at {path!r}" if path else "")
+
+
+def _lora_apply(call: _Call, ka: Optional[int], kb: Optional[int], emit: _Emit) -> Any:
+    """``x @ lora_a @ lora_b`` (+ the base module) as two linear calls, as nnx.LoRA computes it."""
+    x, _, _ = _promote(call, call.inputs, call.kernel, call.bias)
+    first = _Call("linear", "nnx", x, call.kernel, None, (x.ndim - 1,), call.dtype, None)
+    h = emit(first, ka, None, lambda a, _: x @ jnp.asarray(a, x.dtype), None)
+    second = _Call("linear", "nnx", h, call.bias, None, (h.ndim - 1,), call.dtype, None)
+    out = emit(second, kb, None, lambda b, _: h @ jnp.asarray(b, h.dtype), None)
+    if call.module.base_module is not None:
+        out = out + call.module.base_module(x)
+    return out
+
+
+def _dispatch(match: Callable, emit: _Emit, top: Any, notes: Optional[list[str]] = None
+              ) -> Callable:
+    """The interception handler shared by the check trace and the vmapped pass."""
+
+    def note(text: str) -> None:
+        if notes is not None and text not in notes:
+            notes.append(text)
+
+    def handler(framework, module, next_fun, args, kwargs):
+        nested = current_trace() != top
+        if rnn.is_rnn(framework, module) and not nested:
+            problem = rnn.unroll_problem(framework, module, args, kwargs)
+            if problem is None:
+                return rnn.unrolled(framework, module, args, kwargs)
+            note(f"{_where(framework, module)}: not unrolled ({problem}); its cell's "
+                 f"parameters are differentiated per example (vmap)")
+            return next_fun(*args, **kwargs)
+        found = match(framework, module, args, kwargs)
+        if found is None:
+            if nested and _describe(framework, module, args, kwargs) is not None:
+                note(f"{_where(framework, module)}: called inside a scan, checkpoint, nested "
+                     f"jit or lifted transformation; its parameters are differentiated per "
+                     f"example (vmap)")
+            return next_fun(*args, **kwargs)
+        call, k, b = found
+        if call.kind == "lora":
+            return _lora_apply(call, k, b, emit)
+        return emit(call, k, b, lambda kk, bb: _layer_out(call, kk, bb),
+                    lambda: next_fun(*args, **kwargs))
+
+    return handler
+
+
 def _trace_sites(loss_fn: Callable, treedef: Any, leaves: list, example: PyTree
-                 ) -> tuple[list[_Site], set[int]]:
+                 ) -> tuple[list[_Site], set[int], list[str]]:
     """Trace one example with substituted parameters: the calls seen, the originals read."""
     sites: list[_Site] = []
+    notes: list[str] = []
 
     def check_fn(orig: list, sub: list, ex: Any) -> Any:
-        match = _matcher(orig, current_trace())
-
-        def handler(framework, module, next_fun, args, kwargs):
-            found = match(framework, module, args, kwargs)
-            if found is None:
-                return next_fun(*args, **kwargs)
-            call, k, b = found
-            out = _layer_out(call, call.kernel if k is None else sub[k],
-                             call.bias if b is None else sub[b])
+        def emit(call, k, b, compute, original):
+            out = compute(call.kernel if k is None else sub[k], call.bias if b is None else sub[b])
             sites.append(_site_of(call, out, k, b))
             return out
 
-        with _intercept(handler):
+        top = current_trace()
+        with _intercept(_dispatch(_matcher(orig, top), emit, top, notes)):
             return loss_fn(jax.tree_util.tree_unflatten(treedef, list(orig)), ex)
 
     closed = jax.make_jaxpr(check_fn)(leaves, leaves, example)
     used = _used_inputs(closed.jaxpr)
-    return sites, {i for i in range(len(leaves)) if i in used}
+    return sites, {i for i in range(len(leaves)) if i in used}, notes
 
 
 def _ghost_leaves(sites: list[_Site], orig_read: set[int], leaves: list) -> frozenset[int]:
@@ -123,7 +185,7 @@ def _ghost_leaves(sites: list[_Site], orig_read: set[int], leaves: list) -> froz
 def _make_plan(loss_fn: Callable, params: PyTree, batch: PyTree) -> _Plan:
     leaves, treedef = jax.tree_util.tree_flatten(params)  # arrays, tracers or shapes
     example = jax.eval_shape(lambda b: jax.tree_util.tree_map(lambda x: x[0], b), batch)
-    sites, orig_read = _trace_sites(loss_fn, treedef, leaves, example)
+    sites, orig_read, notes = _trace_sites(loss_fn, treedef, leaves, example)
     ghost = _ghost_leaves(sites, orig_read, leaves)
     probed = []
     for s in sites:
@@ -131,7 +193,7 @@ def _make_plan(loss_fn: Callable, params: PyTree, batch: PyTree) -> _Plan:
         b = s.bias if s.bias in ghost else None
         if k is not None or b is not None:
             probed.append(s._replace(kernel=k, bias=b))
-    return _Plan(ghost, tuple(probed))
+    return _Plan(ghost, tuple(probed), tuple(notes))
 
 
 def _use_direct(size: int, n: int, d_in: int, d_out: int, groups: int = 1) -> bool:
@@ -160,6 +222,8 @@ def leaf_method(leaf_index: int, plan: _Plan, size: int) -> str:
     first = sites[0]
     if first.kind == "embed":
         return "gram"
+    if first.kind == "norm":
+        return "per_example"  # a scale: the per-example sums of xhat * g
     n = sum(s.rows for s in sites)
     d_in, d_out = first.d_in, first.d_out // first.groups
     return "per_example" if _use_direct(size, n, d_in, d_out, first.groups) else "gram"
@@ -178,14 +242,18 @@ class GhostPlan(NamedTuple):
             ``"gram"`` (ghost: from the Gram matrices of the layer's inputs and output
             gradients, never forming a per-example gradient), ``"per_example"`` (ghost:
             the per-example gradient formed from inputs and output gradients, when that
-            is cheaper, e.g. a convolution over many positions, or a bias) or
-            ``"vmap"`` (fallback).
+            is cheaper, e.g. a convolution over many positions, or a bias or a
+            normalisation layer's scale) or ``"vmap"`` (fallback).
+        notes: Layer calls the ghost path saw but did not intercept, and why (a layer
+            inside a scan or another transformation, an ``RNN`` too long or of an
+            unsupported cell to unroll); their parameters are among ``fallback``.
     """
 
     ghost: tuple[str, ...]
     fallback: tuple[str, ...]
     calls: int
     methods: Mapping[str, str] = MappingProxyType({})
+    notes: tuple[str, ...] = ()
 
 
 def ghost_plan(loss_fn: Callable[[Any, Any], jax.Array], params: PyTree, batch: PyTree) -> GhostPlan:
@@ -209,6 +277,7 @@ def ghost_plan(loss_fn: Callable[[Any, Any], jax.Array], params: PyTree, batch: 
         fallback=tuple(p for i, p in enumerate(paths) if i not in plan.ghost),
         calls=len(plan.sites),
         methods=MappingProxyType(methods),
+        notes=plan.notes,
     )
 
 
@@ -235,22 +304,17 @@ def _per_example_fn(loss_fn: Callable, treedef: Any, plan: _Plan, rest_idx: list
             leaves[i] = x
         for i, x in zip(ghost_idx, ghost):
             leaves[i] = x
-        match = _matcher(leaves, current_trace())
         records: list[Any] = [None] * len(sites)
         count = [0]
 
-        def handler(framework, module, next_fun, args, kwargs):
-            found = match(framework, module, args, kwargs)
-            if found is None:
-                return next_fun(*args, **kwargs)
-            call, k, b = found
+        def emit(call, k, b, compute, original):
             k = k if k in plan.ghost else None
             b = b if b in plan.ghost else None
+            out = original() if original is not None else compute(call.kernel, call.bias)
             if k is None and b is None:
-                return next_fun(*args, **kwargs)
+                return out
             i = count[0]
             count[0] += 1
-            out = next_fun(*args, **kwargs)
             if i >= len(sites) or (sites[i].kernel, sites[i].bias) != (k, b) or (
                     tuple(out.shape), out.dtype) != (sites[i].out_shape, sites[i].dtype):
                 raise _sequence_error(f"unexpected call {i}")
@@ -258,7 +322,8 @@ def _per_example_fn(loss_fn: Callable, treedef: Any, plan: _Plan, rest_idx: list
                 records[i] = _record(call, out.dtype)
             return out + probes[i]
 
-        with _intercept(handler):
+        top = current_trace()
+        with _intercept(_dispatch(_matcher(leaves, top), emit, top)):
             loss = loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
         if count[0] != len(sites):
             raise _sequence_error(f"{len(sites)} calls planned, {count[0]} traced")
