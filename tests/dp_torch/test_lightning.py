@@ -297,3 +297,17 @@ def test_no_other_dp_torch_module_imports_lightning():
 def test_import_dp_torch_does_not_import_lightning():
     code = "import sys, dp_torch; sys.exit(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.filterwarnings("ignore:The '(train|val)_dataloader' does not have many workers")
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+def test_example_smoke_run_improves_accuracy_and_prints_epsilon(capsys):
+    pytest.importorskip("sklearn")
+    from examples import lightning_mnist_like
+    from tests.example_checks import check_result_line
+
+    result = lightning_mnist_like.main(["--smoke", "--no-progress"])
+    out = capsys.readouterr().out
+    check_result_line(out, "dp_torch lightning digits", result, lightning_mnist_like.SMOKE_EPOCHS)
+    assert "epoch 2: epsilon" in out
+    assert result["accuracy"] > result["initial_accuracy"] + 0.3
