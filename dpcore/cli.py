@@ -3,8 +3,10 @@
 Examples::
 
     dpcore epsilon --noise-multiplier 1.1 --sample-rate 0.004 --steps 14000 --delta 1e-5
-    dpcore epsilon ... --accountant all
+    dpcore epsilon ... --accountant all --json
+    dpcore epsilon --ledger run.json --delta 1e-5     # re-account a saved run, every accountant
     dpcore calibrate --target-epsilon 8 --delta 1e-5 --sample-rate 0.04 --epochs 90
+    dpcore calibrate --target-epsilon 8 --target-delta 1e-5 ...   # Opacus' name for --delta
     dpcore plot --noise-multiplier 1.1 --sample-rate 0.004 --epochs 20 --delta 1e-5 -o curve.png
     dpcore audit --noise-multiplier 1.0 --sample-rate 0.1 --steps 50
 
@@ -21,9 +23,11 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dpcore import _cli_ledger
 from dpcore._audit_run import audit_backends, format_reports
 from dpcore.accounting import create_accountant, get_noise_multiplier
 from dpcore.accounting.gdp import GDPApproximationWarning
+from dpcore.ledger import Ledger
 
 __all__ = ["build_parser", "main"]
 
@@ -60,21 +64,24 @@ def _integer(flag: str) -> Callable[[str], int]:
 _SIGMA = _number("--noise-multiplier", lambda x: math.isfinite(x) and x > 0, "a number > 0")
 _RATE = _number("--sample-rate", lambda x: 0 < x <= 1, "in (0, 1]")
 _DELTA = _number("--delta", lambda x: 0 < x < 1, "in (0, 1), e.g. 1e-5")
+_TARGET_DELTA = _number("--target-delta", lambda x: 0 < x < 1, "in (0, 1), e.g. 1e-5")
 _EPOCHS = _number("--epochs", lambda x: math.isfinite(x) and x > 0, "a number > 0")
 _TARGET = _number("--target-epsilon", lambda x: math.isfinite(x) and x > 0, "a number > 0")
 _TOL = _number("--epsilon-tolerance", lambda x: math.isfinite(x) and x > 0, "a number > 0")
 
 
-def _add_schedule(parser: argparse.ArgumentParser, *, sigma: bool) -> None:
+def _add_schedule(parser: argparse.ArgumentParser, *, sigma: bool, required: bool = True,
+                  delta_required: bool = True) -> None:
     if sigma:
-        parser.add_argument("--noise-multiplier", type=_SIGMA, required=True,
+        parser.add_argument("--noise-multiplier", type=_SIGMA, required=required,
                             help="noise standard deviation / clipping norm (sigma)")
-    parser.add_argument("--sample-rate", type=_RATE, required=True,
+    parser.add_argument("--sample-rate", type=_RATE, required=required,
                         help="Poisson sampling rate q = expected batch size / dataset size")
-    length = parser.add_mutually_exclusive_group(required=True)
+    length = parser.add_mutually_exclusive_group(required=required)
     length.add_argument("--steps", type=_integer("--steps"), help="number of training steps")
     length.add_argument("--epochs", type=_EPOCHS, help="number of epochs (steps = epochs / q)")
-    parser.add_argument("--delta", type=_DELTA, required=True, help="target delta, e.g. 1e-5")
+    parser.add_argument("--delta", type=_DELTA, required=delta_required,
+                        help="target delta, e.g. 1e-5")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,15 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpcore", description="Privacy accounting for DP-SGD (Poisson-subsampled Gaussian)."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    eps = sub.add_parser("epsilon", help="print epsilon for a training schedule",
-                         description="Print the epsilon of a DP-SGD schedule per accountant.")
-    _add_schedule(eps, sigma=True)
-    eps.add_argument("--accountant", choices=(*ACCOUNTANTS, "all"), default="all",
-                     help="which accountant (default: all)")
+    _add_epsilon(sub)
     cal = sub.add_parser("calibrate", help="find the noise multiplier for a target epsilon",
                          description="Print the smallest noise multiplier meeting the budget.")
     cal.add_argument("--target-epsilon", type=_TARGET, required=True, help="target epsilon")
-    _add_schedule(cal, sigma=False)
+    _add_schedule(cal, sigma=False, delta_required=False)
+    cal.add_argument("--target-delta", type=_TARGET_DELTA,
+                     help="Opacus' name for --delta (give either; both must then agree)")
     cal.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp",
                      help="accountant used for calibration (default: rdp)")
     cal.add_argument("--epsilon-tolerance", type=_TOL, default=0.01,
@@ -105,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", required=True, help="output image file, e.g. curve.png")
     _add_audit(sub)
     return parser
+
+
+def _add_epsilon(sub: Any) -> None:
+    eps = sub.add_parser(
+        "epsilon", help="print epsilon for a training schedule or a saved run's ledger",
+        description="Print the epsilon of a DP-SGD schedule, or of a saved run's privacy ledger "
+                    "(--ledger run.json, written by dpcore.ledger.save_ledger from a dp_torch or "
+                    "dp_jax accountant), under each accountant.")
+    _add_schedule(eps, sigma=True, required=False)
+    eps.add_argument("--ledger", metavar="PATH",
+                     help="re-account this saved ledger instead of a schedule given by flags")
+    eps.add_argument("--accountant", choices=(*ACCOUNTANTS, "all"), default="all",
+                     help="which accountant (default: all)")
+    eps.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _add_audit(sub: Any) -> None:
@@ -133,40 +152,64 @@ def _steps_of(args: argparse.Namespace) -> int:
 def _epsilon(kind: str, sigma: float, q: float, steps: int, delta: float) -> tuple[float, str]:
     accountant = create_accountant(kind)
     accountant.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if kind == "rdp":
-            eps, alpha = accountant.get_privacy_spent(delta=delta)
-            note = f"best alpha {alpha:g}"
-        else:
-            eps, note = accountant.get_epsilon(delta), "upper bound"
-    for item in caught:
-        if issubclass(item.category, GDPApproximationWarning):
-            note = "approximation; may under-report" + (
-                " (certified under-report)" if "at least" in str(item.message) else ""
-            )
-        else:
-            note = f"{note}; warning: {item.message}"
-    return eps, note
+    return _cli_ledger.accountant_epsilon(accountant, delta)
+
+
+def _schedule_ledger(args: argparse.Namespace) -> Ledger:
+    """The one-entry ledger of the schedule flags; a missing flag is an error naming it."""
+    missing = [flag for flag, value in (("--noise-multiplier", args.noise_multiplier),
+                                        ("--sample-rate", args.sample_rate)) if value is None]
+    if missing:
+        raise ValueError(f"the following arguments are required: {', '.join(missing)} "
+                         f"(or --ledger PATH)")
+    if args.steps is None and args.epochs is None:
+        raise ValueError("one of the arguments --steps --epochs is required (or --ledger PATH)")
+    return Ledger(entries=((args.noise_multiplier, args.sample_rate, _steps_of(args)),))
+
+
+def _check_ledger_alone(args: argparse.Namespace) -> None:
+    given = [flag for flag, value in (
+        ("--noise-multiplier", args.noise_multiplier), ("--sample-rate", args.sample_rate),
+        ("--steps", args.steps), ("--epochs", args.epochs)) if value is not None]
+    if given:
+        raise ValueError(f"--ledger replaces the schedule; drop {', '.join(given)} "
+                         f"(the ledger records every step's noise multiplier and sample rate)")
 
 
 def _cmd_epsilon(args: argparse.Namespace) -> int:
-    steps = _steps_of(args)
+    if args.ledger is not None:
+        _check_ledger_alone(args)
+        ledger = _cli_ledger.read_ledger(args.ledger)
+        header = _cli_ledger.ledger_header(ledger, args.ledger, args.delta)
+    else:
+        ledger = _schedule_ledger(args)
+        header = (f"noise_multiplier={args.noise_multiplier:g} sample_rate={args.sample_rate:g} "
+                  f"steps={ledger.total_steps} delta={args.delta:g}")
     kinds = ACCOUNTANTS if args.accountant == "all" else (args.accountant,)
-    print(f"noise_multiplier={args.noise_multiplier:g} sample_rate={args.sample_rate:g} "
-          f"steps={steps} delta={args.delta:g}")
-    print(f"{'accountant':<11}{'epsilon':>12}  note")
-    for kind in kinds:
-        eps, note = _epsilon(kind, args.noise_multiplier, args.sample_rate, steps, args.delta)
-        print(f"{kind:<11}{eps:>12.6f}  {note}")
+    rows = _cli_ledger.reaccount(ledger, kinds, args.delta)
+    if args.json:
+        print(json.dumps(_cli_ledger.report(ledger, rows, args.delta, args.ledger), indent=2))
+    else:
+        print(_cli_ledger.format_table(header, rows))
     return 0
+
+
+def _delta_of(args: argparse.Namespace) -> float:
+    """``--delta`` or its alias ``--target-delta``; both given must agree."""
+    if args.delta is not None and args.target_delta is not None and args.delta != args.target_delta:
+        raise ValueError(f"--delta {args.delta:g} and --target-delta {args.target_delta:g} "
+                         f"disagree; they are one option (give either, or equal values)")
+    delta = args.delta if args.delta is not None else args.target_delta
+    if delta is None:
+        raise ValueError("one of the arguments --delta --target-delta is required")
+    return delta
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GDPApproximationWarning)
         sigma = get_noise_multiplier(
-            target_epsilon=args.target_epsilon, target_delta=args.delta,
+            target_epsilon=args.target_epsilon, target_delta=_delta_of(args),
             sample_rate=args.sample_rate, steps=_steps_of(args), accountant=args.accountant,
             epsilon_tolerance=args.epsilon_tolerance,
         )
