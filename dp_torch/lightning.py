@@ -22,7 +22,6 @@ This module needs Lightning (``pip install lightning``); ``import dp_torch`` doe
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 from typing import Any, Optional, Union
 
@@ -42,7 +41,7 @@ from dp_torch.data_loader import DPDataLoader, loader_settings
 from dp_torch.optimizers import DPOptimizer
 from dp_torch.privacy_engine import PrivacyEngine
 
-__all__ = ["DPCallback", "DPLightningDataModule"]
+__all__ = ["DPCallback", "DPLightningDataModule", "logical_loader"]
 
 #: Attribute of a split train loader that holds its logical Poisson loader.
 _LOGICAL = "dp_logical_loader"
