@@ -72,13 +72,15 @@ _TOL = _number("--epsilon-tolerance", lambda x: math.isfinite(x) and x > 0, "a n
 
 def _add_schedule(parser: argparse.ArgumentParser, *, sigma: bool, required: bool = True,
                   delta_required: bool = True) -> None:
+    unless = "" if required else " (unless --ledger is given)"
     if sigma:
         parser.add_argument("--noise-multiplier", type=_SIGMA, required=required,
-                            help="noise standard deviation / clipping norm (sigma)")
+                            help="noise standard deviation / clipping norm (sigma)" + unless)
     parser.add_argument("--sample-rate", type=_RATE, required=required,
-                        help="Poisson sampling rate q = expected batch size / dataset size")
+                        help="Poisson sampling rate q = expected batch size / dataset size" + unless)
     length = parser.add_mutually_exclusive_group(required=required)
-    length.add_argument("--steps", type=_integer("--steps"), help="number of training steps")
+    length.add_argument("--steps", type=_integer("--steps"),
+                        help="number of training steps" + unless)
     length.add_argument("--epochs", type=_EPOCHS, help="number of epochs (steps = epochs / q)")
     parser.add_argument("--delta", type=_DELTA, required=delta_required,
                         help="target delta, e.g. 1e-5")
