@@ -60,7 +60,7 @@ class _Report:
 
 @dataclasses.dataclass(frozen=True)
 class StepAuditResult(_Report):
-    """Outcome of :func:`step_audit`.
+    """Outcome of :func:`dp_jax.audit.step_audit`.
 
     Attributes:
         noise_multiplier: ``sigma``.
@@ -104,7 +104,7 @@ class StepAuditResult(_Report):
 
 @dataclasses.dataclass(frozen=True)
 class RunAuditResult(_Report):
-    """Outcome of :func:`run_audit`.
+    """Outcome of :func:`dp_jax.audit.run_audit`.
 
     Attributes:
         noise_multiplier: ``sigma``.

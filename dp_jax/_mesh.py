@@ -163,7 +163,7 @@ def shard_batch(
     """Pad a host batch to the data axis and place it sharded along that axis.
 
     Every process passes the same *global* batch; each process copies only the rows
-    of its own devices. For per-process feeding use :class:`ShardedBatches`.
+    of its own devices. For per-process feeding use :class:`dp_jax.distributed.ShardedBatches`.
 
     Args:
         batch: Pytree of arrays with a common leading axis.
