@@ -35,6 +35,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence, pad_sequence
 
 from dp_torch.utils.packed_sequences import compute_seq_lengths
 
+from ._rnn_cells import elman_gates, gru_gates, lstm_gates
 from .param_rename import RenameParamsMixin
 
 __all__ = [
@@ -260,8 +261,7 @@ class DPRNNCell(DPRNNCellBase):
 
     def step(self, gates_x: Tensor, state: _State) -> _State:
         """One Elman step (see :meth:`DPRNNCellBase.step`)."""
-        pre = gates_x + self.hh(state[0])
-        return (torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre),)
+        return (elman_gates(gates_x, self.hh(state[0]), self.nonlinearity),)
 
 
 class DPGRUCell(DPRNNCellBase):
@@ -290,13 +290,7 @@ class DPGRUCell(DPRNNCellBase):
 
     def step(self, gates_x: Tensor, state: _State) -> _State:
         """One GRU step (see :meth:`DPRNNCellBase.step`)."""
-        h = state[0]
-        x_r, x_z, x_n = gates_x.chunk(3, dim=1)
-        h_r, h_z, h_n = self.hh(h).chunk(3, dim=1)
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(x_n + r * h_n)
-        return ((1 - z) * n + z * h,)
+        return (gru_gates(gates_x, self.hh(state[0]), state[0]),)
 
 
 class DPLSTMCell(DPRNNCellBase):
@@ -332,9 +326,7 @@ class DPLSTMCell(DPRNNCellBase):
     def step(self, gates_x: Tensor, state: _State) -> _State:
         """One LSTM step (see :meth:`DPRNNCellBase.step`)."""
         h, c = state
-        i, f, g, o = (gates_x + self.hh(h)).chunk(4, dim=1)
-        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        h_new, c_new = lstm_gates(gates_x, self.hh(h), c)
         if self.proj_size > 0:
             h_new = self.hr(h_new)
         return (h_new, c_new)
@@ -737,20 +729,25 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
         cell: DPRNNCellBase, x: Tensor, state: _State, lengths: Optional[Tensor], reverse: bool
     ) -> tuple[Tensor, _State]:
         """One layer, one direction over batch-first ``x``; -> (outputs ``[B, T, H_out]``, final)."""
+        steps = x.shape[1]
+        shortest = int(lengths.min()) if lengths is not None else steps
+        if shortest == steps:
+            lengths = None  # every sequence has full length: the fast path, no masking
         gates = cell.ih(x)
-        if reverse:
+        if reverse and lengths is not None:
             gates = _reverse_time(gates, lengths)
-        shortest = int(lengths.min()) if lengths is not None else x.shape[1]
-        outputs = []
-        for t in range(x.shape[1]):
-            new = cell.step(gates[:, t], state)
-            if t >= shortest:
+        order = range(steps - 1, -1, -1) if reverse and lengths is None else range(steps)
+        per_step = gates.unbind(1)  # one backward node for all steps (indexing adds one per step)
+        outputs: list[Tensor] = [x] * steps  # placeholders, each overwritten
+        for t in order:
+            new = cell.step(per_step[t], state)
+            if t >= shortest:  # some sequences may have ended: keep their final state
                 alive = (t < lengths).unsqueeze(1)
                 new = tuple(torch.where(alive, n, s) for n, s in zip(new, state))
             state = new
-            outputs.append(state[0])
+            outputs[t] = state[0]
         out = torch.stack(outputs, dim=1)
-        if reverse:
+        if reverse and lengths is not None:
             out = _reverse_time(out, lengths)
         return out, state
 
