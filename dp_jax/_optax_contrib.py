@@ -22,6 +22,7 @@ import numbers
 from typing import Any, Optional, Union
 
 import jax
+import numpy as np
 import optax
 
 from dp_jax import _tree
@@ -48,6 +49,8 @@ def _as_key(key: Optional[KeyOrSeed], seed: Optional[int]) -> jax.Array:
         )
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return jax.random.key(int(value))
+    if np.ndim(value) == 0 and jax.dtypes.issubdtype(getattr(value, "dtype", float), np.integer):
+        return jax.random.key(value)  # an int seed as an array, e.g. from inject_hyperparams
     return value
 
 

@@ -114,6 +114,15 @@ def test_int_seed_and_seed_keyword_equal_the_key() -> None:
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
 
+def test_inject_hyperparams_with_an_injected_seed() -> None:
+    params = {"w": jnp.zeros(6, jnp.float32)}
+    grads = {"w": jnp.ones((BATCH, 6), jnp.float32)}
+    tx = optax.inject_hyperparams(dp_jax.dpsgd)(learning_rate=0.1, l2_norm_clip=CLIP,
+                                                noise_multiplier=0.0, seed=3)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert_close(updates["w"], np.full(6, -0.1 / np.sqrt(6)), rtol=1e-5)
+
+
 def test_key_is_required_and_unique() -> None:
     with pytest.raises(TypeError, match="needs a secret PRNG key"):
         dp_jax.differentially_private_aggregate(CLIP, 1.0)
