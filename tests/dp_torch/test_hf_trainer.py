@@ -99,8 +99,10 @@ def _first_logical_batch(trainer: DPTrainer) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "mode, physical", [("hooks", None), ("ghost", None), ("hooks", 1)],
-    ids=["hooks", "ghost", "hooks-physical-1"],
+    "mode, physical",
+    [("hooks", None), ("ghost", None), pytest.param("hooks", 1, marks=pytest.mark.slow),
+     pytest.param("ghost", 2, marks=pytest.mark.slow)],
+    ids=["hooks", "ghost", "hooks-physical-1", "ghost-physical-2"],
 )
 def test_noise_free_update_is_the_dp_sgd_definition(base_model, tmp_path, mode, physical):
     """Clip each sequence's gradient, sum over the Poisson batch, divide by the expected size."""
@@ -125,15 +127,15 @@ def test_noise_free_update_is_the_dp_sgd_definition(base_model, tmp_path, mode, 
 
 def test_epsilon_in_the_logs_is_the_accountants(base_model, tmp_path):
     trainer = _trainer(copy.deepcopy(base_model), tmp_path,
-                       PrivacyArguments(noise_multiplier=1.3, target_delta=DELTA), max_steps=3)
+                       PrivacyArguments(noise_multiplier=1.3, target_delta=DELTA), max_steps=2)
     trainer.train()
     logged = [entry["epsilon"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logged) == 3 and logged == sorted(logged)
+    assert len(logged) == 2 and logged[0] < logged[1]
     engine = trainer.privacy_engine
-    assert len(engine.accountant) == 3  # one step per logical batch, not per micro-batch
+    assert len(engine.accountant) == 2  # one step per logical batch, not per micro-batch
     assert logged[-1] == engine.get_epsilon(DELTA) == trainer.state.log_history[-1]["epsilon"]
     independent = create_accountant("rdp")
-    independent.step(noise_multiplier=1.3, sample_rate=6 / N, num_steps=3)
+    independent.step(noise_multiplier=1.3, sample_rate=6 / N, num_steps=2)
     assert_close(logged[-1], independent.get_epsilon(DELTA), rtol=1e-12)
     assert all(entry["grad_norm"] > 0 for entry in trainer.state.log_history if "loss" in entry)
 
@@ -145,11 +147,11 @@ def test_gradient_accumulation_adds_noise_once_per_logical_batch(base_model, tmp
         model = copy.deepcopy(base_model)
         trainer = _trainer(
             model, tmp_path / str(accumulation), PrivacyArguments(noise_multiplier=2.0),
-            noise_generator=torch.Generator().manual_seed(11), max_steps=2, learning_rate=0.1,
+            noise_generator=torch.Generator().manual_seed(11), max_steps=1, learning_rate=0.1,
             per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
         )
         trainer.train()
-        assert len(trainer.privacy_engine.accountant) == 2
+        assert len(trainer.privacy_engine.accountant) == 1
         finals.append(_params(model))
     start = _params(base_model)
     moved = [f - s for f, s in zip(finals[0], start)]
@@ -186,7 +188,7 @@ def test_a_budget_too_small_for_one_step_is_refused(base_model, tmp_path):
 def test_resume_from_a_checkpoint_continues_the_ledger_and_the_run(base_model, tmp_path):
     def run(model, **kwargs):
         trainer = _trainer(model, tmp_path, PrivacyArguments(noise_multiplier=1.0),
-                           noise_generator=torch.Generator().manual_seed(5), max_steps=4,
+                           noise_generator=torch.Generator().manual_seed(5), max_steps=3,
                            learning_rate=0.1, save_strategy="steps", save_steps=2, **kwargs)
         return trainer
 
@@ -198,7 +200,7 @@ def test_resume_from_a_checkpoint_continues_the_ledger_and_the_run(base_model, t
     resumed_model = copy.deepcopy(base_model)
     resumed = run(resumed_model)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed.state.global_step == 4
+    assert resumed.state.global_step == 3
     assert resumed.privacy_engine.accountant.history == whole.privacy_engine.accountant.history
     assert resumed.get_epsilon() == whole.get_epsilon()
     assert relative_error(_params(resumed_model), _params(whole_model)) < 1e-12
