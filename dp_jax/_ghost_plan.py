@@ -112,8 +112,10 @@ def _dispatch(match: Callable, emit: _Emit, top: Any, notes: Optional[list[str]]
               ) -> Callable:
     """The interception handler shared by the check trace and the vmapped pass."""
 
+    quiet = [0]  # inside an RNN left to its scan: its own note covers its cell's layers
+
     def note(text: str) -> None:
-        if notes is not None and text not in notes:
+        if notes is not None and text not in notes and not quiet[0]:
             notes.append(text)
 
     def handler(framework, module, next_fun, args, kwargs):
@@ -124,7 +126,11 @@ def _dispatch(match: Callable, emit: _Emit, top: Any, notes: Optional[list[str]]
                 return rnn.unrolled(framework, module, args, kwargs)
             note(f"{_where(framework, module)}: not unrolled ({problem}); its cell's "
                  f"parameters are differentiated per example (vmap)")
-            return next_fun(*args, **kwargs)
+            quiet[0] += 1
+            try:
+                return next_fun(*args, **kwargs)
+            finally:
+                quiet[0] -= 1
         found = match(framework, module, args, kwargs)
         if found is None:
             if nested and _describe(framework, module, args, kwargs) is not None:

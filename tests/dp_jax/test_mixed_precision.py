@@ -75,7 +75,7 @@ def _definition(per_example, bound):
 
 
 @pytest.mark.parametrize("name,mode", [
-    ("cnn_f32_params", "ghost"),
+    pytest.param("cnn_f32_params", "ghost", marks=pytest.mark.slow),
     pytest.param("cnn", "ghost", marks=pytest.mark.slow),
     pytest.param("tied", "vmap", marks=pytest.mark.slow),
     pytest.param("gpt_full", "ghost", marks=pytest.mark.slow)])
