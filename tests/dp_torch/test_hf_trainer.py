@@ -240,3 +240,14 @@ def test_sequence_loss_is_the_mean_over_labelled_tokens():
     assert_close(float(losses[1]), float(token), rtol=1e-12)
     full = torch.nn.functional.cross_entropy(logits[0, :3], labels[0, 1:])
     assert_close(float(losses[0]), float(full), rtol=1e-12)
+
+
+def test_example_smoke_run_learns_within_budget(capsys):
+    from examples import hf_trainer_lora
+
+    result = hf_trainer_lora.main(["--smoke", "--grad-sample-mode", "hooks"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("dp_torch Trainer + LoRA: loss ") and f"epsilon {result['epsilon']:.2f}" in last
+    assert 0 < result["epsilon"] <= 8.0 and result["logged_epsilon"][-1] == result["epsilon"]
+    assert result["after"]["loss"] < result["before"]["loss"]
+    assert result["after"]["accuracy"] > result["before"]["accuracy"] + 0.05
