@@ -19,7 +19,9 @@ from dpcore.accounting import Accountant
 from dpcore.accounting.gdp import GDPApproximationWarning
 from dpcore.ledger import Ledger
 
-__all__ = ["accountant_epsilon", "format_table", "ledger_header", "read_ledger", "reaccount", "report"]
+__all__ = [
+    "accountant_epsilon", "format_table", "ledger_header", "read_ledger", "reaccount", "report",
+]
 
 
 def read_ledger(path: str | os.PathLike[str]) -> Ledger:

@@ -77,7 +77,8 @@ def _add_schedule(parser: argparse.ArgumentParser, *, sigma: bool, required: boo
         parser.add_argument("--noise-multiplier", type=_SIGMA, required=required,
                             help="noise standard deviation / clipping norm (sigma)" + unless)
     parser.add_argument("--sample-rate", type=_RATE, required=required,
-                        help="Poisson sampling rate q = expected batch size / dataset size" + unless)
+                        help="Poisson sampling rate q = expected batch size / dataset size"
+                        + unless)
     length = parser.add_mutually_exclusive_group(required=required)
     length.add_argument("--steps", type=_integer("--steps"),
                         help="number of training steps" + unless)

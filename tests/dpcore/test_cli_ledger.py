@@ -103,7 +103,8 @@ def test_ledger_json_equals_every_accountants_own_api(ledger_file, expected, cap
 
 def test_ledger_table_lists_entries_and_accountants(ledger_file, expected, capsys) -> None:
     out = _run(["epsilon", "--ledger", str(ledger_file), "--delta", "1e-5"], capsys)
-    assert "3 entries, 450 steps" in out and "noise_multiplier=0.9 sample_rate=0.02 steps=100" in out
+    assert "3 entries, 450 steps" in out
+    assert "noise_multiplier=0.9 sample_rate=0.02 steps=100" in out
     rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
             if line.split()[0] in expected}
     assert rows == {k: round(v, 6) for k, v in expected.items()}
