@@ -2,7 +2,8 @@
 
 Models (:mod:`tests.dp_jax.zoo_models`): a GPT-2-shaped nnx transformer whose attention
 and MLP projections are ``nnx.LoRALinear`` (trained LoRA-only, as PEFT users do, and fully),
-a linen CNN with GroupNorm, and an nnx language model with a tied embedding/unembedding.
+a linen CNN with GroupNorm, an nnx language model with a tied embedding/unembedding and a
+linen LSTM classifier (``nn.RNN`` over ``nn.LSTMCell``).
 
 Oracle: the definition, from a loop of single-example ``jax.grad`` calls of a loss written
 without dp_jax: per-example gradient, its L2 norm over all trainable leaves, clip factor
@@ -15,8 +16,9 @@ float32 models use float32 parameters and inputs, which the tests assert).
 Users' code is what runs: :func:`dp_jax.clipped_grad`, :func:`dp_jax.ghost_clipped_grad`,
 and the :class:`dp_jax.PrivacyEngine` step with noise 0. In ghost mode the tests also
 assert which parameters took the ghost path (:func:`dp_jax.ghost_plan`), so a fall-back to
-vmap cannot pass for ghost clipping, and a parameter ghost clipping cannot handle exactly
-(LoRA factors, the tied table, normalisation layers) must fall back. A bfloat16 model
+vmap cannot pass for ghost clipping (LoRA factors, normalisation layers and the LSTM's
+cell included), and a parameter ghost clipping cannot handle exactly (the tied table)
+must fall back. A bfloat16 model
 checks the precision rule of docs/design.md (float32 norms, factors and clipped sums);
 :mod:`tests.dp_jax.test_mixed_precision` runs whole bfloat16 DP steps.
 """
@@ -45,18 +47,29 @@ def _paths(prefix: str, names: tuple[str, ...], leaves: tuple[str, ...]) -> set[
 
 
 _LORA_LAYERS = ("query", "key", "value", "proj", "up", "down")
+_LORA_FACTORS = {f"['block']['{n}']['lora']['{f}'].value" for n in _LORA_LAYERS
+                 for f in ("lora_a", "lora_b")}
+_LN = ("ln_attn", "ln_mlp")
 EXPECTED_GHOST = {
-    # The LoRA factors are read by plain matmuls (x @ a @ b): differentiated per example.
-    "gpt_lora": set(),
-    # The frozen-in-PEFT base projections, the head and both embeddings are ghost; the
-    # LoRA factors and the LayerNorms fall back.
+    # The LoRA factors: x @ a, then (x @ a) @ b, two dense maps.
+    "gpt_lora": _LORA_FACTORS,
+    # Everything: base projections, LoRA factors, LayerNorms, head and both embeddings.
     "gpt_full": {p + ".value" for p in _paths("['block']", _LORA_LAYERS, ("kernel", "bias"))}
+    | {p + ".value" for p in _paths("['block']", _LN, ("scale", "bias"))}
+    | {"['ln_f']['scale'].value", "['ln_f']['bias'].value"} | _LORA_FACTORS
     | {"['head']['kernel'].value", "['head']['bias'].value",
        "['wte']['embedding'].value", "['wpe']['embedding'].value"},
-    # Convolutions and the dense head are ghost; GroupNorm falls back.
-    "cnn": _paths("", ("Dense_0", "Dense_1", "Conv_0", "Conv_1"), ("kernel", "bias")),
+    # Convolutions, GroupNorms and the dense head.
+    "cnn": _paths("", ("Dense_0", "Dense_1", "Conv_0", "Conv_1"), ("kernel", "bias"))
+    | _paths("", ("GroupNorm_0", "GroupNorm_1"), ("scale", "bias")),
     # The tied table is also read by Embed.attend: it must fall back.
-    "tied": {"['mix']['kernel'].value", "['mix']['bias'].value", "['wpe']['embedding'].value"},
+    "tied": {"['mix']['kernel'].value", "['mix']['bias'].value", "['wpe']['embedding'].value",
+             "['norm']['scale'].value", "['norm']['bias'].value"},
+    # The RNN is unrolled: the cell's eight dense layers are ghost over the steps.
+    "lstm": _paths("['LSTMCell_0']", ("ii", "if", "ig", "io"), ("kernel",))
+    | _paths("['LSTMCell_0']", ("hi", "hf", "hg", "ho"), ("kernel", "bias"))
+    | {"['embed']['embedding']"} | _paths("", ("norm",), ("scale", "bias"))
+    | _paths("", ("head",), ("kernel", "bias")),
 }
 
 
@@ -102,12 +115,23 @@ def rel_error(got: Any, want: list[np.ndarray]) -> float:
 def _assert_plan(name: str, case: zoo_models.ZooCase) -> None:
     plan = dp_jax.ghost_plan(case.loss_fn, case.params, case.batch)
     assert set(plan.ghost) == EXPECTED_GHOST[name], plan
+    assert plan.notes == ()
     assert len(plan.ghost) + len(plan.fallback) == len(jax.tree_util.tree_leaves(case.params))
 
 
-@pytest.mark.parametrize("dtype", list(RTOL))
-@pytest.mark.parametrize("mode", list(GRAD_FNS))
-@pytest.mark.parametrize("name", list(BUILDERS))
+def _cases() -> list:
+    """Every model, mode and dtype; the LSTM's vmap and float32 runs are slow."""
+    out = []
+    for name in BUILDERS:
+        for mode in GRAD_FNS:
+            for dtype in RTOL:
+                slow = name == "lstm" and (mode, dtype) != ("ghost", "float64")
+                marks = [pytest.mark.slow] if slow else []
+                out.append(pytest.param(name, mode, dtype, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("name,mode,dtype", _cases())
 def test_clipped_sum_matches_definition(name, mode, dtype):
     ref = reference(name, dtype)
     case = ref.case

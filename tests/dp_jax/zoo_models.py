@@ -14,6 +14,8 @@ one dtype for parameters and computation.
 * :func:`linen_cnn`: a linen CNN with GroupNorm (two convolutions, a dense head).
 * :func:`tied_nnx`: an nnx language model whose ``nnx.Embed`` table is used for the
   input lookup and, through ``Embed.attend``, for the output logits.
+* :func:`linen_lstm`: a linen sequence classifier: token embedding, ``nn.RNN`` over an
+  ``nn.LSTMCell``, LayerNorm on the last hidden state, a dense head.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from flax import nnx
 
 import dp_jax
 
-__all__ = ["BATCH", "BUILDERS", "ZooCase", "linen_cnn", "lora_gpt", "tied_nnx", "token_loss"]
+__all__ = ["BATCH", "BUILDERS", "ZooCase", "linen_cnn", "linen_lstm", "lora_gpt", "tied_nnx",
+           "token_loss"]
 
 BATCH = 8
 VOCAB = 11
@@ -233,10 +236,44 @@ def linen_cnn(dtype: Any, param_dtype: Any = None) -> ZooCase:
     return ZooCase(loss_fn, params, {"x": images, "y": labels}, oracle)
 
 
+# --------------------------------------------------------------------------- LSTM
+
+
+class LSTMClassifier(nn.Module):
+    """Embedding, an LSTM over the tokens, LayerNorm of the last hidden state, dense head."""
+
+    dtype: Any
+    classes: int = 3
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, classes]
+        kw = {"dtype": self.dtype, "param_dtype": self.dtype}
+        x = nn.Embed(VOCAB, DIM, name="embed", **kw)(tokens)
+        h = nn.RNN(nn.LSTMCell(DIM, **kw), name="rnn")(x)[:, -1]
+        return nn.Dense(self.classes, name="head", **kw)(nn.LayerNorm(name="norm", **kw)(h))
+
+
+def linen_lstm(dtype: Any) -> ZooCase:
+    """The LSTM classifier on random token sequences, cross-entropy on 3 classes."""
+    model = LSTMClassifier(dtype)
+    tokens = _token_batch(4)["x"]
+    labels = np.random.default_rng(4).integers(0, model.classes, size=BATCH).astype(np.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(tokens[:1]))
+    params = _random_values(shapes["params"], seed=1)
+
+    def oracle(p: Any, example: Any) -> jax.Array:
+        logits = model.apply({"params": p}, example["x"][None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
+
+    loss_fn = dp_jax.linen_loss(model, "cross_entropy")
+    return ZooCase(loss_fn, params, {"x": tokens, "y": labels}, oracle)
+
+
 BUILDERS: dict[str, Callable[[Any], ZooCase]] = {
     "gpt_lora": lambda dtype: lora_gpt(dtype, lora_only=True),
     "gpt_full": lambda dtype: lora_gpt(dtype, lora_only=False),
     "cnn": linen_cnn,
     "tied": tied_nnx,
+    "lstm": linen_lstm,
 }
 """Builders by name: ``BUILDERS[name](dtype) -> ZooCase``."""
