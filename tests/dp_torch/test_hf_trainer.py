@@ -167,6 +167,7 @@ def _epsilons(noise: float, steps: int) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 def test_training_stops_before_the_step_that_exceeds_the_budget(base_model, tmp_path):
     eps = _epsilons(2.0, 3)
     stop = (eps[1] + eps[2]) / 2
@@ -185,6 +186,7 @@ def test_a_budget_too_small_for_one_step_is_refused(base_model, tmp_path):
     assert len(trainer.privacy_engine.accountant) == 0
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_continues_the_ledger_and_the_run(base_model, tmp_path):
     def run(model, **kwargs):
         trainer = _trainer(model, tmp_path, PrivacyArguments(noise_multiplier=1.0),
