@@ -2,10 +2,13 @@
 
 :func:`ghost_clipped_grad` has the contract of :func:`dp_jax.clipped_grad` and returns the
 same clipped sum and :class:`~dp_jax.ClipAux`, but does not differentiate the kernels,
-biases and embedding tables of flax's linear, convolution and embedding layers per
-example: their norms come from the layers' inputs (a convolution's input patches) and
-output gradients, recorded in one ``jax.vmap`` of ``jax.value_and_grad`` of the
-per-example loss with a zero probe added to each layer's output, either by the Gram
+biases and embedding tables of flax's linear, convolution and embedding layers, the
+scales and biases of its LayerNorm, RMSNorm and GroupNorm, the factors of ``nnx.LoRA``
+(``nnx.LoRALinear``) and the cells of a short ``RNN`` (unrolled) per example: their norms
+come from the layers' inputs (a convolution's input patches, a normalisation layer's
+normalised input) and output gradients, recorded in one ``jax.vmap`` of
+``jax.value_and_grad`` of the per-example loss with a zero probe added to each layer's
+output, either by the Gram
 form or, where that is cheaper, by forming the per-example product (mixed ghost
 clipping; :attr:`GhostPlan.methods` says which), and their clipped sums come from the
 same records in the same pass (book-keeping: one backward pass, no second one). Every
@@ -16,7 +19,7 @@ Guarantee:
     The result is :func:`dp_jax.clipped_grad`'s up to floating-point rounding: a
     parameter takes the ghost path only when it is proved to be used by
     intercepted calls alone; :func:`ghost_plan` lists which parameters took
-    which path.
+    which path (and, in ``notes``, the layer calls it left to vmap and why).
 """
 
 from __future__ import annotations
