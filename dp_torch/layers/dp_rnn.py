@@ -12,7 +12,8 @@ Invariants that make per-sample gradients correct:
 * every call of an ``RNNLinear`` sees the *whole* batch, batch dimension first, rows in the
   caller's batch order (also for ``PackedSequence`` input: the layer unpacks to a padded batch
   in the original order and freezes the state of a sequence after its last element with
-  ``torch.where``, so padded steps contribute exactly zero to every gradient). A
+  ``torch.where``, so padded steps contribute exactly zero to every gradient; when every
+  sequence has the full length, no masking op is recorded at all). A
   per-sample-gradient engine must therefore treat ``RNNLinear`` as batch-first whatever its
   ``batch_first`` setting, as Opacus does.
 
@@ -35,7 +36,6 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence, pad_sequence
 
 from dp_torch.utils.packed_sequences import compute_seq_lengths
 
-from ._rnn_cells import elman_gates, gru_gates, lstm_gates
 from .param_rename import RenameParamsMixin
 
 __all__ = [
@@ -261,7 +261,8 @@ class DPRNNCell(DPRNNCellBase):
 
     def step(self, gates_x: Tensor, state: _State) -> _State:
         """One Elman step (see :meth:`DPRNNCellBase.step`)."""
-        return (elman_gates(gates_x, self.hh(state[0]), self.nonlinearity),)
+        pre = gates_x + self.hh(state[0])
+        return (torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre),)
 
 
 class DPGRUCell(DPRNNCellBase):
@@ -290,7 +291,13 @@ class DPGRUCell(DPRNNCellBase):
 
     def step(self, gates_x: Tensor, state: _State) -> _State:
         """One GRU step (see :meth:`DPRNNCellBase.step`)."""
-        return (gru_gates(gates_x, self.hh(state[0]), state[0]),)
+        h = state[0]
+        x_r, x_z, x_n = gates_x.chunk(3, dim=1)
+        h_r, h_z, h_n = self.hh(h).chunk(3, dim=1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        return ((1 - z) * n + z * h,)
 
 
 class DPLSTMCell(DPRNNCellBase):
@@ -326,7 +333,9 @@ class DPLSTMCell(DPRNNCellBase):
     def step(self, gates_x: Tensor, state: _State) -> _State:
         """One LSTM step (see :meth:`DPRNNCellBase.step`)."""
         h, c = state
-        h_new, c_new = lstm_gates(gates_x, self.hh(h), c)
+        i, f, g, o = (gates_x + self.hh(h)).chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
         if self.proj_size > 0:
             h_new = self.hr(h_new)
         return (h_new, c_new)
@@ -736,16 +745,20 @@ class DPRNNBase(RenameParamsMixin, nn.Module):
         gates = cell.ih(x)
         if reverse and lengths is not None:
             gates = _reverse_time(gates, lengths)
-        order = range(steps - 1, -1, -1) if reverse and lengths is None else range(steps)
-        per_step = gates.unbind(1)  # one backward node for all steps (indexing adds one per step)
-        outputs: list[Tensor] = [x] * steps  # placeholders, each overwritten
-        for t in order:
+        backwards = reverse and lengths is None
+        # unbind: one backward node for all steps; gates[:, t] would add a node per step whose
+        # backward writes into a zero-filled gradient of the whole sequence (quadratic in T)
+        per_step = gates.unbind(1)
+        outputs = []
+        for t in range(steps - 1, -1, -1) if backwards else range(steps):
             new = cell.step(per_step[t], state)
             if t >= shortest:  # some sequences may have ended: keep their final state
                 alive = (t < lengths).unsqueeze(1)
                 new = tuple(torch.where(alive, n, s) for n, s in zip(new, state))
             state = new
-            outputs[t] = state[0]
+            outputs.append(state[0])
+        if backwards:
+            outputs.reverse()
         out = torch.stack(outputs, dim=1)
         if reverse and lengths is not None:
             out = _reverse_time(out, lengths)

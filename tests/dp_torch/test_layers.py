@@ -230,6 +230,68 @@ def test_dp_rnn_rejects_projection_for_gru_and_bad_inputs():
         dp(torch.randn(6, 2, 3), torch.zeros(1, 2, 4))
 
 
+def _backward_node_names(output: torch.Tensor) -> list[str]:
+    """Names of every node of ``output``'s backward graph (each node once)."""
+    seen, stack, names = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kind", sorted(RNN_KINDS))
+def test_dp_rnn_backward_graph_has_no_per_step_node_of_sequence_size(kind):
+    """The input projection is split into time steps once (one ``UnbindBackward`` per layer and
+    direction); indexing one step at a time would record a node per step whose backward pass
+    fills a gradient of the whole sequence (quadratic in the sequence length)."""
+    _, dp = _pair(kind, num_layers=2, bidirectional=True)
+    out, _ = dp(torch.randn(7, 2, 3, dtype=DT))
+    names = _backward_node_names(out)
+    assert names.count("UnbindBackward0") == 4
+    assert not {"SelectBackward0", "WhereBackward0", "FlipBackward0", "GatherBackward0"} & set(names)
+
+
+@pytest.mark.parametrize("kind", sorted(RNN_KINDS))
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_dp_rnn_full_length_packed_batch_is_the_tensor_path(kind, bidirectional):
+    """A packed batch whose sequences all have the full length takes the unmasked path: same
+    output and final state as the padded tensor, bit for bit."""
+    _, dp = _pair(kind, bidirectional=bidirectional)
+    x = torch.randn(5, 3, 3, dtype=DT)
+    out, state = dp(x)
+    packed_out, packed_state = dp(pack_padded_sequence(x, torch.tensor([5, 5, 5])))
+    assert torch.equal(pad_packed_sequence(packed_out)[0], out)
+    for got, want in zip(_states(packed_state), _states(state)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_dp_rnn_gradcheck_and_double_backward(kind):
+    """First and second derivatives of a bidirectional, variable-length run (float64
+    finite differences), with respect to the input, the initial state and the weights."""
+    _, dp = _pair(kind, bidirectional=True)
+    weights = list(dp.parameters())
+    x = torch.randn(3, 2, 3, dtype=DT, requires_grad=True)
+    h0 = _initial_state(kind, 2, 2)
+    h0 = tuple(t.requires_grad_() for t in h0) if isinstance(h0, tuple) else h0.requires_grad_()
+
+    def run(x, *tensors):
+        state = tuple(tensors[:2]) if kind == "lstm" else tensors[0]
+        out, _ = dp(pack_padded_sequence(x, torch.tensor([3, 1]), enforce_sorted=False), state)
+        return out.data
+
+    tensors = (x, *_states(h0))
+    assert torch.autograd.gradcheck(run, tensors, fast_mode=True)  # random projections
+    assert torch.autograd.gradgradcheck(run, tensors, fast_mode=True)
+    grads = torch.autograd.grad(run(*tensors).pow(2).sum(), weights, create_graph=True)
+    second = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), weights, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in second)
+
+
 @pytest.mark.parametrize(
     "ref_cls, dp_cls, extra",
     [
