@@ -13,6 +13,7 @@ Guarantee:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple, Optional
@@ -108,43 +109,65 @@ def _lora_apply(call: _Call, ka: Optional[int], kb: Optional[int], emit: _Emit) 
     return out
 
 
-def _dispatch(match: Callable, emit: _Emit, top: Any, notes: Optional[list[str]] = None
-              ) -> Callable:
-    """The interception handler shared by the check trace and the vmapped pass."""
+class _Dispatch:
+    """The interception handler shared by the check trace and the vmapped pass.
 
-    quiet = [0]  # inside an RNN left to its scan: its own note covers its cell's layers
+    It unrolls short RNNs, runs linen ``OptimizedLSTMCell`` steps and ``nnx.LoRA``
+    calls as dense calls, hands every supported layer call to ``emit`` and lets
+    anything else run untouched, noting (``notes``) supported calls it had to leave
+    to vmap.
+    """
 
-    def note(text: str) -> None:
-        if notes is not None and text not in notes and not quiet[0]:
-            notes.append(text)
+    def __init__(self, leaves: list, emit: _Emit, top: Any,
+                 notes: Optional[list[str]] = None) -> None:
+        self._match = _matcher(leaves, top)
+        self._ids = {id(x): i for i, x in enumerate(leaves)}
+        self._emit, self._top, self._notes = emit, top, notes
+        self._quiet = 0  # inside an RNN left to its scan: its note covers its cell's layers
 
-    def handler(framework, module, next_fun, args, kwargs):
-        nested = current_trace() != top
+    def _note(self, text: str) -> None:
+        if self._notes is not None and text not in self._notes and not self._quiet:
+            self._notes.append(text)
+
+    def _dense(self, dtype: Any, x: Any, kernel: Any, bias: Any) -> Any:
+        call = _Call("linear", "linen", x, kernel, bias, (jnp.ndim(x) - 1,), dtype, None)
+        k, b = self._ids.get(id(kernel)), None if bias is None else self._ids.get(id(bias))
+        return self._emit(call, k, b, lambda kk, bb: _layer_out(call, kk, bb), None)
+
+    def _rnn(self, framework: str, module: Any, next_fun: Callable, args: tuple,
+             kwargs: dict) -> Any:
+        problem = rnn.unroll_problem(framework, module, args, kwargs)
+        if problem is None:
+            return rnn.unrolled(framework, module, args, kwargs)
+        self._note(f"{_where(framework, module)}: not unrolled ({problem}); its cell's "
+                   f"parameters are differentiated per example (vmap)")
+        self._quiet += 1
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            self._quiet -= 1
+
+    def __call__(self, framework: str, module: Any, next_fun: Callable, args: tuple,
+                 kwargs: dict) -> Any:
+        nested = current_trace() != self._top
+        cell = None if nested else rnn.optimized_lstm_params(module, args, kwargs)
+        if cell is not None:
+            return rnn.optimized_lstm(module, cell, *args,
+                                      functools.partial(self._dense, module.dtype))
         if rnn.is_rnn(framework, module) and not nested:
-            problem = rnn.unroll_problem(framework, module, args, kwargs)
-            if problem is None:
-                return rnn.unrolled(framework, module, args, kwargs)
-            note(f"{_where(framework, module)}: not unrolled ({problem}); its cell's "
-                 f"parameters are differentiated per example (vmap)")
-            quiet[0] += 1
-            try:
-                return next_fun(*args, **kwargs)
-            finally:
-                quiet[0] -= 1
-        found = match(framework, module, args, kwargs)
+            return self._rnn(framework, module, next_fun, args, kwargs)
+        found = self._match(framework, module, args, kwargs)
         if found is None:
             if nested and _describe(framework, module, args, kwargs) is not None:
-                note(f"{_where(framework, module)}: called inside a scan, checkpoint, nested "
-                     f"jit or lifted transformation; its parameters are differentiated per "
-                     f"example (vmap)")
+                self._note(f"{_where(framework, module)}: called inside a scan, checkpoint, "
+                           f"nested jit or lifted transformation; its parameters are "
+                           f"differentiated per example (vmap)")
             return next_fun(*args, **kwargs)
         call, k, b = found
         if call.kind == "lora":
-            return _lora_apply(call, k, b, emit)
-        return emit(call, k, b, lambda kk, bb: _layer_out(call, kk, bb),
-                    lambda: next_fun(*args, **kwargs))
-
-    return handler
+            return _lora_apply(call, k, b, self._emit)
+        return self._emit(call, k, b, lambda kk, bb: _layer_out(call, kk, bb),
+                          lambda: next_fun(*args, **kwargs))
 
 
 def _trace_sites(loss_fn: Callable, treedef: Any, leaves: list, example: PyTree
@@ -160,7 +183,7 @@ def _trace_sites(loss_fn: Callable, treedef: Any, leaves: list, example: PyTree
             return out
 
         top = current_trace()
-        with _intercept(_dispatch(_matcher(orig, top), emit, top, notes)):
+        with _intercept(_Dispatch(orig, emit, top, notes)):
             return loss_fn(jax.tree_util.tree_unflatten(treedef, list(orig)), ex)
 
     closed = jax.make_jaxpr(check_fn)(leaves, leaves, example)
@@ -329,7 +352,7 @@ def _per_example_fn(loss_fn: Callable, treedef: Any, plan: _Plan, rest_idx: list
             return out + probes[i]
 
         top = current_trace()
-        with _intercept(_dispatch(_matcher(leaves, top), emit, top)):
+        with _intercept(_Dispatch(leaves, emit, top)):
             loss = loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
         if count[0] != len(sites):
             raise _sequence_error(f"{len(sites)} calls planned, {count[0]} traced")

@@ -12,7 +12,9 @@ choice is then made over ``T`` rows (:func:`~dp_jax._ghost_plan.leaf_method`).
 Unrolled: an ``RNN`` without ``seq_lengths`` and with its default lifting settings,
 over a cell of one of :data:`LINEN_CELLS` / :data:`NNX_CELLS` (exact types: these
 cells are deterministic and read their parameters only through ``Dense`` /
-``nnx.Linear``), for at most :data:`MAX_STEPS` steps (the program grows with ``T``;
+``nnx.Linear``, except linen's ``OptimizedLSTMCell``, which concatenates its eight
+kernels and biases into two products: :func:`optimized_lstm` computes its step gate by
+gate, the same sums of products, so that each kernel is a dense layer of its own), for at most :data:`MAX_STEPS` steps (the program grows with ``T``;
 beyond that, the per-example cost of the Gram form grows as ``T^2`` and the scan's
 vmapped gradient is as cheap). Anything else keeps the scan and falls back to vmap;
 :func:`~dp_jax._ghost_plan.ghost_plan` says why in ``notes``.
@@ -29,7 +31,8 @@ from flax import nnx
 from flax.linen.recurrent import flip_sequences
 
 MAX_STEPS = 64
-LINEN_CELLS = (nn.LSTMCell, nn.GRUCell, nn.SimpleCell, nn.MGUCell)
+LINEN_CELLS = (nn.LSTMCell, nn.OptimizedLSTMCell, nn.GRUCell, nn.SimpleCell, nn.MGUCell)
+_GATES = "ifgo"
 NNX_CELLS = (nnx.LSTMCell, nnx.GRUCell, nnx.SimpleCell, nnx.OptimizedLSTMCell)
 _LINEN_KWARGS = {"initial_carry", "init_key", "seq_lengths", "return_carry", "time_major",
                  "reverse", "keep_order"}
@@ -117,3 +120,30 @@ def unrolled(framework: str, module: Any, args: tuple, kwargs: dict) -> Any:
         out = jax.tree_util.tree_map(flip, out)
     return (carry, out) if settings["return_carry"] else out
 
+
+
+def optimized_lstm_params(module: Any, args: tuple, kwargs: dict) -> Optional[Any]:
+    """The parameters of a linen ``OptimizedLSTMCell`` call :func:`optimized_lstm` can run."""
+    if type(module) is not nn.OptimizedLSTMCell or module.scope is None or len(args) != 2 or (
+            kwargs):
+        return None
+    params = module.variables.get("params", {})
+    names = [f"{source}{gate}" for source in "ih" for gate in _GATES]
+    if any(n not in params for n in names) or any("bias" not in params[f"h{g}"] for g in _GATES):
+        return None
+    return params
+
+
+def optimized_lstm(module: Any, params: Any, carry: Any, inputs: Any, dense: Any) -> Any:
+    """One step of linen's ``OptimizedLSTMCell``, one dense call per kernel.
+
+    ``dense(x, kernel, bias)`` is the dense layer (flax's dtype promotion, then
+    ``x @ kernel + bias``); the gates combine as the cell combines them.
+    """
+    c, h = carry
+    pre = {g: dense(h, params[f"h{g}"]["kernel"], params[f"h{g}"]["bias"])
+           + dense(inputs, params[f"i{g}"]["kernel"], None) for g in _GATES}
+    i, f, o = (module.gate_fn(pre[g]) for g in "ifo")
+    new_c = f * c + i * module.activation_fn(pre["g"])
+    new_h = o * module.activation_fn(new_c)
+    return (new_c, new_h), new_h
