@@ -136,7 +136,7 @@ class DPLightningDataModule(pl.LightningDataModule):
         """The wrapped module's ``prepare_data``."""
         self.datamodule.prepare_data()
 
-    def setup(self, stage: str) -> None:
+    def setup(self, stage: Optional[str] = None) -> None:
         """The wrapped module's ``setup`` (it also gets this module's trainer)."""
         self.datamodule.trainer = self.trainer
         self.datamodule.setup(stage)

@@ -42,7 +42,6 @@ SECTION = "## Differs from Opacus on purpose"
 #: A module entry covers everything under it. Kept equal to the README section (the long
 #: form of each reason is in docs/opacus_differences.md).
 DIFFERS_ON_PURPOSE: dict[str, str] = {
-    "opacus.lightning": "needs `pytorch_lightning`, which is not a dependency.",
     "opacus.grad_sample.grad_sample_module_fast_gradient_clipping_fsdp":
         "FSDP is planned work; `make_private` refuses an FSDP model until then.",
     "opacus.grad_sample.grad_sample_module_fast_gradient_clipping_tp":
