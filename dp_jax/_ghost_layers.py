@@ -106,9 +106,12 @@ def _linen_call(module: Any, args: tuple, kwargs: dict) -> Optional[_Call]:
         if module.scope is None:
             return None
         params = module.variables.get("params", {})
-        return _norm_call("linen", module, args, kwargs,
-                          params.get("scale") if module.use_scale else None,
-                          params.get("bias") if getattr(module, "use_bias", False) else None)
+        wanted = [n for n, used in (("scale", module.use_scale),
+                                    ("bias", getattr(module, "use_bias", False))) if used]
+        if any(n not in params for n in wanted):
+            return None
+        return _norm_call("linen", module, args, kwargs, params.get("scale") if "scale" in wanted
+                          else None, params.get("bias") if "bias" in wanted else None)
     if not any(method is known for known in _LINEN_CALLS):
         return None
     inputs = _only_input(args, kwargs, ())
