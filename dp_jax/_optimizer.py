@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -65,7 +66,10 @@ def build_optimizer(
     if clipping == "per_layer":  # a list or pytree of bounds cannot be injected
         static += ("max_grad_norm",)
     accumulator = _transforms.dp_accumulate_clipped_sums
-    dp_part = optax.inject_hyperparams(accumulator, static_args=static)(
+    # float32 or wider whatever the parameters' dtype: optax would store the hyperparameters in
+    # the parameters' dtype, and a bfloat16 noise multiplier (1.3 -> 1.296875) is not the
+    # noise the accountant records.
+    dp_part = optax.inject_hyperparams(accumulator, static_args=static, hyperparam_dtype=_hyper_dtype(params))(
         max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, expected_batch_size=m,
         key=key, loss_reduction=loss_reduction, clipping=clipping,
     )
@@ -111,6 +115,15 @@ def _build_adaptive(
 
     tx = _transforms.dp_multi_steps(dp_part, optimizer)
     return DPParts(tx, read_fixed, bound_of, noise_std_of, spec.count_noise_std(m))
+
+
+def _hyper_dtype(params: PyTree) -> Any:
+    """The widest floating dtype among ``params`` and float32: the injected hyperparameters' dtype."""
+    dtype = jnp.float32
+    for leaf in jax.tree_util.tree_leaves(params):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            dtype = jnp.promote_types(dtype, jnp.result_type(leaf))
+    return dtype
 
 
 def _host_float(value: Any, *, requested: float) -> float:

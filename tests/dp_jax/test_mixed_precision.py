@@ -140,3 +140,18 @@ def test_per_example_transforms_round_once_to_the_parameter_dtype():
     clipped, _ = dp_jax.clip_per_example(grads, 1.0)
     assert clipped["w"].dtype == F32 and out["w"].dtype == BF16
     np.testing.assert_array_equal(np.asarray(out["w"]), np.asarray(clipped["w"].astype(BF16)))
+
+
+def test_injected_noise_multiplier_and_bound_are_not_rounded_to_bfloat16():
+    """optax.inject_hyperparams would store them in the parameters' dtype: 1.3 would become
+    1.296875 in bfloat16, less noise than the accountant records."""
+    from dp_jax._optimizer import build_optimizer
+
+    params = {"w": jnp.zeros((3,), BF16)}
+    parts = build_optimizer(optimizer=optax.sgd(0.1), params=params, clipping="flat", max_grad_norm=0.7,
+                            noise_multiplier=1.3, expected_batch_size=4, loss_reduction="mean",
+                            key=jax.random.key(0), adaptive_kwargs={})
+    state = parts.tx.init(params)
+    assert parts.noise_multiplier_of(state) == 1.3
+    assert parts.noise_std_of(state) == pytest.approx(1.3 * 0.7, rel=1e-7)
+    assert float(jnp.asarray(1.3, BF16)) != pytest.approx(1.3, rel=1e-3)  # what the bug gave
