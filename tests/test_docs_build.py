@@ -30,7 +30,6 @@ def build(config: pathlib.Path, site: pathlib.Path) -> subprocess.CompletedProce
     )
 
 
-@pytest.mark.slow
 def test_docs_site_builds_strict(tmp_path: pathlib.Path) -> None:
     result = build(ROOT / "mkdocs.yml", tmp_path / "site")
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
