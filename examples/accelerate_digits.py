@@ -28,26 +28,18 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 
 from dp_torch import PrivacyEngine  # noqa: E402
 from dpcore.accounting import get_noise_multiplier  # noqa: E402
+from examples._cli import digits_parser, parse_checked  # noqa: E402
+from examples._common import NUM_IMAGES, TEST_SIZE  # noqa: E402
 from examples.torch_digits import SMOKE_EPOCHS, accuracy, build_model, load_data  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
-#: Expected Poisson batch size, learning rate, clipping bound (as examples/torch_digits.py).
-BATCH_SIZE, LEARNING_RATE, MAX_GRAD_NORM = 256, 0.5, 1.0
-
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line (``argv=None`` reads ``sys.argv``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epsilon", type=float, default=3.0, help="privacy budget of the run")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta of the budget")
-    parser.add_argument("--epochs", type=int, default=30, help="passes over the training set")
-    parser.add_argument("--seed", type=int, default=0, help="model initialisation and sampling seed")
+    """Parse and check the command line (``argv=None`` reads ``sys.argv``)."""
+    parser = digits_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.epochs = SMOKE_EPOCHS
-    return args
+    return parse_checked(parser, argv, train_size=NUM_IMAGES - TEST_SIZE, smoke_epochs=SMOKE_EPOCHS)
 
 
 def _epoch(accelerator: Any, model: nn.Module, optimizer: Any, loader: DataLoader) -> None:
@@ -70,15 +62,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     train, test = load_data()
-    model = build_model()
+    model = build_model(args.hidden)
     engine = PrivacyEngine()
     noise = get_noise_multiplier(target_epsilon=args.epsilon, target_delta=args.delta,
-                                 sample_rate=BATCH_SIZE / len(train), epochs=args.epochs)
+                                 sample_rate=args.batch_size / len(train), epochs=args.epochs)
     accelerator = Accelerator(cpu=True)
     private = make_private_with_accelerator(
-        accelerator, engine, module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LEARNING_RATE),
-        data_loader=DataLoader(train, batch_size=BATCH_SIZE), noise_multiplier=noise,
-        max_grad_norm=MAX_GRAD_NORM, noise_generator=torch.Generator().manual_seed(args.seed),
+        accelerator, engine, module=model, optimizer=torch.optim.SGD(model.parameters(), lr=args.lr),
+        data_loader=DataLoader(train, batch_size=args.batch_size), noise_multiplier=noise,
+        max_grad_norm=args.max_grad_norm, noise_generator=torch.Generator().manual_seed(args.seed),
     )
     for _ in range(args.epochs):
         _epoch(accelerator, private.model, private.optimizer, private.data_loader)

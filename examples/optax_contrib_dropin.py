@@ -31,28 +31,20 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 
 import dp_jax  # noqa: E402  (was: from optax import contrib; contrib.dpsgd)
 from dpcore.accounting import RDPAccountant, get_noise_multiplier  # noqa: E402
-from examples._common import digits_split  # noqa: E402
+from examples._cli import digits_parser, parse_checked  # noqa: E402
+from examples._common import NUM_IMAGES, TEST_SIZE, digits_split  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
-#: Expected Poisson batch, its padded shape, learning rate and clipping bound.
-BATCH_SIZE, PADDED, LEARNING_RATE, MAX_GRAD_NORM = 256, 320, 0.5, 1.0
 #: Epochs used by ``--smoke``.
 SMOKE_EPOCHS = 2
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line (``argv=None`` reads ``sys.argv``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epsilon", type=float, default=3.0, help="privacy budget of the run")
-    parser.add_argument("--delta", type=float, default=1e-5, help="delta of the budget")
-    parser.add_argument("--epochs", type=int, default=30, help="expected passes over the data")
-    parser.add_argument("--seed", type=int, default=0, help="sampling and noise seed")
+    """Parse and check the command line (``argv=None`` reads ``sys.argv``)."""
+    parser = digits_parser(__doc__.split("\n\n")[0], hidden=False)
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.epochs = SMOKE_EPOCHS
-    return args
+    return parse_checked(parser, argv, train_size=NUM_IMAGES - TEST_SIZE, smoke_epochs=SMOKE_EPOCHS)
 
 
 def _loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -60,19 +52,19 @@ def _loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
     return -jax.nn.log_softmax(logits)[y]
 
 
-def _poisson_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a Poisson sample of ``range(n)`` padded to :data:`PADDED`, and its mask.
+def _poisson_batch(rng: np.random.Generator, n: int, rate: float, padded: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a Poisson sample of ``range(n)`` padded to ``padded`` rows, and its mask.
 
-    A sample larger than the padded shape (probability about 1e-5 per step) raises rather
-    than being cut, which would no longer be the Poisson sampling the accountant assumes.
+    A sample larger than the padded shape (five standard deviations above the expected
+    size: probability below 1e-6 per step) raises rather than being cut, which would no
+    longer be the Poisson sampling the accountant assumes.
     """
-    chosen = np.flatnonzero(rng.random(n) < BATCH_SIZE / n)
-    if len(chosen) > PADDED:
-        raise ValueError(f"Poisson batch of {len(chosen)} exceeds the padded shape {PADDED}; "
-                         "raise PADDED or change --seed.")
-    index = np.zeros(PADDED, dtype=np.int64)
+    chosen = np.flatnonzero(rng.random(n) < rate)
+    if len(chosen) > padded:
+        raise ValueError(f"Poisson batch of {len(chosen)} exceeds the padded shape {padded}; change --seed.")
+    index = np.zeros(padded, dtype=np.int64)
     index[: len(chosen)] = chosen
-    return index, np.arange(PADDED) < len(chosen)
+    return index, np.arange(padded) < len(chosen)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
@@ -80,11 +72,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     args = parse_args(argv)
     x_train, y_train, x_test, y_test = digits_split()
     x_train, x_test = jnp.asarray(x_train, jnp.float32), jnp.asarray(x_test, jnp.float32)
-    n, rate = len(y_train), BATCH_SIZE / len(y_train)
-    steps = args.epochs * n // BATCH_SIZE
+    n, rate = len(y_train), args.batch_size / len(y_train)
+    steps = args.epochs * n // args.batch_size
+    padded = int(np.ceil(args.batch_size + 5 * np.sqrt(args.batch_size)))
     noise = get_noise_multiplier(target_epsilon=args.epsilon, target_delta=args.delta,
                                  sample_rate=rate, steps=steps)
-    tx = dp_jax.dpsgd(LEARNING_RATE, MAX_GRAD_NORM, noise, args.seed, expected_batch_size=BATCH_SIZE)
+    tx = dp_jax.dpsgd(args.lr, args.max_grad_norm, noise, args.seed, expected_batch_size=args.batch_size)
     params = {"w": jnp.zeros((64, 10)), "b": jnp.zeros(10)}
     state = tx.init(params)
 
@@ -96,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
 
     rng, accountant = np.random.default_rng(args.seed), RDPAccountant()
     for _ in range(steps):
-        index, mask = _poisson_batch(rng, n)
+        index, mask = _poisson_batch(rng, n, rate, padded)
         params, state = step(params, state, x_train[index], jnp.asarray(y_train)[index], jnp.asarray(mask))
         accountant.step(noise_multiplier=noise, sample_rate=rate)
     predicted = jnp.argmax(x_test @ params["w"] + params["b"], axis=1)
