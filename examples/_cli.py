@@ -14,7 +14,9 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
-__all__ = ["Check", "digits_parser", "parse_checked"]
+from examples._common import NUM_IMAGES, TEST_SIZE
+
+__all__ = ["Check", "digits_parser", "parse_checked", "parse_digits_args"]
 
 #: ``(flag, value seen, valid?)``: one option check.
 Check = tuple[str, Any, bool]
@@ -100,3 +102,22 @@ def parse_checked(
     if args.smoke:
         args.epochs = smoke_epochs
     return args
+
+
+def parse_digits_args(
+    description: str, argv: Optional[Sequence[str]], *, smoke_epochs: int, hidden: bool = True
+) -> argparse.Namespace:
+    """The common digits options plus ``--smoke``, parsed and checked (no options of its own).
+
+    Args:
+        description: The parser's description (the example's first docstring line).
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+        smoke_epochs: Epochs that ``--smoke`` sets.
+        hidden: Whether the example takes ``--hidden``.
+
+    Returns:
+        The parsed options.
+    """
+    parser = digits_parser(description, hidden=hidden)
+    parser.add_argument("--smoke", action="store_true", help=f"{smoke_epochs} epochs only")
+    return parse_checked(parser, argv, train_size=NUM_IMAGES - TEST_SIZE, smoke_epochs=smoke_epochs)

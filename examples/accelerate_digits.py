@@ -28,8 +28,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 
 from dp_torch import PrivacyEngine  # noqa: E402
 from dpcore.accounting import get_noise_multiplier  # noqa: E402
-from examples._cli import digits_parser, parse_checked  # noqa: E402
-from examples._common import NUM_IMAGES, TEST_SIZE  # noqa: E402
+from examples._cli import parse_digits_args  # noqa: E402
 from examples.torch_digits import SMOKE_EPOCHS, accuracy, build_model, load_data  # noqa: E402
 
 __all__ = ["main", "parse_args"]
@@ -37,9 +36,7 @@ __all__ = ["main", "parse_args"]
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the command line (``argv=None`` reads ``sys.argv``)."""
-    parser = digits_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
-    return parse_checked(parser, argv, train_size=NUM_IMAGES - TEST_SIZE, smoke_epochs=SMOKE_EPOCHS)
+    return parse_digits_args(__doc__.split("\n\n")[0], argv, smoke_epochs=SMOKE_EPOCHS)
 
 
 def _epoch(accelerator: Any, model: nn.Module, optimizer: Any, loader: DataLoader) -> None:

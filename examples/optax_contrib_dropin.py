@@ -31,8 +31,8 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repos
 
 import dp_jax  # noqa: E402  (was: from optax import contrib; contrib.dpsgd)
 from dpcore.accounting import RDPAccountant, get_noise_multiplier  # noqa: E402
-from examples._cli import digits_parser, parse_checked  # noqa: E402
-from examples._common import NUM_IMAGES, TEST_SIZE, digits_split  # noqa: E402
+from examples._cli import parse_digits_args  # noqa: E402
+from examples._common import digits_split  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
@@ -42,9 +42,7 @@ SMOKE_EPOCHS = 2
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the command line (``argv=None`` reads ``sys.argv``)."""
-    parser = digits_parser(__doc__.split("\n\n")[0], hidden=False)
-    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_EPOCHS} epochs only")
-    return parse_checked(parser, argv, train_size=NUM_IMAGES - TEST_SIZE, smoke_epochs=SMOKE_EPOCHS)
+    return parse_digits_args(__doc__.split("\n\n")[0], argv, smoke_epochs=SMOKE_EPOCHS, hidden=False)
 
 
 def _loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
