@@ -22,13 +22,11 @@ This module needs Lightning (``pip install lightning``); ``import dp_torch`` doe
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 try:
     import lightning.pytorch as pl
@@ -40,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without lightnin
 from dp_torch.data_loader import DPDataLoader, loader_settings
 from dp_torch.optimizers import DPOptimizer
 from dp_torch.privacy_engine import PrivacyEngine
+from dp_torch.utils.batch_memory_manager import LogicalBatchSplitter
 
 __all__ = ["DPCallback", "DPLightningDataModule", "logical_loader"]
 
@@ -47,31 +46,10 @@ __all__ = ["DPCallback", "DPLightningDataModule", "logical_loader"]
 _LOGICAL = "dp_logical_loader"
 
 
-class _ChunkSampler(Sampler[list[int]]):
-    """Yields every batch of a Poisson batch sampler as ``chunks`` consecutive parts.
-
-    The parts are ``np.array_split`` of the logical batch (balanced, possibly
-    empty), so Lightning's gradient accumulation over ``chunks`` batches sees
-    exactly one logical batch.
-    """
-
-    def __init__(self, batch_sampler: Sampler[list[int]], chunks: int) -> None:
-        self.batch_sampler = batch_sampler
-        self.chunks = chunks
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batch_sampler:
-            for part in np.array_split(np.asarray(batch, dtype=np.int64), self.chunks):
-                yield part.tolist()
-
-    def __len__(self) -> int:
-        return self.chunks * len(self.batch_sampler)  # type: ignore[arg-type]
-
-
 def _split_loader(logical: DPDataLoader, chunks: int) -> DataLoader:
     """A loader over ``logical``'s batches, each cut into ``chunks`` physical batches."""
     loader = DataLoader(
-        logical.dataset, batch_sampler=_ChunkSampler(logical.batch_sampler, chunks),
+        logical.dataset, batch_sampler=LogicalBatchSplitter(logical.batch_sampler, chunks),
         generator=logical.generator, **loader_settings(logical),
     )
     setattr(loader, _LOGICAL, logical)
@@ -93,7 +71,7 @@ def logical_loader(loader: Any) -> Optional[DPDataLoader]:
 
 def _chunks_of(loader: Any) -> int:
     sampler = getattr(loader, "batch_sampler", None)
-    return sampler.chunks if isinstance(sampler, _ChunkSampler) else 1
+    return sampler.parts if isinstance(sampler, LogicalBatchSplitter) else 1
 
 
 def _accumulation(trainer: Optional[pl.Trainer]) -> int:

@@ -53,7 +53,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -63,6 +63,7 @@ from dp_torch.data_loader import DPDataLoader
 from dp_torch.optimizers import DPOptimizer
 from dp_torch.privacy_engine import NoiseGenerator, PrivacyEngine
 from dp_torch.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from dp_torch.utils.batch_memory_manager import LogicalBatchSplitter
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
@@ -219,47 +220,6 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------- batches
-
-
-def _split_sizes(n: int, parts: int) -> list[int]:
-    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
-
-
-class LogicalBatchSplitter(Sampler[list[int]]):
-    """Yield each logical (Poisson) batch of ``batch_sampler`` as exactly ``parts`` slices.
-
-    The slices are consecutive and as equal as possible (sizes differ by at most one;
-    some are empty when the batch has fewer than ``parts`` rows), so that a ``Trainer``
-    accumulating ``parts`` micro-batches per optimizer step sees one logical batch per
-    step. The split depends only on the batch's size: it is post-processing.
-
-    Attributes:
-        batch_sampler: The logical batch sampler (e.g. ``UniformWithReplacementSampler``).
-        parts: Micro-batches per logical batch.
-    """
-
-    def __init__(self, batch_sampler: Sampler[list[int]], parts: int) -> None:
-        """Wrap ``batch_sampler``.
-
-        Args:
-            batch_sampler: Yields one index list per logical batch.
-            parts: Micro-batches per logical batch, ``>= 1``.
-        """
-        if not isinstance(parts, int) or parts < 1:
-            raise ValueError(f"parts must be an int >= 1, got {parts!r}.")
-        self.batch_sampler = batch_sampler
-        self.parts = parts
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batch_sampler:
-            batch = list(batch)
-            start = 0
-            for size in _split_sizes(len(batch), self.parts):
-                yield batch[start : start + size]
-                start += size
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler) * self.parts  # type: ignore[arg-type]
 
 
 def _rows(inputs: Mapping[str, Any]) -> int:

@@ -36,7 +36,7 @@ from dp_torch.utils.uniform_sampler import (
     UniformWithReplacementSampler,
 )
 
-__all__ = ["BatchMemoryManager", "BatchSplittingSampler", "wrap_data_loader"]
+__all__ = ["BatchMemoryManager", "BatchSplittingSampler", "LogicalBatchSplitter", "wrap_data_loader"]
 
 
 def _check_max_batch_size(value: Any, name: str) -> int:
@@ -101,6 +101,46 @@ class BatchSplittingSampler(Sampler[list[int]]):
             return len(self.sampler)  # type: ignore[arg-type]
         logical = len(self.sampler)
         return max(logical, math.ceil(logical * expected / self.max_batch_size))
+
+
+class LogicalBatchSplitter(Sampler[list[int]]):
+    """Yield each logical (Poisson) batch of ``batch_sampler`` as exactly ``parts`` slices.
+
+    The slices are consecutive and balanced (``np.array_split``: sizes differ by at most
+    one, some are empty when the batch has fewer than ``parts`` rows), so a training loop
+    that accumulates ``parts`` micro-batches per optimizer step (the ``Trainer``'s
+    ``gradient_accumulation_steps``, Lightning's ``accumulate_grad_batches``) sees one
+    logical batch per step. The split depends only on the batch's size: post-processing.
+    Unlike :class:`BatchSplittingSampler` it signals nothing to the optimizer: the loop's
+    own accumulation decides when the step is taken.
+
+    Attributes:
+        batch_sampler: The logical batch sampler (e.g. ``UniformWithReplacementSampler``).
+        parts: Micro-batches per logical batch.
+    """
+
+    def __init__(self, batch_sampler: Sampler[list[int]], parts: int) -> None:
+        """Wrap ``batch_sampler``.
+
+        Args:
+            batch_sampler: Yields one index list per logical batch.
+            parts: Micro-batches per logical batch, ``>= 1``.
+
+        Raises:
+            ValueError: If ``parts`` is not an int ``>= 1``.
+        """
+        if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+            raise ValueError(f"parts must be an int >= 1, got {parts!r}.")
+        self.batch_sampler = batch_sampler
+        self.parts = parts
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batch_sampler:
+            for part in np.array_split(np.asarray(batch, dtype=np.int64).reshape(-1), self.parts):
+                yield part.tolist()
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) * self.parts  # type: ignore[arg-type]
 
 
 def wrap_data_loader(*, data_loader: DataLoader, max_batch_size: int, optimizer: Any) -> DataLoader:
