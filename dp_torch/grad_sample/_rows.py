@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ._clipped_sum import compute_dtype
+
 __all__ = [
     "GradSampleBatchSizeError",
     "GradSampleSumError",
@@ -175,7 +177,7 @@ def _mismatch_message(name: str, size: int, expected: int, what: str, known: boo
 def sum_discrepancy(grad_sample: torch.Tensor, grad: torch.Tensor, divisor: int) -> tuple[float, float]:
     """``(||sum_i g_i / divisor - grad||, sum_i ||g_i|| / divisor)`` in float32 or wider."""
     flat = grad_sample.reshape(grad_sample.shape[0], grad.numel())
-    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    flat = flat.to(compute_dtype(flat))
     diff = (flat.sum(dim=0) / divisor - grad.reshape(-1).to(flat.dtype)).norm()
     return float(diff), float(flat.norm(dim=1).sum() / divisor)
 

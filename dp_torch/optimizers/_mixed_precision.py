@@ -26,6 +26,8 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from dp_torch.grad_sample._clipped_sum import compute_dtype
+
 __all__ = ["LossScale", "LossScaleError"]
 
 #: Attribute holding a narrow parameter's noised sum in float32 between ``add_noise``
@@ -50,8 +52,9 @@ class LossScale(NamedTuple):
 
 
 def accumulation_dtype(p: torch.Tensor) -> torch.dtype:
-    """The dtype of ``p``'s clipped sum and noise: float32, or ``p``'s dtype when wider."""
-    return torch.promote_types(p.dtype, torch.float32)
+    """The dtype of ``p``'s clipped sum and noise: float32, or ``p``'s dtype when wider (the
+    rule per-example quantities follow everywhere, :func:`~dp_torch.grad_sample._clipped_sum.compute_dtype`)."""
+    return compute_dtype(p)
 
 
 def set_grad(p: torch.Tensor, wide: torch.Tensor) -> None:

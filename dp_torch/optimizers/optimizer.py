@@ -245,8 +245,7 @@ def _num_accumulated(p: torch.Tensor) -> int:
 def _row_norms(g: torch.Tensor, batch: int) -> torch.Tensor:
     """Per-row L2 norms of ``g`` (``[batch, ...]``), computed in at least float32."""
     numel = math.prod(g.shape[1:])
-    dtype = torch.promote_types(g.dtype, torch.float32)
-    return torch.linalg.vector_norm(g.reshape(batch, numel), ord=2, dim=1, dtype=dtype)
+    return torch.linalg.vector_norm(g.reshape(batch, numel), ord=2, dim=1, dtype=mp.accumulation_dtype(g))
 
 
 def _clip_factor(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
