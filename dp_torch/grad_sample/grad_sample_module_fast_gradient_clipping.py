@@ -93,7 +93,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
     """
 
     NORM_SAMPLERS = _registry.NORM_SAMPLERS
-    #: Off: the first pass computes no parameter gradient; the clipped pass checks its own way.
+    #: Off: autograd computes no parameter gradient in this mode, so there is no sum to compare;
+    #: uses outside the owning layers are caught in forward by the parameter-use tracker.
     CHECK_PASS_SUMS = False
 
     def __init__(
