@@ -35,6 +35,7 @@ from dp_jax._mesh import (
     _leading_size,
     data_mesh,
     pad_to_multiple,
+    place,
     replicate,
     shard_batch,
 )

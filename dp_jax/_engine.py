@@ -23,9 +23,10 @@ Guarantee:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dp_jax import _checkpoint
 from dp_jax import _distributed
+from dp_jax import _fsdp
 from dp_jax import _engine_args
 from dp_jax import _ghost
 from dp_jax._data import PoissonBatches, ShuffledBatches, count_examples
@@ -95,7 +97,7 @@ class PrivacyEngine:
         self.secure_mode = secure_mode
         self.data: PyTree = None
         self._batches: Any = None
-        self._mesh: Any = None
+        self._place: Callable[[Any], Any] = lambda tree: tree
         self._sample_rate: Optional[float] = None
         self._noise_multiplier_of: Callable[[Any], float] | None = None
 
@@ -141,6 +143,8 @@ class PrivacyEngine:
         grad_sample_mode: str = "vmap",
         mesh: Any = None,
         axis_name: str = "data",
+        param_sharding: Any = None,
+        frozen_params: PyTree = None,
         **adaptive_kwargs: Any,
     ) -> PrivateTraining:
         """Build the private training step, state and Poisson batches.
@@ -191,6 +195,29 @@ class PrivacyEngine:
                 processes after ``jax.distributed.initialize`` (secure-mode noise is
                 then drawn by process 0 and broadcast). ``None``: one device.
             axis_name: The data axis of ``mesh``.
+            param_sharding: With ``mesh``, split the parameters and the optimizer
+                state over ``axis_name`` (FSDP-style) instead of replicating them:
+                ``"fsdp"`` splits every array of at least
+                :data:`dp_jax.distributed.FSDP_MIN_SIZE` elements on its largest
+                dimension divisible by the axis size and replicates the rest; a
+                pytree like ``params`` of ``jax.sharding.PartitionSpec`` (e.g. an
+                edited :func:`dp_jax.distributed.fsdp_specs`) says it leaf by leaf.
+                Every subtree of the optimizer state shaped like ``params`` is split
+                like it. The batch is still split over ``axis_name``, and the step is
+                one ``jax.jit`` computation of the one-device step (XLA gathers what
+                each device needs): per-example norms over whole parameters, one
+                Gaussian draw for the global parameters (the same as on one device
+                for the same key), one accountant step per logical batch.
+                ``None`` (default): replicated parameters.
+            frozen_params: Non-trainable arrays the loss reads, e.g. the frozen base
+                of a LoRA model; ``loss_fn`` is then called as ``loss_fn(params,
+                example, frozen_params)``. They are arguments of the compiled step,
+                never differentiated, clipped, noised or updated; with ``mesh``
+                they are split like ``param_sharding="fsdp"`` splits parameters when
+                that is the choice (leaves already placed on ``mesh`` keep their
+                sharding), else replicated. Closing over frozen arrays in
+                ``loss_fn`` instead makes them constants copied whole to every
+                device.
             **adaptive_kwargs: For ``clipping="adaptive"`` only:
                 ``target_unclipped_quantile``, ``clipbound_learning_rate``,
                 ``max_clipbound``, ``min_clipbound``, ``unclipped_num_std``.
@@ -213,8 +240,11 @@ class PrivacyEngine:
         )
         if mesh is not None:
             _distributed._check_axis(mesh, axis_name)
+        sharding = _fsdp.plan_sharding(param_sharding, params, mesh, axis_name, frozen_params)
         bound = _engine_args.clip_bound(max_grad_norm, clipping, params)
-        grad_fn = _make_grad_fn(loss_fn, clipping, bound, microbatch_size, grad_sample_mode)
+        grad_of = functools.partial(_make_grad_fn, clipping=clipping, bound=bound,
+                                    microbatch_size=microbatch_size,
+                                    grad_sample_mode=grad_sample_mode)
         if poisson_sampling:
             batches: Any = PoissonBatches(
                 data, plan.sample_rate, steps=steps,
@@ -232,15 +262,22 @@ class PrivacyEngine:
             loss_reduction=loss_reduction, key=_engine_args.noise_key(key, seed, self.secure_mode),
             adaptive_kwargs=adaptive_kwargs,
         )
-        host_noise = HostNoise(params, parts, mesh) if self.secure_mode else None
         state = TrainState(
             params=params, opt_state=parts.tx.init(params), step=jnp.zeros((), jnp.int32)
         )
+        place = _placement(mesh, sharding)
+        host_noise = None
+        if self.secure_mode:
+            host_noise = HostNoise(params, parts, mesh, None if sharding is None else place)
         if mesh is not None:
-            grad_fn = _distributed.sharded_clipped_grad(grad_fn, mesh, axis_name=axis_name)
             batches = _distributed.ShardedBatches(batches, mesh, axis_name=axis_name)
-            state = _distributed.replicate(state, mesh)
-        step = _build_step(grad_fn, parts.tx, parts.bound_of, host_noise, mesh)
+        if frozen_params is not None:
+            frozen_params = sharding.place_frozen(frozen_params) if sharding else frozen_params
+        step = _build_step(
+            _StepParts(loss_fn, grad_of, parts.tx, parts.bound_of, frozen_params),
+            host_noise, mesh, axis_name, sharding, state,
+        )
+        state = place(state)
         q = plan.sample_rate
         read_nm = parts.noise_multiplier_of
 
@@ -249,13 +286,14 @@ class PrivacyEngine:
 
         self.data = data
         self._batches = batches
-        self._mesh = mesh
+        self._place = place
         self._sample_rate = q
         self._noise_multiplier_of = read_nm
         return PrivateTraining(
             state=state, step=step, batches=batches, train_logical_step=train_logical_step,
             optimizer=parts.tx, sample_rate=q, expected_batch_size=plan.expected_batch_size,
             noise_multiplier=float(noise_multiplier), max_grad_norm=max_grad_norm,
+            frozen_params=frozen_params,
         )
 
     def _run_logical(
@@ -443,13 +481,11 @@ class PrivacyEngine:
             path, template, batches=batches if batches is not None else self._batches,
             accountant=self.accountant,
         )
-        if self._mesh is not None:
-            state = _distributed.replicate(state, self._mesh)
-        return state, extra
+        return self._place(state), extra
 
 
 def _make_grad_fn(
-    loss_fn: Callable, clipping: str, bound: Any, microbatch_size: Optional[int],
+    loss_fn: Callable, *, clipping: str, bound: Any, microbatch_size: Optional[int],
     grad_sample_mode: str,
 ) -> Callable[..., tuple[Any, ClipAux]]:
     """``grad_fn(params, batch, mask, *, max_grad_norm) -> (clipped_sum, ClipAux)``."""
@@ -459,18 +495,68 @@ def _make_grad_fn(
     return _ghost.ghost_clipped_grad(loss_fn, bound, clipping=kind)
 
 
-def _build_step(
-    grad_fn: Callable[..., tuple[Any, ClipAux]], tx: optax.GradientTransformation,
-    bound_of: Callable[[Any], Any], host_noise: Optional[HostNoise] = None, mesh: Any = None,
-) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
-    """``jit(step)(state, batch, mask, apply_update)``; ``apply_update`` is traced.
+def _placement(mesh: Any, sharding: Optional[_fsdp.ShardingPlan]) -> Callable[[Any], Any]:
+    """How a state goes onto the devices: as it is, replicated on ``mesh``, or by ``sharding``."""
+    if sharding is not None:
+        return sharding.place
+    if mesh is not None:
+        return functools.partial(_distributed.replicate, mesh=mesh)
+    return lambda tree: tree
 
-    With ``host_noise`` (secure mode) the jitted step is wrapped so the noise
-    comes from the host on the chunk that applies the update.
+
+class _StepParts(NamedTuple):
+    """What the step is made of: the loss, how to clip it, the optimizer, the frozen arrays."""
+
+    loss_fn: Callable
+    grad_of: Callable[[Callable], Callable[..., tuple[Any, ClipAux]]]
+    tx: optax.GradientTransformation
+    bound_of: Callable[[Any], Any]
+    frozen: PyTree
+
+
+def _step_body(parts: _StepParts) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
+    """The unjitted step; with frozen arrays they are its last argument, bound to the loss."""
+    if parts.frozen is None:
+        return make_step_fn(parts.grad_of(parts.loss_fn), parts.tx, parts.bound_of)
+
+    def body(state: TrainState, batch: PyTree, mask: Any, apply_update: Any, noise: PyTree = None,
+             count_noise: PyTree = None, frozen: PyTree = None):
+        loss = functools.partial(_with_frozen, parts.loss_fn, frozen)
+        inner = make_step_fn(parts.grad_of(loss), parts.tx, parts.bound_of)
+        return inner(state, batch, mask, apply_update, noise, count_noise)
+
+    return body
+
+
+def _with_frozen(loss_fn: Callable, frozen: PyTree, params: PyTree, example: PyTree) -> Any:
+    return loss_fn(params, example, frozen)
+
+
+def _build_step(
+    parts: _StepParts, host_noise: Optional[HostNoise], mesh: Any, axis_name: str,
+    sharding: Optional[_fsdp.ShardingPlan], state: TrainState,
+) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
+    """``step(state, batch, mask, apply_update)``; ``apply_update`` is traced.
+
+    One device: ``jit`` of the body. A mesh with replicated parameters: every device
+    clips its rows in ``shard_map`` and the sums are ``psum``-ed. Sharded (or frozen)
+    parameters: ``jit`` of the one-device body with the plan's output shardings. With
+    ``host_noise`` (secure mode) the noise comes from the host on the chunk that applies
+    the update; frozen arrays are bound as the jitted function's last argument.
     """
-    body = make_step_fn(grad_fn, tx, bound_of)
-    if mesh is None:
+    clip = parts.grad_of
+    if sharding is not None:
+        parts = parts._replace(grad_of=lambda loss: sharding.gathered(clip(loss)))
+    elif mesh is not None:
+        parts = parts._replace(grad_of=lambda loss: _distributed.sharded_clipped_grad(
+            clip(loss), mesh, axis_name=axis_name))
+    body = _step_body(parts)
+    if sharding is not None:
+        jitted = sharding.jit(body, state)
+    elif mesh is None:
         jitted = jax.jit(body)
     else:  # the new state and the metrics are the same on every device
         jitted = jax.jit(body, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    if parts.frozen is not None:
+        jitted = functools.partial(jitted, frozen=parts.frozen)
     return jitted if host_noise is None else with_host_noise(jitted, host_noise)

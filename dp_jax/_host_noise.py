@@ -11,7 +11,7 @@ Guarantee:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,20 @@ class HostNoise:
     logical step); then the adaptive count noise, if any.
     """
 
-    def __init__(self, params: PyTree, parts: DPParts, mesh: Any = None) -> None:
+    def __init__(
+        self, params: PyTree, parts: DPParts, mesh: Any = None,
+        place: Optional[Callable[[PyTree], Any]] = None,
+    ) -> None:
+        """Prepare the draws.
+
+        Args:
+            params: The parameters (the noise has their shapes).
+            parts: The DP transformation's readers (noise std, count noise).
+            mesh: The mesh, or ``None`` for one device.
+            place: How to put the noise on the mesh (default: replicated); the
+                sharded-parameter step passes its plan's placement, so each device
+                receives only its slice of the one global draw.
+        """
         leaves, self._treedef = jax.tree_util.tree_flatten(params)
         self._specs = [(tuple(np.shape(x)), _tree.wide_dtype(jnp.result_type(x))) for x in leaves]
         self._count_dtype = _tree.wide_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
@@ -44,6 +57,8 @@ class HostNoise:
         self._count_std = parts.count_std
         self._source = core_noise.NoiseSource(secure_mode=True)
         self._mesh = mesh
+        self._put = place if place is not None else (
+            lambda tree: _distributed.replicate(tree, mesh))
         self._zeros: Any = None
 
     def draw(self, opt_state: PyTree) -> tuple[Any, Any]:
@@ -56,12 +71,12 @@ class HostNoise:
         return self._place((self._treedef.unflatten(noise), count))
 
     def _place(self, tree: PyTree) -> Any:
-        """On the device, or replicated on the mesh with process 0's draw everywhere."""
+        """On the device, or on the mesh (replicated or sharded) with process 0's draw everywhere."""
         if self._mesh is None:
             return jax.device_put(tree)
         if jax.process_count() > 1:  # one draw for all processes: process 0's
             tree = multihost_utils.broadcast_one_to_all(tree)
-        return _distributed.replicate(tree, self._mesh)
+        return self._put(tree)
 
     def zeros(self) -> tuple[Any, Any]:
         """Placeholder for chunks that only accumulate (ignored; cached on the device)."""
@@ -70,7 +85,7 @@ class HostNoise:
             count = None if self._count_std is None else jnp.zeros((), self._count_dtype)
             self._zeros = (self._treedef.unflatten(noise), count)
             if self._mesh is not None:
-                self._zeros = _distributed.replicate(self._zeros, self._mesh)
+                self._zeros = self._put(self._zeros)
         return self._zeros
 
 

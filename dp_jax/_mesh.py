@@ -16,6 +16,7 @@ from dp_jax._types import PyTree
 __all__ = [
     "data_mesh",
     "pad_to_multiple",
+    "place",
     "replicate",
     "shard_batch",
 ]
@@ -107,16 +108,37 @@ def replicate(tree: PyTree, mesh: Mesh) -> Any:
         The pytree with every leaf a ``jax.Array`` with ``NamedSharding(mesh, P())``.
     """
     _check_mesh(mesh)
-    sharding = NamedSharding(mesh, P())
+    return place(tree, NamedSharding(mesh, P()))
+
+
+def place(tree: PyTree, shardings: Any) -> Any:
+    """Put a pytree on a mesh with the given shardings (one per leaf, or a prefix).
+
+    Every process passes the same global values; with several processes each leaf
+    goes through the host so that ``jax.device_put`` builds the global array from
+    them (and checks that the processes agree).
+
+    Args:
+        tree: Pytree of arrays (PRNG key arrays included).
+        shardings: A ``jax.sharding.Sharding``, or a pytree of them that is a prefix
+            of ``tree``.
+
+    Returns:
+        The pytree of global ``jax.Array`` with those shardings.
+    """
     if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
-    return jax.tree_util.tree_map(lambda leaf: _replicate_leaf(leaf, sharding), tree)
+        return jax.device_put(tree, shardings)
+
+    def put(sharding: Any, subtree: PyTree) -> Any:
+        return jax.tree_util.tree_map(lambda leaf: _place_leaf(leaf, sharding), subtree)
+
+    return jax.tree_util.tree_map(put, shardings, tree)
 
 
-def _replicate_leaf(leaf: Any, sharding: NamedSharding) -> Any:
+def _place_leaf(leaf: Any, sharding: Any) -> Any:
     """One leaf onto a multi-process mesh (``device_put`` checks all processes agree)."""
     if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        data = _replicate_leaf(jax.random.key_data(leaf), sharding)
+        data = _place_leaf(jax.random.key_data(leaf), sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
     if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
         leaf = np.asarray(leaf)  # a process-local array: its host value is the input

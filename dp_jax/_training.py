@@ -55,6 +55,9 @@ class PrivateTraining:
             with ``N * q < 1``).
         noise_multiplier: The noise multiplier used (the accounted one).
         max_grad_norm: The clipping bound(s) (the initial bound for adaptive clipping).
+        frozen_params: The ``frozen_params`` of ``make_private`` as the step receives
+            them (on the mesh, split or replicated), or ``None``; use them to evaluate
+            ``loss_fn(state.params, example, frozen_params)``.
     """
 
     state: TrainState
@@ -66,3 +69,4 @@ class PrivateTraining:
     expected_batch_size: Optional[int]
     noise_multiplier: float
     max_grad_norm: Any
+    frozen_params: Any = None
