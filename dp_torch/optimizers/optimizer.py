@@ -189,9 +189,16 @@ def _wide_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
-def _noised(summed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``summed + noise`` in the parameter dtype; a float64 noise is added exactly, rounded once."""
+def _noised(summed: torch.Tensor, noise: torch.Tensor, *, into_noise: bool = False) -> torch.Tensor:
+    """``summed + noise`` in the parameter dtype; a float64 noise is added exactly, rounded once.
+
+    With ``into_noise`` (``noise`` is a fresh tensor of the caller's, used nowhere else) the sum
+    of equal dtypes is written into ``noise`` instead of a new tensor: the same values (addition
+    is commutative), one allocation fewer.
+    """
     if noise.dtype == summed.dtype:
+        if into_noise and noise.device == summed.device and noise.shape == summed.shape:
+            return noise.add_(summed)
         return summed + noise
     work = _wide_device(summed.device)
     wide = summed.to(device=work, dtype=torch.float64) + noise.to(work)
@@ -809,7 +816,7 @@ class DPOptimizer(Optimizer):
         std = self._noise_std()
         for p in params:
             noise = _generate_noise(std, p.summed_grad, self.generator, self.secure_mode)
-            mp.set_grad(p, _noised(p.summed_grad, noise))
+            mp.set_grad(p, _noised(p.summed_grad, noise, into_noise=True))
             _mark_as_processed(p.summed_grad)
 
     def _noise_std(self) -> float:

@@ -70,19 +70,32 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
                 backward pass ran at, or the scaled gradients overflowed; nothing is
                 changed then.
         """
+        self._accumulate(share_grad=False)
+
+    def _accumulate(self, share_grad: bool) -> None:
+        """:meth:`accumulate`; with ``share_grad`` a first contribution may be ``p.grad`` itself."""
         inverse = self._checked_inverse_scale()
         params = self.params
         for p in params:
             _check_processed_flag(getattr(p, "summed_grad", None))
         for p in params:
-            grad, dtype = p.grad, mp.accumulation_dtype(p)
-            contribution = (
-                torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-                if grad is None
-                else grad.detach().to(dtype, copy=True).mul_(inverse)
-            )
             summed = getattr(p, "summed_grad", None)
+            contribution = self._contribution(p, inverse, shared=share_grad and summed is None)
             p.summed_grad = contribution if summed is None else summed + contribution
+
+    @staticmethod
+    def _contribution(p: torch.Tensor, inverse: float, shared: bool) -> torch.Tensor:
+        """``p.grad / S`` in the accumulation dtype (zeros without a ``p.grad``).
+
+        With ``shared`` an unscaled ``p.grad`` of that dtype is returned itself rather than
+        copied; only for a step that adds the noise next, which gives ``p`` a new ``p.grad``.
+        """
+        grad, dtype = p.grad, mp.accumulation_dtype(p)
+        if grad is None:
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        if shared and inverse == 1.0 and grad.dtype == dtype:
+            return grad.detach()
+        return grad.detach().to(dtype, copy=True).mul_(inverse)
 
     def _checked_inverse_scale(self) -> float:
         """``1 / S`` of this step's loss scale (1 without a scaler), once it is known to be the
@@ -109,5 +122,9 @@ class DPOptimizerFastGradientClipping(DPOptimizer):
         self.original_optimizer.zero_grad(set_to_none)
 
     def _accumulate_batch(self) -> None:
-        """The first phase of ``pre_step``: ``p.grad`` is already clipped, so only accumulate."""
-        self.accumulate()
+        """The first phase of ``pre_step``: ``p.grad`` is already clipped, so only accumulate.
+
+        When this step adds the noise (it is not signalled as skipped), ``p.summed_grad`` may
+        take ``p.grad`` itself instead of a copy: the noise phase replaces ``p.grad`` next.
+        """
+        self._accumulate(share_grad=not self._check_skip_next_step(pop_next=False))
