@@ -26,7 +26,7 @@ from dp_torch import distributed as dp_distributed
 from dp_torch.data_loader import DPDataLoader
 from dp_torch.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from dp_torch.grad_sample import AbstractGradSampleModule, GradSampleModule, get_gsm_class
-from dp_torch.grad_sample.utils import GRAD_SAMPLE_MODES, check_mode_arguments
+from dp_torch.grad_sample.utils import GHOST_MODES, GRAD_SAMPLE_MODES, check_mode_arguments
 from dp_torch.optimizers import DPOptimizer, get_optimizer_class
 from dp_torch.optimizers.utils import params as _trainable_params
 from dpcore import clipping as core_clipping
@@ -138,18 +138,32 @@ def torch_ddp(module: nn.Module) -> Optional[DDP]:
     return None
 
 
+def _refuse_fsdp_mode(kind: Optional[str], grad_sample_mode: str) -> None:
+    """An FSDP model needs ``"ghost_fsdp"``, and ``"ghost_fsdp"`` an FSDP model."""
+    if kind == "FSDP":
+        raise NotImplementedError(
+            f"make_private got an FSDP2 (fully_shard) model with grad_sample_mode="
+            f"{grad_sample_mode!r}; sharded models are supported in ghost clipping only: pass "
+            "grad_sample_mode='ghost_fsdp' (per-layer and adaptive clipping are not available "
+            "under FSDP)."
+        )
+    raise ValueError(
+        f"grad_sample_mode='ghost_fsdp' needs a model sharded with FSDP2, got "
+        f"{'a ' + kind + ' model' if kind else 'an unsharded model'}; shard it with "
+        "dp_torch.utils.fsdp_utils.FSDP2Wrapper(model) (or torch.distributed.fsdp.fully_shard), "
+        "or use grad_sample_mode='ghost'."
+    )
+
+
 def check_distributed(
     module: nn.Module, clipping: str, grad_sample_mode: str, data_loader: DataLoader
 ) -> bool:
     """Whether ``module`` is data-parallel; raise for a combination that cannot be private."""
     kind = distributed_kind(module)
+    if (kind == "FSDP") != (grad_sample_mode == "ghost_fsdp"):
+        _refuse_fsdp_mode(kind, grad_sample_mode)
     if kind is None:
         return False
-    if kind == "FSDP":
-        raise NotImplementedError(
-            "make_private got an FSDP model; dp_torch supports data parallelism through DPDDP or "
-            "torch DistributedDataParallel only (Opacus' ghost_fsdp mode is not provided)."
-        )
     dp_distributed.require_process_group(f"make_private with a {kind} model")
     get_optimizer_class(clipping=clipping, distributed=True, grad_sample_mode=grad_sample_mode)
     ddp = torch_ddp(module)
@@ -263,8 +277,8 @@ def check_existing_wrapper(
         module.batch_first != batch_first
         or module.loss_reduction != loss_reduction
         or type(module) is not expected
-        or (grad_sample_mode == "ghost" and getattr(module, "max_grad_norm", None) != max_grad_norm)
-        or (grad_sample_mode != "ghost" and isinstance(module, GradSampleModule)
+        or (grad_sample_mode in GHOST_MODES and getattr(module, "max_grad_norm", None) != max_grad_norm)
+        or (grad_sample_mode not in GHOST_MODES and isinstance(module, GradSampleModule)
             and module.force_functorch != (grad_sample_mode == "functorch"))
     )
     if mismatch:
@@ -275,7 +289,7 @@ def check_existing_wrapper(
             + (f", max_grad_norm={module.max_grad_norm!r}" if hasattr(module, "max_grad_norm") else "")
             + f"; requested grad_sample_mode={grad_sample_mode!r} ({expected.__name__}), "
             f"batch_first={batch_first}, loss_reduction={loss_reduction!r}"
-            + (f", max_grad_norm={max_grad_norm!r}" if grad_sample_mode == "ghost" else "")
+            + (f", max_grad_norm={max_grad_norm!r}" if grad_sample_mode in GHOST_MODES else "")
             + ". Pass the plain nn.Module instead."
         )
 
@@ -287,7 +301,7 @@ def check_criterion(criterion: Any, grad_sample_mode: str, loss_reduction: str) 
     if not callable(criterion):
         raise TypeError(f"criterion must be callable (a loss), got {type(criterion).__name__}.")
     reduction = getattr(criterion, "reduction", loss_reduction)
-    if grad_sample_mode == "ghost" and reduction != loss_reduction:
+    if grad_sample_mode in GHOST_MODES and reduction != loss_reduction:
         raise ValueError(
             f"criterion.reduction={reduction!r} differs from loss_reduction={loss_reduction!r}; "
             "ghost clipping needs them equal (pass a criterion with the same reduction)."
@@ -308,12 +322,12 @@ def _check_options(
                  " It must be the reduction of your loss over the batch.")
     check_choice(clipping, "clipping", CLIPPINGS)
     check_choice(grad_sample_mode, "grad_sample_mode", GRAD_SAMPLE_MODES,
-                 " (Opacus' 'ghost_fsdp' and 'ghost_tp' are not provided.)")
+                 " (Opacus' 'ghost_tp' is not provided.)")
     check_mode_arguments(grad_sample_mode, wrap_model=flags["wrap_model"],
                          batch_first=flags["batch_first"])
-    if grad_sample_mode == "ghost" and clipping != "flat":
+    if grad_sample_mode in GHOST_MODES and clipping != "flat":
         raise ValueError(
-            f'grad_sample_mode="ghost" supports only clipping="flat", got clipping={clipping!r}; '
+            f'grad_sample_mode="{grad_sample_mode}" supports only clipping="flat", got clipping={clipping!r}; '
             'use grad_sample_mode="hooks" for per-layer or adaptive clipping.'
         )
 
@@ -386,7 +400,7 @@ def plan_make_private(
     Raises:
         TypeError: On an argument of the wrong type or an unexpected keyword.
         ValueError: On an invalid value or combination (the message names it).
-        NotImplementedError: For an FSDP model.
+        NotImplementedError: For an FSDP model in a mode other than ``"ghost_fsdp"``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")

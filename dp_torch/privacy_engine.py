@@ -35,6 +35,7 @@ from dp_torch.accountants import create_accountant
 from dp_torch.accountants.utils import get_noise_multiplier
 from dp_torch.data_loader import DPDataLoader
 from dp_torch.grad_sample import AbstractGradSampleHooks, AbstractGradSampleModule, prepare_module
+from dp_torch.grad_sample.utils import GHOST_MODES
 from dp_torch.optimizers import DPOptimizer, get_optimizer_class
 from dp_torch.schedulers import _GradClipScheduler, _NoiseScheduler
 from dp_torch.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -181,7 +182,7 @@ class PrivacyEngine:
             )
             return module
         kwargs: dict[str, Any] = {"batch_first": batch_first, "loss_reduction": loss_reduction}
-        if grad_sample_mode == "ghost":
+        if grad_sample_mode in GHOST_MODES:
             kwargs["max_grad_norm"] = max_grad_norm
         return prepare_module(module, grad_sample_mode, wrap_model, **kwargs)
 
@@ -407,7 +408,7 @@ class PrivacyEngine:
                 self.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate)
             )
             dp_criterion = None
-            if grad_sample_mode == "ghost":
+            if grad_sample_mode in GHOST_MODES:
                 dp_criterion = self._prepare_criterion(
                     module=wrapped, optimizer=dp_optimizer, criterion=plan.criterion,
                     loss_reduction=loss_reduction,

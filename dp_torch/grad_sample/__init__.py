@@ -5,6 +5,8 @@ Public names:
 * :class:`GradSampleModule` / :class:`GradSampleHooks`: ``p.grad_sample`` after backward;
 * :class:`GradSampleModuleFastGradientClipping` / :class:`GradSampleHooksFastGradientClipping`:
   per-example gradient norms (ghost clipping);
+* :class:`GradSampleModuleFastGradientClippingFSDP` / :class:`GradSampleHooksFastGradientClippingFSDP`:
+  ghost clipping of an FSDP2 (``fully_shard``) model (``grad_sample_mode="ghost_fsdp"``);
 * :class:`GradSampleModuleExpandedWeights`: the wrapper of ``grad_sample_mode="ew"``;
 * :class:`GradSampleModuleNoOp` / :class:`GradSampleHooksNoOp`: ``grad_sample_mode="no_op"``
   (you set ``p.grad_sample`` yourself);
@@ -45,6 +47,10 @@ from .grad_sample_module_fast_gradient_clipping import (
     GradSampleHooksFastGradientClipping,
     GradSampleModuleFastGradientClipping,
 )
+from .grad_sample_module_fast_gradient_clipping_fsdp import (
+    GradSampleHooksFastGradientClippingFSDP,
+    GradSampleModuleFastGradientClippingFSDP,
+)
 from .group_norm import compute_group_norm_grad_sample
 from .gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
 from .gsm_exp_weights import GradSampleModuleExpandedWeights
@@ -68,10 +74,12 @@ __all__ = [
     "AbstractGradSampleModule",
     "GradSampleHooks",
     "GradSampleHooksFastGradientClipping",
+    "GradSampleHooksFastGradientClippingFSDP",
     "GradSampleHooksNoOp",
     "GradSampleModule",
     "GradSampleModuleExpandedWeights",
     "GradSampleModuleFastGradientClipping",
+    "GradSampleModuleFastGradientClippingFSDP",
     "GradSampleModuleNoOp",
     "compute_conv_grad_sample",
     "compute_embedding_grad_sample",

@@ -16,6 +16,7 @@ Guarantee:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -62,7 +63,8 @@ class ParameterUseTracker:
         outside: Names of the parameters used outside their layers since :meth:`take`.
     """
 
-    def __init__(self, owned: dict, names: dict[int, str], unowned: tuple = ()):
+    def __init__(self, owned: dict, names: dict[int, str], unowned: tuple = (),
+                 aliases: Optional[Callable[[], dict]] = None):
         """Build the owner map.
 
         Args:
@@ -71,6 +73,10 @@ class ParameterUseTracker:
             names: ``{id(parameter): qualified name}``.
             unowned: Trainable parameters no hooked layer owns (a layer left unhooked with
                 ``strict=False``): every differentiable use of them is recorded.
+            aliases: For models whose forward runs on stand-ins of the registered parameters
+                (FSDP2's unsharded parameters): returns ``{id(stand-in): registered
+                parameter}``. Uses of an unknown ``nn.Parameter`` are then kept and resolved
+                through it in :meth:`take` (stand-ins may be created during the forward).
         """
         self._owners: dict[int, set] = {id(p): set() for p in unowned}
         for module, params in owned.items():
@@ -80,6 +86,8 @@ class ParameterUseTracker:
         self._active: list = []
         self._mode: Optional[_UseMode] = None
         self._depth = 0
+        self._aliases = aliases
+        self._deferred: dict = {}
         self.outside: set = set()
 
     def install(self, handles: list) -> None:
@@ -123,8 +131,23 @@ class ParameterUseTracker:
             owners = self._owners.get(id(t))
             if owners is not None and not owners & active:
                 self.outside.add(self._names.get(id(t), "<unnamed>"))
+            elif owners is None and self._aliases is not None and isinstance(t, nn.Parameter):
+                self._deferred.setdefault((id(t), frozenset(active)), t)
+
+    def _resolve_deferred(self) -> None:
+        """Record the deferred uses of stand-ins whose registered parameter's owners were idle."""
+        if not self._deferred:
+            return
+        aliases = self._aliases()
+        for (key, active), _ in self._deferred.items():
+            registered = aliases.get(key)
+            owners = None if registered is None else self._owners.get(id(registered))
+            if owners is not None and not owners & active:
+                self.outside.add(self._names.get(id(registered), "<unnamed>"))
+        self._deferred = {}
 
     def take(self) -> list[str]:
         """The recorded names, sorted, and clear them."""
+        self._resolve_deferred()
         names, self.outside = sorted(self.outside), set()
         return names

@@ -563,7 +563,16 @@ class GradSampleHooks(AbstractGradSampleHooks):
                 expected_output=expected, autocast=record.autocast,
             )
         sampler = _registry.find_sampler(self.GRAD_SAMPLERS, record.module)
-        return sampler(record.module, activations, backprops)
+        return self._registered_keys(sampler(record.module, activations, backprops))
+
+    def _registered_keys(self, per_param: dict) -> dict:
+        """A sampler's ``{parameter: value}`` keyed by the model's registered parameters.
+
+        Samplers read a layer's parameters at backward time; this is the identity unless
+        the model swaps in stand-ins around its forward and backward (FSDP2, see
+        :mod:`dp_torch.grad_sample.grad_sample_module_fast_gradient_clipping_fsdp`).
+        """
+        return per_param
 
     def _accumulate_call(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> None:
         grad_samples = self._grad_samples_of_call(record, activations, backprops)

@@ -239,8 +239,13 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         super().add_hooks(loss_reduction=loss_reduction, batch_first=batch_first, force_functorch=force_functorch)
         owned = {id(p) for params in self._owned.values() for p in params}
         unowned = tuple(p for p in self._module.parameters() if p.requires_grad and id(p) not in owned)
-        self._use_tracker = ParameterUseTracker(self._owned, self._param_names, unowned)
+        self._use_tracker = ParameterUseTracker(self._owned, self._param_names, unowned, self._tracker_aliases())
         self._use_tracker.install(self.autograd_grad_sample_hooks)
+
+    def _tracker_aliases(self) -> Any:
+        """``None``, or for models running on parameter stand-ins the function mapping them to
+        the registered parameters (see :class:`ParameterUseTracker`)."""
+        return None
 
     def _enter_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         super()._enter_forward(module, args, kwargs)
@@ -329,7 +334,8 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
 
     def _set_norms(self, record: Any, activations: _Activations, backprops: torch.Tensor) -> None:
         """Norms of a call from its layer's norm sampler; the call is kept for the clipped sum."""
-        for p, norm in self._norm_sampler_for(record.module)(record.module, activations, backprops).items():
+        norms = self._norm_sampler_for(record.module)(record.module, activations, backprops)
+        for p, norm in self._registered_keys(norms).items():
             if p.requires_grad:
                 p._norm_sample = norm
         self._kept.keep_call(record, activations, backprops)

@@ -12,11 +12,16 @@ from .grad_sample_module_fast_gradient_clipping import (
     GradSampleHooksFastGradientClipping,
     GradSampleModuleFastGradientClipping,
 )
+from .grad_sample_module_fast_gradient_clipping_fsdp import (
+    GradSampleHooksFastGradientClippingFSDP,
+    GradSampleModuleFastGradientClippingFSDP,
+)
 from .gsm_base import AbstractGradSampleHooks, AbstractGradSampleModule
 from .gsm_exp_weights import GradSampleModuleExpandedWeights
 from .gsm_no_op import GradSampleHooksNoOp, GradSampleModuleNoOp
 
 __all__ = [
+    "GHOST_MODES",
     "GRAD_SAMPLE_MODES",
     "check_mode_arguments",
     "get_gsm_class",
@@ -29,12 +34,16 @@ __all__ = [
 ]
 
 #: Every ``grad_sample_mode`` dp_torch provides.
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "ew", "no_op")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "ghost_fsdp", "ew", "no_op")
+
+#: The modes that clip with per-example norms only (a ghost-clipping loss wrapper, flat clipping).
+GHOST_MODES = ("ghost", "ghost_fsdp")
 
 _WRAPPERS = {
     "hooks": GradSampleModule,
     "functorch": GradSampleModule,
     "ghost": GradSampleModuleFastGradientClipping,
+    "ghost_fsdp": GradSampleModuleFastGradientClippingFSDP,
     "ew": GradSampleModuleExpandedWeights,
     "no_op": GradSampleModuleNoOp,
 }
@@ -42,6 +51,7 @@ _HOOKS = {
     "hooks": GradSampleHooks,
     "functorch": GradSampleHooks,
     "ghost": GradSampleHooksFastGradientClipping,
+    "ghost_fsdp": GradSampleHooksFastGradientClippingFSDP,
     "no_op": GradSampleHooksNoOp,
 }
 
@@ -51,9 +61,9 @@ def _check_mode(grad_sample_mode: Any) -> None:
         raise ValueError(
             f"Unexpected grad_sample_mode: {grad_sample_mode!r}. Supported: 'hooks', 'functorch' "
             "(hooks with the torch.func fallback for every layer), 'ghost' (fast gradient "
-            "clipping), 'ew' (batch-first per-sample gradients, see gsm_exp_weights) and 'no_op' "
-            "(you set p.grad_sample yourself); Opacus' FSDP and tensor-parallel ghost modes are "
-            "not provided."
+            "clipping), 'ghost_fsdp' (ghost clipping of an FSDP2 model), 'ew' (batch-first "
+            "per-sample gradients, see gsm_exp_weights) and 'no_op' (you set p.grad_sample "
+            "yourself); Opacus' tensor-parallel ghost mode is not provided."
         )
 
 
@@ -89,7 +99,8 @@ def get_gsm_class(grad_sample_mode: str) -> type:
     Args:
         grad_sample_mode: ``"hooks"`` or ``"functorch"`` (:class:`GradSampleModule`; use
             ``force_functorch=True`` for the latter, as :func:`wrap_model` does),
-            ``"ghost"`` (:class:`GradSampleModuleFastGradientClipping`), ``"ew"``
+            ``"ghost"`` (:class:`GradSampleModuleFastGradientClipping`), ``"ghost_fsdp"``
+            (:class:`GradSampleModuleFastGradientClippingFSDP`), ``"ew"``
             (:class:`GradSampleModuleExpandedWeights`) or ``"no_op"``
             (:class:`GradSampleModuleNoOp`).
 
@@ -122,7 +133,8 @@ def prepare_module(
 
     Args:
         model: The model.
-        grad_sample_mode: ``"hooks"``, ``"functorch"``, ``"ghost"``, ``"ew"`` or ``"no_op"``.
+        grad_sample_mode: ``"hooks"``, ``"functorch"``, ``"ghost"``, ``"ghost_fsdp"``, ``"ew"``
+            or ``"no_op"``.
         wrap_model: ``True`` returns an ``nn.Module`` wrapper (use it as the model);
             ``False`` attaches hooks to ``model`` itself and returns the hooks object.
         *args: Passed to the class.

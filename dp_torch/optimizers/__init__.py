@@ -5,7 +5,8 @@ Mirrors ``opacus.optimizers``: :class:`DPOptimizer` (flat clipping),
 (adaptive clipping), :class:`DPOptimizerFastGradientClipping` (ghost clipping),
 their data-parallel variants :class:`DistributedDPOptimizer`,
 :class:`SimpleDistributedPerLayerOptimizer` (alias :class:`DistributedPerLayerOptimizer`)
-and :class:`DistributedDPOptimizerFastGradientClipping`, and
+and :class:`DistributedDPOptimizerFastGradientClipping`, the FSDP2 ghost optimizer
+:class:`FSDPOptimizerFastGradientClipping`, and
 :func:`get_optimizer_class`, which picks one from Opacus-style options.
 """
 
@@ -20,6 +21,7 @@ from dp_torch.optimizers.ddpoptimizer import DistributedDPOptimizer
 from dp_torch.optimizers.ddpoptimizer_fast_gradient_clipping import (
     DistributedDPOptimizerFastGradientClipping,
 )
+from dp_torch.optimizers.fsdpoptimizer_fast_gradient_clipping import FSDPOptimizerFastGradientClipping
 from dp_torch.optimizers.optimizer import DPOptimizer
 from dp_torch.optimizers.optimizer import LossScaleError
 from dp_torch.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
@@ -33,6 +35,7 @@ __all__ = [
     "DistributedDPOptimizer",
     "DistributedDPOptimizerFastGradientClipping",
     "DistributedPerLayerOptimizer",
+    "FSDPOptimizerFastGradientClipping",
     "LossScaleError",
     "SimpleDistributedPerLayerOptimizer",
     "get_optimizer_class",
@@ -48,19 +51,20 @@ def get_optimizer_class(
         clipping: ``"flat"``, ``"per_layer"`` or ``"adaptive"``.
         distributed: Whether training is data-parallel across processes.
         grad_sample_mode: How per-sample gradients are computed (``"hooks"``,
-            ``"functorch"``, ``"ew"``, ``"ghost"``, ...); only ``"ghost"`` changes
-            the choice.
+            ``"functorch"``, ``"ew"``, ``"ghost"``, ``"ghost_fsdp"``, ...); only the
+            ghost modes change the choice.
 
     Returns:
         For ``distributed=False``: ``DPOptimizerFastGradientClipping`` (ghost mode,
         flat clipping), else ``DPOptimizer``, ``DPPerLayerOptimizer`` or
         ``AdaClipDPOptimizer``. For ``distributed=True``:
         ``DistributedDPOptimizerFastGradientClipping``, ``DistributedDPOptimizer``
-        or ``SimpleDistributedPerLayerOptimizer``.
+        or ``SimpleDistributedPerLayerOptimizer``; ``FSDPOptimizerFastGradientClipping``
+        for ``"ghost_fsdp"``.
 
     Raises:
-        ValueError: For an unsupported combination: ghost mode needs flat
-            clipping, ``"ghost_fsdp"`` is not provided, and adaptive clipping is
+        ValueError: For an unsupported combination: ghost modes need flat
+            clipping, ``"ghost_fsdp"`` needs ``distributed=True``, and adaptive clipping is
             not available with ``distributed=True`` (its noised unclipped count
             would need a distributed mechanism of its own; Opacus has none either).
     """
@@ -71,12 +75,14 @@ def get_optimizer_class(
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be a bool, got {distributed!r}.")
     if grad_sample_mode in ("ghost", "ghost_fsdp"):
-        if clipping != "flat" or grad_sample_mode == "ghost_fsdp":
+        if clipping != "flat" or (grad_sample_mode == "ghost_fsdp" and not distributed):
             raise ValueError(
                 f"Unsupported combination of parameters: clipping={clipping!r}, "
                 f"distributed={distributed!r}, grad_sample_mode={grad_sample_mode!r}; ghost "
-                'clipping supports only clipping="flat" (and FSDP is not supported).'
+                'clipping supports only clipping="flat", and "ghost_fsdp" needs distributed=True.'
             )
+        if grad_sample_mode == "ghost_fsdp":
+            return FSDPOptimizerFastGradientClipping
         if distributed:
             return DistributedDPOptimizerFastGradientClipping
         return DPOptimizerFastGradientClipping

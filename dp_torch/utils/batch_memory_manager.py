@@ -16,6 +16,11 @@ chunk, which every rank reaches exactly once per logical batch (an empty share
 still yields one chunk). A rank with fewer chunks waits in that all-reduce; every
 rank's accountant steps once. (``make_private`` refuses DDP settings that would run
 a collective per physical chunk; see :func:`dp_torch.distributed.check_ddp`.)
+
+FSDP is the exception: it gathers parameters in every forward and backward pass, so
+every rank must take the same number of chunks. Its optimizer agrees on the count once
+per logical batch (one all-reduce of an integer) and each rank splits its share into
+that many balanced chunks, possibly empty ones.
 """
 
 from __future__ import annotations
@@ -61,7 +66,10 @@ class BatchSplittingSampler(Sampler[list[int]]):
     yielding a chunk it queues ``optimizer.signal_skip_step(True)`` for every
     chunk but the last and ``False`` for the last (the queue is consumed one
     signal per ``optimizer.step()``, so prefetching loaders stay in sync). An
-    empty batch yields one empty chunk with ``False``.
+    empty batch yields one empty chunk with ``False``. An optimizer whose ranks must take
+    the same number of physical steps (FSDP, which communicates in every forward and
+    backward pass) provides ``agree_on_chunks(count) -> int``, the largest count over the
+    ranks; a rank's batch is then split into that many chunks, some possibly empty.
 
     Args:
         sampler: The logical batch sampler (yields index lists).
@@ -76,13 +84,17 @@ class BatchSplittingSampler(Sampler[list[int]]):
         self.optimizer = optimizer
 
     def __iter__(self) -> Iterator[list[int]]:
+        agree = getattr(self.optimizer, "agree_on_chunks", None)
         for batch in self.sampler:
             indices = np.asarray(batch, dtype=np.int64).reshape(-1)
-            if indices.size == 0:
+            count = math.ceil(indices.size / self.max_batch_size)
+            if agree is not None:
+                count = agree(max(count, 1))
+            if count == 0:
                 self.optimizer.signal_skip_step(do_skip=False)
                 yield []
                 continue
-            chunks = np.array_split(indices, math.ceil(indices.size / self.max_batch_size))
+            chunks = np.array_split(indices, count)
             for chunk in chunks[:-1]:
                 self.optimizer.signal_skip_step(do_skip=True)
                 yield chunk.tolist()

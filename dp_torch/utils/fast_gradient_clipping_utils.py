@@ -18,6 +18,7 @@ expected batch size for ``"mean"``).
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any, Optional, Sequence
 
@@ -196,17 +197,25 @@ class DPTensorFastGradientClipping:
                 (nothing is added to ``p.grad``; call ``optimizer.zero_grad()`` and use a
                 smaller fixed scale, see :mod:`dp_torch.optimizers`).
         """
-        losses = self.loss_per_sample
         scaled = scaler is not None and scaler.is_enabled()
         setattr(self.optimizer, GHOST_LOSS_SCALE, float(scaler.get_scale()) if scaled else None)
+        guard = getattr(self.module, "collective_guard", contextlib.nullcontext)
+        with guard():
+            self._clipped_backward(scaler if scaled else None)
+
+    def _clipped_backward(self, scaler: Optional[Any]) -> None:
+        """The norm pass, the clip factors, then the clipped sum: from the kept tensors, or by a
+        second backward pass for modules that provide ``clipped_backward`` (FSDP)."""
+        losses = self.loss_per_sample
         inputs = self._first_pass_inputs()
         if not (inputs and losses.requires_grad):
             return
         reduced, scale = self._reduced(), 1.0
-        if scaled:
+        if scaler is not None:
             reduced = scaler.scale(reduced)
             scale = float(scaler.get_scale())
-        torch.autograd.grad(reduced, inputs, allow_unused=True)
+        second_pass = getattr(self.module, "clipped_backward", None)
+        torch.autograd.grad(reduced, inputs, allow_unused=True, retain_graph=second_pass is not None)
         self._sync_bound()
         coef = self._clip_factors(scale)
         if coef.shape != losses.shape:
@@ -215,7 +224,10 @@ class DPTensorFastGradientClipping:
                 "per-example losses; the criterion's output must have one loss per example of the "
                 "model's batch (for sequence losses pass shape=logits.shape)."
             )
-        self.module.add_clipped_sum(coef)
+        if second_pass is not None:
+            second_pass(losses, coef, scale)
+        else:
+            self.module.add_clipped_sum(coef)
 
     def _clip_factors(self, scale: float) -> torch.Tensor:
         """Clip factors of the unscaled norms; a loss-scaled pass must not overflow."""

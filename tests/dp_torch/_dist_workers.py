@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import importlib
 import os
 import pathlib
 import time
@@ -321,6 +322,14 @@ def _same_state(a: dict, b: dict) -> bool:
 # --------------------------------------------------------------------------- harness
 
 
+def _worker(fn_name: str) -> Any:
+    """A worker of this module by name, or ``"package.module:function"`` of another module."""
+    if ":" not in fn_name:
+        return globals()[fn_name]
+    module, name = fn_name.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _entry(fn_name: str, rank: int, world_size: int, store: str, workdir: str,
            kwargs: dict[str, Any], pg_timeout: float, abort: bool) -> None:
     """Body of one spawned process: join the group, run ``fn_name``, write its result."""
@@ -331,7 +340,7 @@ def _entry(fn_name: str, rank: int, world_size: int, store: str, workdir: str,
             "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
-        result = globals()[fn_name](rank, world_size, workdir, **kwargs)
+        result = _worker(fn_name)(rank, world_size, workdir, **kwargs)
         torch.save(result, out / f"result_{rank}.pt")
     except BaseException:  # noqa: BLE001 - reported to the test process
         (out / f"error_{rank}.txt").write_text(traceback.format_exc(), encoding="utf-8")
@@ -356,7 +365,7 @@ def run_group(fn_name: str, world_size: int, workdir: pathlib.Path, *, timeout: 
     """Run ``fn_name`` on ``world_size`` spawned processes; fail clearly on errors or timeout.
 
     Args:
-        fn_name: A worker function of this module.
+        fn_name: A worker function of this module, or ``"package.module:function"``.
         world_size: Number of processes.
         workdir: A fresh directory for the store, results and checkpoints.
         timeout: Seconds until the whole group must have produced its results;

@@ -14,6 +14,7 @@ from dp_torch.grad_sample import (
     GradSampleHooks,
     GradSampleModule,
     GradSampleModuleFastGradientClipping,
+    GradSampleModuleFastGradientClippingFSDP,
     get_gsm_class,
     register_grad_sampler,
     wrap_model,
@@ -172,8 +173,9 @@ def test_get_gsm_class_and_wrap_model() -> None:
     assert get_gsm_class("hooks") is GradSampleModule
     assert get_gsm_class("functorch") is GradSampleModule
     assert get_gsm_class("ghost") is GradSampleModuleFastGradientClipping
+    assert get_gsm_class("ghost_fsdp") is GradSampleModuleFastGradientClippingFSDP
     with pytest.raises(ValueError, match="grad_sample_mode"):
-        get_gsm_class("ghost_fsdp")
+        get_gsm_class("ghost_tp")
     wrapped = wrap_model(_mlp(), grad_sample_mode="functorch", batch_first=True, loss_reduction="sum")
     assert isinstance(wrapped, GradSampleModule) and wrapped.force_functorch
     assert wrapped.loss_reduction == "sum"

@@ -42,12 +42,8 @@ SECTION = "## Differs from Opacus on purpose"
 #: A module entry covers everything under it. Kept equal to the README section (the long
 #: form of each reason is in docs/opacus_differences.md).
 DIFFERS_ON_PURPOSE: dict[str, str] = {
-    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping_fsdp":
-        "FSDP is planned work; `make_private` refuses an FSDP model until then.",
     "opacus.grad_sample.grad_sample_module_fast_gradient_clipping_tp":
-        "tensor parallelism comes with the FSDP work.",
-    "opacus.optimizers.fsdpoptimizer_fast_gradient_clipping": "comes with the FSDP work.",
-    "opacus.utils.fsdp_utils": "comes with the FSDP work.",
+        "tensor parallelism is not provided; FSDP2 is (`grad_sample_mode=\"ghost_fsdp\"`).",
     "opacus.accountants.analysis.prv":
         "internals of Opacus' PRV code; dpcore's PRV accountant has no such objects.",
     "opacus.utils.adaptive_clipping":
@@ -67,6 +63,10 @@ DIFFERS_ON_PURPOSE: dict[str, str] = {
     "opacus.grad_sample.grad_sample_module_fast_gradient_clipping.GradSampleHooksFastGradientClipping.capture_activations_hook":
         "as `GradSampleHooks.capture_activations_hook`.",
     "opacus.grad_sample.grad_sample_module_fast_gradient_clipping.GradSampleHooksFastGradientClipping.capture_backprops_hook":
+        "as `GradSampleHooks.capture_backprops_hook`.",
+    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping_fsdp.GradSampleHooksFastGradientClippingFSDP.capture_activations_hook":
+        "as `GradSampleHooks.capture_activations_hook`.",
+    "opacus.grad_sample.grad_sample_module_fast_gradient_clipping_fsdp.GradSampleHooksFastGradientClippingFSDP.capture_backprops_hook":
         "as `GradSampleHooks.capture_backprops_hook`.",
     "opacus.optimizers.ddpoptimizer.DistributedDPOptimizer.reduce_gradients":
         "the all-reduce is part of `add_noise`, before scaling and accounting.",
