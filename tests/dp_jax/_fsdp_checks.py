@@ -209,6 +209,28 @@ def run_secure(out: dict, devices: int) -> None:
     _put(out, "secure", "steps", np.array(len(engine.accountant)))
 
 
+def run_checkpoint(out: dict, devices: int) -> None:
+    """save_checkpoint / load_checkpoint of a split state: the same values, split again."""
+    import io  # pylint: disable=import-outside-toplevel
+
+    model = mlp()
+    mesh = dist.data_mesh(jax.devices()[:devices])
+    engine = dp_jax.PrivacyEngine()
+    private = engine.make_private(
+        loss_fn=model.loss_fn, params=model.params, optimizer=optax.adam(LR), data=model.data,
+        noise_multiplier=SIGMA, max_grad_norm=1.0, sample_rate=Q, seed=SEED, mesh=mesh,
+        param_sharding="fsdp",
+    )
+    buffer = io.BytesIO()
+    engine.save_checkpoint(buffer, private.state)
+    buffer.seek(0)
+    loaded, _ = engine.load_checkpoint(buffer, private.state)
+    _put(out, "checkpoint", "saved", flat(private.state.params))
+    _put(out, "checkpoint", "loaded", flat(loaded.params))
+    _put(out, "checkpoint", "param_shards", shard_shapes(loaded.params))
+    _put(out, "checkpoint", "opt_shards", shard_shapes(loaded.opt_state))
+
+
 def _message(fn: Any) -> str:
     try:
         fn()
@@ -237,7 +259,7 @@ SUITES = {
     ("quick", 2): [("mlp", "flat", "vmap", {})],
     ("slow", 2): [("gpt", "flat", "vmap", {"max_physical_batch_size": 8}),
                   ("lora", "per_layer", "ghost", {}), ("lora_frozen", "flat", "vmap", {})],
-    ("slow", 4): [("mlp", "per_layer", "ghost", {}),
+    ("slow", 4): [("mlp", "per_layer", "ghost", {}), ("mlp", "adaptive", "vmap", {}),
                   ("gpt", "flat", "vmap", {"max_physical_batch_size": 8}),
                   ("gpt", "per_layer", "ghost", {}), ("lora", "flat", "ghost", {}),
                   ("lora", "per_layer", "vmap", {}), ("lora_frozen", "flat", "vmap", {})],
@@ -252,6 +274,7 @@ def main(path: str, devices: int, suite: str) -> None:
         run_case(out, devices, model_name, clipping, mode, **kwargs)
     if suite == "quick":
         run_errors(out, devices)
+        run_checkpoint(out, devices)
     else:
         run_secure(out, devices)
     np.savez(path, **out)

@@ -77,7 +77,8 @@ def _group(results, name: str, what: str) -> dict[str, np.ndarray]:
 
 
 def _cases(results) -> list[str]:
-    return sorted({k.split("|")[0] for k in results.files if k.endswith("|m|")} - {"secure"})
+    return sorted({k.split("|")[0] for k in results.files if k.endswith("|m|")}
+                  - {"secure", "checkpoint"})
 
 
 # --------------------------------------------------------------------------- the checks
@@ -152,6 +153,13 @@ def test_a_spec_that_does_not_divide_its_dimension_is_refused_before_any_change(
     assert message.startswith("ValueError: param_sharding['b1']=P('data',)")
     assert "(65,)" in message and "does not divide 65" in message and '"fsdp"' in message
     assert int(quick["errors|steps_after|"]) == 0 and bool(quick["errors|data_after|"])
+
+
+def test_a_checkpoint_of_split_state_loads_split_with_the_same_values(quick):
+    assert_close(_group(quick, "checkpoint", "loaded"), _group(quick, "checkpoint", "saved"),
+                 rtol=0.0)
+    assert _check_split(_group(quick, "checkpoint", "param_shards"), 2, _fsdp.FSDP_MIN_SIZE) == 1
+    assert _check_split(_group(quick, "checkpoint", "opt_shards"), 2, _fsdp.FSDP_MIN_SIZE) == 3
 
 
 # --------------------------------------------------------------------------- 2 and 4 devices (slow)
