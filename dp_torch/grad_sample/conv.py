@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from . import _ghost_cost
 from ._registry import register_batch_grad_sampler, register_grad_sampler, register_norm_sampler
 from ._trainable import weight_and_bias
+from .linear import gram_products
 
 __all__ = [
     "compute_conv_batch_grad",
@@ -186,11 +187,9 @@ def conv_norm_route(layer: nn.modules.conv._ConvNd, backprops: torch.Tensor) -> 
 def _gram_weight_norms(layer, activations: list, backprops: torch.Tensor) -> torch.Tensor:
     x, padding = conv_padded_input(layer, activations[0].to(backprops.dtype))
     patches = _unfolded_patches(layer, x, backprops, padding)
-    gram_x = torch.bmm(patches.transpose(1, 2), patches)
-    del patches
     grads = _grouped_backprops(layer, backprops)
-    products = gram_x.mul_(torch.bmm(grads.transpose(1, 2), grads))
-    squares = products.sum(dim=(1, 2)).view(backprops.shape[0], layer.groups).sum(dim=1)
+    products = gram_products(patches.transpose(1, 2), grads.transpose(1, 2))
+    squares = products.view(backprops.shape[0], layer.groups).sum(dim=1)
     return squares.clamp(min=0).sqrt()
 
 

@@ -110,12 +110,24 @@ def _seeded(seed: int = 0) -> None:
 # --------------------------------------------------------------------------- Linear
 
 
-@pytest.mark.parametrize("shape", [(5, 3), (4, 6, 3), (3, 2, 4, 3)], ids=["flat", "sequence", "two_axes"])
+@pytest.mark.parametrize("shape", [(5, 3), (4, 6, 3), (3, 2, 4, 3), (3, 100, 3)],
+                         ids=["flat", "sequence", "two_axes", "long_sequence"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear(route, shape, bias) -> None:
     _seeded()
     layer = nn.Linear(shape[-1], 4, bias=bias).double()
     check_batched(layer, torch.randn(shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("steps", [1, 31, 32, 64, 95, 128, 300])
+def test_gram_products_by_blocks_equal_the_full_gram_products(steps) -> None:
+    gen = torch.Generator().manual_seed(steps)
+    a = torch.randn(3, steps, 5, generator=gen, dtype=torch.float64)
+    g = torch.randn(3, steps, 4, generator=gen, dtype=torch.float64)
+    full = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+    definition = torch.stack([(g[i].T @ a[i]).pow(2).sum() for i in range(3)])
+    _close(linear.gram_products(a, g), full)
+    _close(linear.gram_products(a, g), definition)
 
 
 def test_linear_frozen_weight_gives_bias_only() -> None:
@@ -140,6 +152,7 @@ CONV_CASES = {
     "2d_replicate_dilation": dict(nd=2, c_in=2, c_out=2, kernel=2, dilation=2, padding=(1, 2),
                                   padding_mode="replicate", spatial=(6, 5), bias=False),
     "3d": dict(nd=3, c_in=2, c_out=4, kernel=2, stride=(1, 2, 1), groups=2, padding=1, spatial=(4, 5, 3)),
+    "2d_many_positions": dict(nd=2, c_in=2, c_out=3, kernel=3, padding=1, groups=1, spatial=(12, 11)),
 }
 
 
