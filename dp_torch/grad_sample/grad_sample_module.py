@@ -532,7 +532,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
         if backprops.is_floating_point() and torch.finfo(backprops.dtype).bits < 32:
             self._pass_low_dtype = backprops.dtype
             backprops = backprops.float()  # per-example quantities in float32 (no fp16 overflow)
-        if self.loss_reduction == "mean":
+        if self._backprops_of_mean_loss():
             backprops = backprops * (record.max_batch_len if record.max_batch_len is not None else rows)
 
         def carries_batch(a: Any) -> bool:
@@ -546,6 +546,10 @@ class GradSampleHooks(AbstractGradSampleHooks):
             args = tuple(a.movedim(bd, 0) if d is not None else a for a, d in zip(args, in_dims))
             kwargs = {k: v.movedim(bd, 0) if kw_dims[k] is not None else v for k, v in kwargs.items()}
         return _Activations(args, kwargs, in_dims, kw_dims), backprops
+
+    def _backprops_of_mean_loss(self) -> bool:
+        """Whether this pass's backprops carry the ``1/batch`` of a mean loss (undone per call)."""
+        return self.loss_reduction == "mean"
 
     def _uses_fallback(self, module: nn.Module) -> bool:
         """Whether the layer's per-sample gradients come from the ``torch.func`` re-run."""

@@ -10,8 +10,10 @@ without a second backward pass.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
@@ -144,6 +146,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
         self._touched: set = set()
         self._output_edges: list = []
+        self._summed_pass = False
         self._kept = ClippedSumStore()
         GradSampleHooks.__init__(
             self, m, batch_first=batch_first, loss_reduction=loss_reduction,
@@ -272,6 +275,23 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
     def _on_new_call(self, record: _CallRecord, output: torch.Tensor) -> None:
         super()._on_new_call(record, output)
         self._output_edges.append(torch.autograd.graph.get_gradient_edge(output))
+
+    @contextlib.contextmanager
+    def summed_loss_pass(self) -> Iterator[None]:
+        """Within it, backward passes are of the *sum* of the per-example losses, whatever
+        ``loss_reduction``: their backprops are the per-example gradients already, so the
+        ``1/batch`` of a mean is not undone, and the kept output gradients are autograd's own
+        tensors rather than rescaled copies (which would double their memory until the
+        clipped sum). Used by :class:`~dp_torch.utils.fast_gradient_clipping_utils.DPTensorFastGradientClipping`.
+        """
+        previous, self._summed_pass = self._summed_pass, True
+        try:
+            yield
+        finally:
+            self._summed_pass = previous
+
+    def _backprops_of_mean_loss(self) -> bool:
+        return super()._backprops_of_mean_loss() and not self._summed_pass
 
     def take_output_edges(self) -> list:
         """Gradient edges of the hooked layer outputs recorded since the last backward pass.

@@ -210,12 +210,10 @@ class DPTensorFastGradientClipping:
         inputs = self._first_pass_inputs()
         if not (inputs and losses.requires_grad):
             return
-        reduced, scale = self._reduced(), 1.0
-        if scaler is not None:
-            reduced = scaler.scale(reduced)
-            scale = float(scaler.get_scale())
+        reduced, scale, pass_context = self._first_pass_loss(scaler)
         second_pass = getattr(self.module, "clipped_backward", None)
-        torch.autograd.grad(reduced, inputs, allow_unused=True, retain_graph=second_pass is not None)
+        with pass_context:
+            torch.autograd.grad(reduced, inputs, allow_unused=True, retain_graph=second_pass is not None)
         self._sync_bound()
         coef = self._clip_factors(scale)
         if coef.shape != losses.shape:
@@ -228,6 +226,24 @@ class DPTensorFastGradientClipping:
             second_pass(losses, coef, scale)
         else:
             self.module.add_clipped_sum(coef)
+
+    def _first_pass_loss(self, scaler: Optional[Any]) -> tuple[torch.Tensor, float, Any]:
+        """The loss the norm pass differentiates, its loss scale, and the context to run it in.
+
+        Without a ``GradScaler`` or float16 parameters, and with a module that offers
+        ``summed_loss_pass``, the pass differentiates the sum of the per-example losses (its
+        output gradients are then the per-example ones, kept without a rescaled copy).
+        Otherwise it is the (scaled) reduced loss: float16 has little headroom, and a
+        scaler's scale was chosen for that loss.
+        """
+        summed = getattr(self.module, "summed_loss_pass", None)
+        half = any(p.dtype == torch.float16 for p in getattr(self.module, "trainable_parameters", ()))
+        if scaler is None and summed is not None and not half:
+            return self.loss_per_sample.sum(), 1.0, summed()
+        reduced = self._reduced()
+        if scaler is None:
+            return reduced, 1.0, contextlib.nullcontext()
+        return scaler.scale(reduced), float(scaler.get_scale()), contextlib.nullcontext()
 
     def _clip_factors(self, scale: float) -> torch.Tensor:
         """Clip factors of the unscaled norms; a loss-scaled pass must not overflow."""
