@@ -35,8 +35,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dp_jax import _checkpoint
 from dp_jax import _distributed
-from dp_jax import _fsdp
 from dp_jax import _engine_args
+from dp_jax import _fsdp
 from dp_jax import _ghost
 from dp_jax._data import PoissonBatches, ShuffledBatches, count_examples
 from dp_jax._grads import ClipAux, clipped_grad
@@ -271,8 +271,9 @@ class PrivacyEngine:
             host_noise = HostNoise(params, parts, mesh, None if sharding is None else place)
         if mesh is not None:
             batches = _distributed.ShardedBatches(batches, mesh, axis_name=axis_name)
-        if frozen_params is not None:
-            frozen_params = sharding.place_frozen(frozen_params) if sharding else frozen_params
+        if frozen_params is not None:  # arguments of every step: on the devices once
+            frozen_params = (jax.device_put(frozen_params) if sharding is None
+                             else sharding.place_frozen(frozen_params))
         step = _build_step(
             _StepParts(loss_fn, grad_of, parts.tx, parts.bound_of, frozen_params),
             host_noise, mesh, axis_name, sharding, state,
