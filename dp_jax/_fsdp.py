@@ -144,7 +144,7 @@ def _param_specs(param_sharding: Any, params: PyTree, mesh: Mesh, axis_name: str
 
 
 def _frozen_specs(frozen: PyTree, param_sharding: Any, mesh: Mesh, axis_name: str) -> PyTree:
-    """Frozen leaves already on ``mesh`` keep their spec; the rest follow ``"fsdp"`` or replicate."""
+    """Frozen leaves already on ``mesh`` keep their spec; the rest follow "fsdp" or replicate."""
     rule = fsdp_specs(frozen, mesh, axis_name=axis_name) if param_sharding == "fsdp" else \
         jax.tree_util.tree_map(lambda _: P(), frozen)
 
@@ -184,7 +184,7 @@ class ShardingPlan:
         return [np.shape(x) for x in jax.tree_util.tree_leaves(node)] == self._shapes
 
     def specs_of(self, tree: PyTree) -> PyTree:
-        """Specs for any pytree: subtrees shaped like the parameters split like them, the rest replicated."""
+        """Specs for any pytree: subtrees shaped like the parameters split like them, the rest whole."""
         return jax.tree_util.tree_map(
             lambda node: self.param_specs if self._like_params(node) else P(), tree,
             is_leaf=self._like_params,
@@ -195,7 +195,7 @@ class ShardingPlan:
         return _shardings(self.specs_of(tree), self.mesh)
 
     def place(self, tree: PyTree) -> Any:
-        """``tree`` on the mesh with :meth:`shardings_of` (a state, the noise, a loaded checkpoint)."""
+        """``tree`` on the mesh with :meth:`shardings_of` (a state, the noise, a checkpoint)."""
         return place(tree, self.shardings_of(tree))
 
     def place_frozen(self, frozen: PyTree) -> Any:

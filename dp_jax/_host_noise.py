@@ -71,7 +71,7 @@ class HostNoise:
         return self._place((self._treedef.unflatten(noise), count))
 
     def _place(self, tree: PyTree) -> Any:
-        """On the device, or on the mesh (replicated or sharded) with process 0's draw everywhere."""
+        """On the device, or on the mesh (replicated or split), process 0's draw everywhere."""
         if self._mesh is None:
             return jax.device_put(tree)
         if jax.process_count() > 1:  # one draw for all processes: process 0's

@@ -156,7 +156,7 @@ class Block(nnx.Module):
 
 
 class LlamaLM(nnx.Module):
-    """Token embedding, decoder blocks, final RMSNorm, output projection: ``[B, T] -> [B, T, V]``."""
+    """Embedding, decoder blocks, final RMSNorm, output projection: ``[B, T] -> [B, T, V]``."""
 
     def __init__(self, cfg: Config, rngs: nnx.Rngs) -> None:
         self.embed = nnx.Embed(cfg.vocab, cfg.dim, rngs=rngs)
@@ -267,9 +267,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     state, base = private.state, private.frozen_params
     first = perplexity(graphdef, state.params, base, held_out)
     floor = chain_perplexity(chain)
-    split_adapters, split_base = _shard_count(state.params)[0], _shard_count(base)[0]
-    print(f"{mesh.devices.size} devices; {split_adapters}/{len(jax.tree_util.tree_leaves(adapters))}"
-          f" adapter and {split_base}/{len(jax.tree_util.tree_leaves(base))} base arrays split; "
+    (split_adapters, num_adapters), (split_base, num_base) = map(_shard_count, (state.params, base))
+    print(f"{mesh.devices.size} devices; {split_adapters}/{num_adapters} adapter and "
+          f"{split_base}/{num_base} base arrays split; "
           f"noise multiplier {private.noise_multiplier:.3f}; perplexity {first:.1f} "
           f"(chain {floor:.1f})", flush=True)
     ppl = first

@@ -135,7 +135,8 @@ def train(model: Model, mesh: Any, *, sigma: float, secure: bool = False, **kwar
 
 def flat(tree: Any) -> dict[str, np.ndarray]:
     """``{keystr(path): numpy leaf}``."""
-    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
 
 
 def shard_shapes(tree: Any) -> dict[str, np.ndarray]:
