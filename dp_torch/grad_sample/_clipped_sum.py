@@ -84,10 +84,20 @@ class ClippedSumStore:
         samples: ``{id(param): (param, per-example gradients)}`` of materialised parameters.
     """
 
-    def __init__(self) -> None:
-        """An empty store."""
+    def __init__(self, add: Callable[[torch.Tensor, torch.Tensor], None] = _add_to_grad,
+                 registered: Callable[[dict], dict] = lambda sums: sums) -> None:
+        """An empty store.
+
+        Args:
+            add: ``add(p, value)`` adds a parameter's clipped sum (full shape, >= float32) to
+                ``p.grad``; FSDP's reduce-scatters it into the shard.
+            registered: Re-keys a batch-gradient sampler's ``{parameter: sum}`` by the
+                model's registered parameters (identity unless the layers ran on stand-ins).
+        """
         self.calls: list = []
         self.samples: dict = {}
+        self._add = add
+        self._registered = registered
 
     def __bool__(self) -> bool:
         return bool(self.calls or self.samples)
@@ -124,20 +134,19 @@ class ClippedSumStore:
                 del record, activations, backprops
             while self.samples:
                 p, grad_sample = self.samples.popitem()[1]
-                _add_to_grad(p, _row_scaled(grad_sample, coef).sum(dim=0) if dropped
-                             else _weighted_rows(grad_sample, coef))
+                self._add(p, _row_scaled(grad_sample, coef).sum(dim=0) if dropped
+                          else _weighted_rows(grad_sample, coef))
         finally:
             self.clear()
 
-    @staticmethod
-    def _add_call(record: Any, activations: Any, scaled: torch.Tensor,
+    def _add_call(self, record: Any, activations: Any, scaled: torch.Tensor,
                   grad_samples_of_call: GradSamplesOfCall) -> None:
         sampler = _registry.find_sampler(_registry.BATCH_GRAD_SAMPLERS, record.module)
         if sampler is not None:
-            sums = sampler(record.module, activations, scaled)
+            sums = self._registered(sampler(record.module, activations, scaled))
         else:
             sums = {p: gs.sum(dim=0) for p, gs in grad_samples_of_call(record, activations, scaled).items()}
         owned = {id(p) for p in record.params}
         for p, value in sums.items():
             if p.requires_grad and id(p) in owned:
-                _add_to_grad(p, value)
+                self._add(p, value)

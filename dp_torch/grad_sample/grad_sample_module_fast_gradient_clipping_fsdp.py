@@ -6,27 +6,26 @@ model on its own examples, so each example's gradient (and its norm) is formed o
 rank that holds the example, from the gathered parameters: no per-example quantity
 ever needs another rank. One ghost step on a rank:
 
-1. the norm pass: ``torch.autograd.grad`` of the loss with respect to the hooked layer
-   outputs only (no parameter gradient, so FSDP reduces nothing), during which the hooks
-   compute each example's squared gradient norm per layer, stored on the *sharded*
-   parameter the layer's gathered parameter stands for;
+1. the norm pass (one backward pass): ``torch.autograd.grad`` of the loss with respect to
+   the hooked layer outputs only (no parameter gradient, so FSDP reduces nothing), during
+   which the hooks compute each example's squared gradient norm per layer, stored on the
+   *sharded* parameter the layer's gathered parameter stands for, and keep each call's
+   inputs and output gradients (book-keeping, as single-device ghost clipping);
 2. the clip factors ``c_i = min(1, C / (norm_i + 1e-6))``;
-3. the clipped pass: backward of ``sum_i c_i * loss_i`` over the same graph. Autograd
-   forms each layer's clipped sum ``sum_i c_i grad_i`` for the rank's examples and FSDP
-   reduce-scatters it, summed (not averaged: the divide factor is set to 1) over the
-   ranks, into the sharded ``p.grad``.
+3. the clipped sum, parameter by parameter: the rank's ``sum_i c_i grad_i`` is formed at
+   full size from the kept tensors and at once reduce-scattered (summed over the ranks)
+   into the parameter's shard of ``p.grad``. At most one parameter's full-size gradient
+   exists at a time, and no second backward pass (nor second all-gather) is needed.
 
-Unlike single-device ghost clipping (book-keeping, one backward pass), the clipped sum
-comes from a second backward pass here: it lets FSDP reduce-scatter each unit's sum as
-soon as it exists, so no rank ever holds a full-size gradient of the whole model.
 The optimizer (:class:`~dp_torch.optimizers.FSDPOptimizerFastGradientClipping`) then adds
 the noise to each shard.
 
-Guarantee: after both passes, every rank's sharded ``p.grad`` is the shard of
+Guarantee: after the step's backward, every rank's sharded ``p.grad`` is the shard of
 ``sum over all ranks' examples of c_i grad_i``, the quantity single-process ghost
-clipping leaves in ``p.grad`` for the union of the batches. A collective that fails in
-either pass (a peer crashed) raises :class:`~dp_torch.distributed.DistributedStepError`
-with every ``p.grad`` of the model cleared.
+clipping leaves in ``p.grad`` for the union of the batches. A collective that fails
+(a peer crashed) raises :class:`~dp_torch.distributed.DistributedStepError` with every
+``p.grad`` of the model cleared. The reduce-scatters run in the same order on every rank
+(the order of the model's layer calls), as FSDP's own collectives require.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ import torch.nn as nn
 from dp_torch.distributed import DistributedStepError
 
 from . import _fsdp, _registry
+from ._clipped_sum import ClippedSumStore
 from .grad_sample_module_fast_gradient_clipping import (
     GradSampleHooksFastGradientClipping,
     GradSampleModuleFastGradientClipping,
@@ -107,20 +107,25 @@ def _raised_by_collective(err: BaseException) -> bool:
     return False
 
 
-class _NothingKept:
-    """The clipped-sum store of FSDP ghost mode: the clipped pass needs nothing kept."""
+def _reduce_scatter_add(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Add this rank's clipped sum ``value`` (full shape) for the sharded ``p``, summed over the
+    ranks, to this rank's shard of ``p.grad`` (one reduce-scatter, in ``value``'s dtype)."""
+    from torch.distributed.tensor import DTensor, Partial
 
-    def __bool__(self) -> bool:
-        return False
-
-    def keep_call(self, record: Any, activations: Any, backprops: torch.Tensor) -> None:
-        """Drop the call (the clipped pass recomputes its contribution)."""
-
-    def keep_samples(self, p: torch.Tensor, grad_sample: torch.Tensor) -> None:
-        """Drop the per-example gradients (only their norms were needed)."""
-
-    def clear(self) -> None:
-        """Nothing to clear."""
+    if not isinstance(p, DTensor):
+        raise RuntimeError(
+            f"The clipped sum of a parameter of shape {tuple(p.shape)} is not for an FSDP-sharded "
+            "parameter; every trainable parameter must be managed by fully_shard."
+        )
+    mesh = p.device_mesh
+    full = value.to(device=p.to_local().device).reshape(p.shape).contiguous()
+    partial = DTensor.from_local(full, mesh, [Partial()] * mesh.ndim, run_check=False,
+                                 shape=p.shape, stride=full.stride())
+    shard = partial.redistribute(mesh, p.placements).to(p.dtype)
+    if p.grad is None:
+        p.grad = shard
+    else:
+        p.grad.add_(shard)
 
 
 class _FSDPGhost:
@@ -129,13 +134,8 @@ class _FSDPGhost:
     def _fsdp_setup(self, m: nn.Module) -> None:
         check_fsdp_model(m)
         _check_layers(self)
-        self._kept = _NothingKept()
+        self._kept = ClippedSumStore(add=_reduce_scatter_add, registered=self._registered_keys)
         self._aliases: dict[int, nn.Parameter] = {}
-        for module in _fsdp.fsdp_modules(m):
-            # FSDP sums the clipped sums over the ranks (the optimizer averages, once): divide
-            # factor 1 and a plain SUM (a pre-multiplied sum is not available on every backend)
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
 
     def _current_aliases(self) -> dict[int, nn.Parameter]:
         self._aliases = _fsdp.unsharded_aliases(self._module)
@@ -159,31 +159,6 @@ class _FSDPGhost:
                 )
             out[registered if registered is not None else p] = value
         return out
-
-    def add_clipped_sum(self, coef: torch.Tensor) -> None:
-        """Not available under FSDP: the clipped sum comes from :meth:`clipped_backward`."""
-        raise NotImplementedError(
-            "Under FSDP the clipped sum is formed by a second backward pass: call "
-            "clipped_backward(loss_per_sample, coef) (DPLossFastGradientClipping does)."
-        )
-
-    def clipped_backward(self, loss_per_sample: torch.Tensor, coef: torch.Tensor, scale: float = 1.0) -> None:
-        """Backward of ``scale * sum_i coef[i] * loss_i`` with the hooks off; FSDP sums the result
-        over the ranks into the sharded ``p.grad``.
-
-        Args:
-            loss_per_sample: The per-example losses ``[B]`` of the norm pass (graph retained).
-            coef: The clip factors ``[B]``.
-            scale: A loss scale (``GradScaler``), 1 without one.
-        """
-        weights = coef.detach().to(loss_per_sample.dtype) * scale
-        # a dropped example (factor 0) may have a non-finite loss: 0 * inf must not reach the sum
-        kept = torch.where(weights == 0, torch.zeros_like(loss_per_sample), loss_per_sample * weights)
-        self.disable_hooks()
-        try:
-            kept.sum().backward()
-        finally:
-            self.enable_hooks()
 
     @contextlib.contextmanager
     def collective_guard(self) -> Iterator[None]:
