@@ -190,7 +190,7 @@ class GradSampleHooksFastGradientClippingFSDP(_FSDPGhost, GradSampleHooksFastGra
     def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
                  strict: bool = True, max_grad_norm: float = 1.0, force_functorch: bool = False,
                  use_ghost_clipping: bool = True):
-        """Attach the hooks and set every FSDP unit to sum (not average) over ranks.
+        """Attach the hooks; the clipped sums are reduce-scattered into the shards.
 
         Raises:
             ValueError: See :func:`check_fsdp_model`.

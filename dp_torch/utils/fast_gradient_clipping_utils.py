@@ -204,16 +204,14 @@ class DPTensorFastGradientClipping:
             self._clipped_backward(scaler if scaled else None)
 
     def _clipped_backward(self, scaler: Optional[Any]) -> None:
-        """The norm pass, the clip factors, then the clipped sum: from the kept tensors, or by a
-        second backward pass for modules that provide ``clipped_backward`` (FSDP)."""
+        """The norm pass, the clip factors, then the clipped sum from the kept tensors."""
         losses = self.loss_per_sample
         inputs = self._first_pass_inputs()
         if not (inputs and losses.requires_grad):
             return
         reduced, scale, pass_context = self._first_pass_loss(scaler)
-        second_pass = getattr(self.module, "clipped_backward", None)
         with pass_context:
-            torch.autograd.grad(reduced, inputs, allow_unused=True, retain_graph=second_pass is not None)
+            torch.autograd.grad(reduced, inputs, allow_unused=True)
         self._sync_bound()
         coef = self._clip_factors(scale)
         if coef.shape != losses.shape:
@@ -222,10 +220,7 @@ class DPTensorFastGradientClipping:
                 "per-example losses; the criterion's output must have one loss per example of the "
                 "model's batch (for sequence losses pass shape=logits.shape)."
             )
-        if second_pass is not None:
-            second_pass(losses, coef, scale)
-        else:
-            self.module.add_clipped_sum(coef)
+        self.module.add_clipped_sum(coef)
 
     def _first_pass_loss(self, scaler: Optional[Any]) -> tuple[torch.Tensor, float, Any]:
         """The loss the norm pass differentiates, its loss scale, and the context to run it in.
