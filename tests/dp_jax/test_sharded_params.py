@@ -263,8 +263,9 @@ def _train(private):
     return state
 
 
-@pytest.mark.parametrize("on_mesh", [False, True], ids=["one-device", "mesh"])
-def test_frozen_params_are_the_same_loss_as_a_closure(on_mesh):
+@pytest.mark.parametrize("on_mesh, mode", [(False, "vmap"), (True, "vmap"), (False, "ghost")],
+                         ids=["one-device", "mesh", "one-device-ghost"])
+def test_frozen_params_are_the_same_loss_as_a_closure(on_mesh, mode):
     model = checks.mlp()
     frozen = {"w2": model.params["w2"], "b2": model.params["b2"]}
     trainable = {"w1": model.params["w1"], "b1": model.params["b1"]}
@@ -275,7 +276,8 @@ def test_frozen_params_are_the_same_loss_as_a_closure(on_mesh):
     def closure(p, ex):
         return model.loss_fn({**p, **frozen}, ex)
 
-    kwargs = _mlp_kwargs(params=trainable, seed=0, key=jax.random.key(1), steps=2)
+    kwargs = _mlp_kwargs(params=trainable, seed=0, key=jax.random.key(1), steps=2,
+                         grad_sample_mode=mode)
     kwargs.pop("loss_fn")
     mesh = {"mesh": dist.data_mesh()} if on_mesh else {}  # replicated: the compiled step
     got = dp_jax.PrivacyEngine().make_private(loss_fn=with_frozen, frozen_params=frozen,
