@@ -69,11 +69,34 @@ def _weighted_rows(grad_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tenso
 
 
 def _add_to_grad(p: torch.Tensor, value: torch.Tensor) -> None:
+    """``p.grad += value``; a ``p.grad`` that is still ``None`` becomes ``value`` itself (the
+    callers hand over tensors of their own, see :func:`_owned_sums`)."""
     value = value.to(device=p.device, dtype=p.dtype)
     if p.grad is None:
-        p.grad = value.reshape(p.shape).clone()  # never alias a sampler's or the store's tensors
+        p.grad = value.reshape(p.shape)
     else:
         p.grad.add_(value.reshape(p.shape))
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _owned_sums(sums: dict, activations: Any) -> dict:
+    """A batch-gradient sampler's sums, each copied unless it is a tensor of its own.
+
+    A sum may become ``p.grad`` itself, which is later changed in place, so it must not be
+    a view, one of the call's inputs, or a tensor returned for another parameter too.
+    """
+    inputs = {_storage(t) for t in (*activations, *activations.kwargs.values()) if isinstance(t, torch.Tensor)}
+    owned = {}
+    for p, value in sums.items():
+        whole = value._base is None and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+        if not whole or _storage(value) in inputs:
+            value = value.clone()
+        inputs.add(_storage(value))
+        owned[p] = value
+    return owned
 
 
 class ClippedSumStore:
@@ -143,7 +166,7 @@ class ClippedSumStore:
                   grad_samples_of_call: GradSamplesOfCall) -> None:
         sampler = _registry.find_sampler(_registry.BATCH_GRAD_SAMPLERS, record.module)
         if sampler is not None:
-            sums = self._registered(sampler(record.module, activations, scaled))
+            sums = _owned_sums(self._registered(sampler(record.module, activations, scaled)), activations)
         else:
             sums = {p: gs.sum(dim=0) for p, gs in grad_samples_of_call(record, activations, scaled).items()}
         owned = {id(p) for p in record.params}

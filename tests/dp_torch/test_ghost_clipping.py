@@ -516,6 +516,22 @@ def test_clipped_sum_is_added_once_and_checks_its_factors() -> None:
     assert all(p.grad is None for p in gsm2.parameters())
 
 
+def test_a_batch_gradient_sum_becomes_p_grad_only_when_it_is_a_tensor_of_its_own() -> None:
+    """p.grad is changed in place later, so a sum that is a view, one of the call's inputs or
+    returned for two parameters is copied; a fresh tensor is taken as it is."""
+    from dp_torch.grad_sample._clipped_sum import _owned_sums
+    from dp_torch.grad_sample.grad_sample_module import _Activations
+
+    x, fresh = torch.randn(4, 3), torch.randn(3)
+    w, b, c, d = (nn.Parameter(torch.zeros(3)) for _ in range(4))
+    owned = _owned_sums({w: fresh, b: fresh, c: x, d: x[1]}, _Activations([x], {}, (0,)))
+    assert owned[w] is fresh
+    shared = {t.untyped_storage().data_ptr() for t in (fresh, x)}
+    for p, want in ((b, fresh), (c, x), (d, x[1])):
+        assert owned[p].untyped_storage().data_ptr() not in shared
+        assert torch.equal(owned[p], want)
+
+
 def test_unhooked_layer_under_strict_false_is_refused_in_forward_bookkeeping() -> None:
     """A layer left without hooks (strict=False) would get no gradient from the kept tensors:
     its use is reported instead of silently dropped."""
