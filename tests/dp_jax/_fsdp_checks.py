@@ -96,7 +96,7 @@ MODELS = {"mlp": mlp, "gpt": gpt, "lora": lora, "lora_frozen": lora_frozen}
 
 
 def _bound(model: Model, clipping: str) -> Any:
-    if clipping == "flat":
+    if clipping != "per_layer":  # flat, or adaptive's initial bound
         return 0.5
     return [0.1 + 0.05 * (i % 5) for i in range(len(jax.tree_util.tree_leaves(model.params)))]
 
