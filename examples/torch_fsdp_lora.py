@@ -25,7 +25,7 @@ Usage (two processes on one machine)::
 Rank 0 prints the held-out loss and accuracy before and after, and the epsilon spent; the
 last line is, for example::
 
-    dp_torch FSDP2 + LoRA (2 processes): loss 3.54 -> 2.66, accuracy 0.030 -> 0.402 at epsilon 8.00 (delta 1e-05)
+    dp_torch FSDP2 + LoRA (2 processes): loss 3.49 -> 2.44, accuracy 0.036 -> 0.993 at epsilon 7.99 (delta 1e-05)
 """
 
 from __future__ import annotations

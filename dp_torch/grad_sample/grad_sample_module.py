@@ -702,7 +702,7 @@ class GradSampleHooks(AbstractGradSampleHooks):
     # ------------------------------------------------------------------ pass bookkeeping
 
     def _trainable_parameters(self) -> list:
-        return [p for p in self._module.parameters() if p.requires_grad]
+        return [p for p in self._model_parameters() if p.requires_grad]
 
     def _check_accumulation(self) -> None:
         if self.grad_accumulation_allowed:

@@ -390,7 +390,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
         self._stashed_params = set()
         self._stash = []
         self._per_sample_gradient_norms = None
-        for p in self._module.parameters():
+        for p in self._model_parameters():
             if hasattr(p, "_norm_sample"):
                 del p._norm_sample
 
@@ -443,7 +443,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
 
     def _clear_norms(self) -> None:
         self._kept.clear()
-        for p in self._module.parameters():
+        for p in self._model_parameters():
             if hasattr(p, "_norm_sample"):
                 del p._norm_sample
         self._per_sample_gradient_norms = None
@@ -460,7 +460,7 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
             self._finalize_param(p)
         self._pending = {}
         self._output_edges = []
-        named = [(self._param_names.get(id(p), "<unnamed>"), p._norm_sample) for p in self._module.parameters()
+        named = [(self._param_names.get(id(p), "<unnamed>"), p._norm_sample) for p in self._model_parameters()
                  if p.requires_grad and hasattr(p, "_norm_sample")]
         if not named:
             self._per_sample_gradient_norms = None

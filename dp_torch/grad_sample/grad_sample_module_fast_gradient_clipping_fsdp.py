@@ -31,6 +31,7 @@ clipping leaves in ``p.grad`` for the union of the batches. A collective that fa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,8 +135,13 @@ class _FSDPGhost:
     def _fsdp_setup(self, m: nn.Module) -> None:
         check_fsdp_model(m)
         _check_layers(self)
+        self._registered_params = list(m.parameters())  # the sharded parameters
         self._kept = ClippedSumStore(add=_reduce_scatter_add, registered=self._registered_keys)
         self._aliases: dict[int, nn.Parameter] = {}
+
+    def _model_parameters(self) -> list:
+        registered = self.__dict__.get("_registered_params")
+        return registered if registered is not None else super()._model_parameters()
 
     def _current_aliases(self) -> dict[int, nn.Parameter]:
         self._aliases = _fsdp.unsharded_aliases(self._module)
@@ -160,6 +166,37 @@ class _FSDPGhost:
             out[registered if registered is not None else p] = value
         return out
 
+    def _materialise(self, record: Any, activations: Any, backprops: torch.Tensor) -> bool:
+        """Never under FSDP: that choice depends on the rank's batch size, and every rank must
+        keep the same calls, so that their reduce-scatters pair up."""
+        return False
+
+    def add_clipped_sum(self, coef: torch.Tensor) -> None:
+        """Reduce-scatter this pass's clipped sums into the shards of ``p.grad`` (a collective).
+
+        Raises:
+            RuntimeError: If the ranks would reduce different parameters or in another order
+                (nothing is reduced then).
+        """
+        self._check_same_reductions()
+        super().add_clipped_sum(coef)
+
+    def _check_same_reductions(self) -> None:
+        """All ranks must reduce the same parameters in the same order: compare digests."""
+        order = [id(p) for record, _, _ in reversed(self._kept.calls) for p in record.params if p.requires_grad]
+        order += [key for key in reversed(list(self._kept.samples))]
+        names = "\n".join(self._param_names.get(key, "<unnamed>") for key in order)
+        digests: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(digests, hashlib.sha256(names.encode()).hexdigest())
+        if len(set(digests)) > 1:
+            self.discard_clipped_sum()
+            raise RuntimeError(
+                "The ranks' backward passes went through different layer calls (data-dependent "
+                "control flow in the model?), so their reduce-scatters of the clipped sums would "
+                "not pair up; nothing was reduced. Under FSDP every rank must call the same "
+                "layers in the same order in each step."
+            )
+
     @contextlib.contextmanager
     def collective_guard(self) -> Iterator[None]:
         """Turn a failed FSDP collective into :class:`DistributedStepError`, clearing ``p.grad``."""
@@ -168,7 +205,7 @@ class _FSDPGhost:
         except RuntimeError as err:
             if not _raised_by_collective(err):
                 raise
-            for p in self._module.parameters():
+            for p in self._model_parameters():
                 p.grad = None
             self._discard_pending()
             raise DistributedStepError(

@@ -86,14 +86,19 @@ class AbstractGradSampleHooks(ABC):
             if p.requires_grad:
                 p.grad_sample = None
 
+    def _model_parameters(self) -> list:
+        """The model's registered parameters, those the optimizer steps (FSDP2 swaps stand-ins
+        into the layers around their forward and backward; this list never changes)."""
+        return list(self._module.parameters())
+
     def set_grad_sample_to_none(self) -> None:
         """Set ``p.grad_sample = None`` on every parameter of the model."""
-        for p in self._module.parameters():
+        for p in self._model_parameters():
             p.grad_sample = None
 
     def del_grad_sample(self) -> None:
         """Delete the ``grad_sample`` attribute from every parameter that has one."""
-        for p in self._module.parameters():
+        for p in self._model_parameters():
             if hasattr(p, "grad_sample"):
                 del p.grad_sample
 
@@ -112,7 +117,7 @@ class AbstractGradSampleHooks(ABC):
         try:
             self.remove_hooks()
         finally:
-            for p in self._module.parameters():
+            for p in self._model_parameters():
                 for attr in OPACUS_PARAM_MONKEYPATCH_ATTRS:
                     if hasattr(p, attr):
                         delattr(p, attr)

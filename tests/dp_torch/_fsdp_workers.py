@@ -278,3 +278,52 @@ def _oracle_steps(kind: str, batches: list[list[int]], sigma: float) -> list[lis
                 p -= LR * (t + noise) / BATCH_SIZE
         out.append([p.detach().clone() for p in model.parameters()])
     return out
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def empty_share(rank: int, world_size: int, workdir: str) -> dict:
+    """One step in which rank 0 holds examples 0-4 and every other rank none (zero rows)."""
+    objs = build(Case("mlp"))
+    x, y, _ = make_dataset("mlp")[torch.arange(5) if rank == 0 else torch.arange(0)]
+    objs["optimizer"].zero_grad()
+    objs["criterion"](objs["model"](x), y).backward()
+    objs["optimizer"].step()
+    return {"params": full_params(objs["sharded"]), "steps": len(objs["engine"].accountant)}
+
+
+class _SkipOnOddBatch(nn.Module):
+    """Two layers in one FSDP unit; the second is skipped when the batch has an odd size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        return h if x.shape[0] % 2 else torch.tanh(self.second(h))
+
+
+def diverging_layers(rank: int, world_size: int, workdir: str) -> dict:
+    """Rank 0 runs 2 examples, rank 1 runs 3: their backward passes differ; report the error."""
+    from torch.distributed.fsdp import fully_shard
+
+    from dp_torch import PrivacyEngine
+
+    torch.set_default_dtype(torch.float64)
+    block = _SkipOnOddBatch()
+    model = nn.Sequential(block, nn.Linear(6, CLASSES))
+    fully_shard(block)
+    fully_shard(model)
+    loader = DataLoader(make_dataset("mlp"), batch_size=BATCH_SIZE)
+    model, optimizer, criterion, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), data_loader=loader,
+        noise_multiplier=0.0, max_grad_norm=MAX_GRAD_NORM, criterion=nn.CrossEntropyLoss(),
+        grad_sample_mode="ghost_fsdp")
+    x, y, _ = make_dataset("mlp")[torch.arange(2 + rank)]
+    try:
+        criterion(model(x), y).backward()
+    except RuntimeError as err:
+        return {"error": str(err), "grads": [p.grad for p in model.parameters()]}
+    return {"error": None}

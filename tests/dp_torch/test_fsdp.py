@@ -96,6 +96,22 @@ def test_checkpoint_resumes_on_another_world_size(tmp_path) -> None:
     assert loaded["after_step"] == len(saved["history"]) + 1
 
 
+def test_a_rank_with_no_examples_takes_part_and_adds_nothing(tmp_path) -> None:
+    results = W.run_group(f"{WORKERS}:empty_share", 2, tmp_path, timeout=120).results
+    expected = F.oracle("mlp", [list(range(5))], 0.0)[0]
+    for rank in range(2):
+        assert results[rank]["steps"] == 1
+        for a, b in zip(results[rank]["params"], expected):
+            assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_ranks_whose_backward_passes_differ_are_refused_before_any_reduction(tmp_path) -> None:
+    results = W.run_group(f"{WORKERS}:diverging_layers", 2, tmp_path, timeout=120).results
+    for rank in range(2):
+        assert "different layer calls" in results[rank]["error"]
+        assert all(g is None for g in results[rank]["grads"])
+
+
 @pytest.mark.slow
 def test_four_ranks_match_one_process_on_the_union(tmp_path) -> None:
     cases = [F.Case("mlp"), F.Case("transformer", sigma=F.SIGMA), F.Case("lora")]
