@@ -91,6 +91,7 @@ class Case:
     momentum: float = 0.0
     max_physical_batch_size: Optional[int] = None
     bf16: bool = False
+    wrap_model: bool = True
 
 
 def full_params(model: nn.Module) -> list[torch.Tensor]:
@@ -122,8 +123,10 @@ def build(case: Case) -> dict[str, Any]:
         module=sharded, optimizer=torch.optim.SGD(trainable, lr=LR, momentum=case.momentum),
         data_loader=loader, noise_multiplier=case.sigma, max_grad_norm=MAX_GRAD_NORM,
         criterion=nn.CrossEntropyLoss(), grad_sample_mode="ghost_fsdp",
-        noise_generator=torch.Generator().manual_seed(NOISE_SEED),
+        noise_generator=torch.Generator().manual_seed(NOISE_SEED), wrap_model=case.wrap_model,
     )
+    if not case.wrap_model:
+        model = sharded  # hooks on the model itself; make_private returned the hooks object
     return {"engine": engine, "model": model, "optimizer": optimizer, "criterion": criterion,
             "loader": dp_loader, "sharded": sharded}
 

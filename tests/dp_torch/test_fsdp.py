@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 WORKERS = "tests.dp_torch._fsdp_workers"
 CASES_2 = (F.Case("mlp"), F.Case("transformer"), F.Case("lora"), F.Case("mlp", sigma=F.SIGMA),
-           F.Case("lora", sigma=F.SIGMA), F.Case("transformer", max_physical_batch_size=2))
+           F.Case("lora", sigma=F.SIGMA), F.Case("transformer", max_physical_batch_size=2),
+           F.Case("mlp", sigma=F.SIGMA, wrap_model=False))
 
 
 def _union(results: dict, case: F.Case, world_size: int) -> list[list[int]]:
@@ -49,7 +50,8 @@ def two_ranks(tmp_path_factory):
     return W.run_group(f"{WORKERS}:train_cases", 2, workdir, timeout=240, cases=list(CASES_2)).results
 
 
-@pytest.mark.parametrize("case", CASES_2, ids=lambda c: f"{c.kind}-sigma{c.sigma}-bmm{c.max_physical_batch_size}")
+@pytest.mark.parametrize("case", CASES_2, ids=lambda c: f"{c.kind}-sigma{c.sigma}-bmm{c.max_physical_batch_size}"
+                         f"{'' if c.wrap_model else '-hooks'}")
 def test_two_ranks_match_one_process_on_the_union(two_ranks, case) -> None:
     _check_against_oracle(two_ranks, case, 2)
 
