@@ -486,3 +486,41 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="JSON", help="print one table of earlier runs' --json files "
                         "and exit (measures nothing)")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+
+
+def spawn_group(worker: Callable[..., None], world: int, args: tuple, timeout_s: float) -> dict[str, Any]:
+    """Run ``worker(rank, world, store, *args, out_dir)`` in ``world`` spawned processes.
+
+    The workers join a process group through the file ``store``; rank 0 writes its result row
+    to ``out_dir/row.json`` and a failing rank its traceback to ``out_dir/error_RANK.txt``.
+
+    Args:
+        worker: A module-level function (picklable for ``spawn``).
+        world: Number of processes.
+        args: The worker's arguments after ``store``.
+        timeout_s: Seconds until every process still alive is killed.
+
+    Returns:
+        Rank 0's row, or ``{"error": traceback or "timeout"}``.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=worker, args=(r, world, f"{tmp}/store", *args, tmp)) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        errors = sorted(pathlib.Path(tmp).glob("error_*.txt"))
+        row_file = pathlib.Path(tmp) / "row.json"
+        if errors or not row_file.exists():
+            return {"error": errors[0].read_text(encoding="utf-8")[-2000:] if errors else "timeout"}
+        return json.loads(row_file.read_text(encoding="utf-8"))

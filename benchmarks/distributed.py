@@ -184,25 +184,10 @@ def _torch_worker(rank: int, world: int, store: str, mode: str, cfg: BenchConfig
 
 
 def _run_torch_group(mode: str, world: int, cfg: BenchConfig) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_torch_worker,
-                             args=(r, world, f"{tmp}/store", mode, cfg, tmp)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + cfg.timeout_s
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        errors = sorted(pathlib.Path(tmp).glob("error_*.txt"))
-        row_file = pathlib.Path(tmp) / "row.json"
-        if errors or not row_file.exists():
-            detail = errors[0].read_text(encoding="utf-8")[-2000:] if errors else "timeout"
-            return {"backend": "torch", "mode": mode, "world_size": world, "error": detail}
-        return json.loads(row_file.read_text(encoding="utf-8"))
+    row = _timing.spawn_group(_torch_worker, world, (mode, cfg), cfg.timeout_s)
+    if "error" in row:
+        row.update(backend="torch", mode=mode, world_size=world)
+    return row
 
 
 def run_torch(world_sizes: Sequence[int], modes: Sequence[str], cfg: BenchConfig

@@ -46,8 +46,6 @@ import os
 import pathlib
 import platform
 import sys
-import tempfile
-import time
 import traceback
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -57,7 +55,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -163,25 +160,10 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "6553
 
 def _run_group(mode: str, world: int, cfg: BenchConfig) -> dict[str, Any]:
     os.environ.update(MALLOC_ENV)  # inherited by the spawned workers
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, world, f"{tmp}/store", mode, cfg, tmp))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + cfg.timeout_s
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        errors = sorted(pathlib.Path(tmp).glob("error_*.txt"))
-        row_file = pathlib.Path(tmp) / "row.json"
-        if errors or not row_file.exists():
-            detail = errors[0].read_text(encoding="utf-8")[-2000:] if errors else "timeout"
-            return {"mode": mode, "world_size": world, "error": detail}
-        return json.loads(row_file.read_text(encoding="utf-8"))
+    row = _timing.spawn_group(_worker, world, (mode, cfg), cfg.timeout_s)
+    if "error" in row:
+        row.update(mode=mode, world_size=world)
+    return row
 
 
 def run(world_sizes: Sequence[int], modes: Sequence[str], cfg: BenchConfig) -> list[dict[str, Any]]:

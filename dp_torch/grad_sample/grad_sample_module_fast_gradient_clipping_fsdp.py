@@ -130,7 +130,26 @@ def _reduce_scatter_add(p: torch.Tensor, value: torch.Tensor) -> None:
 
 
 class _FSDPGhost:
-    """The FSDP2 parts shared by the hooks and the wrapper variants (a mixin)."""
+    """The FSDP2 parts shared by the hooks and the wrapper variants (a mixin, first base)."""
+
+    def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
+                 strict: bool = True, force_functorch: bool = False, max_grad_norm: float = 1.0,
+                 use_ghost_clipping: bool = True):
+        """Attach the hooks (arguments as :class:`GradSampleHooksFastGradientClipping`); the
+        clipped sums are then reduce-scattered into the shards.
+
+        Raises:
+            ValueError: See :func:`check_fsdp_model`.
+            NotImplementedError: For a trainable layer without a registered sampler.
+        """
+        super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict,
+                         force_functorch=force_functorch, max_grad_norm=max_grad_norm,
+                         use_ghost_clipping=use_ghost_clipping)
+        try:
+            self._fsdp_setup(m)
+        except BaseException:
+            self.cleanup()
+            raise
 
     def _fsdp_setup(self, m: nn.Module) -> None:
         check_fsdp_model(m)
@@ -224,26 +243,6 @@ class GradSampleHooksFastGradientClippingFSDP(_FSDPGhost, GradSampleHooksFastGra
     sharded with FSDP2 (``fully_shard`` on the root and on the units inside it).
     """
 
-    def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
-                 strict: bool = True, max_grad_norm: float = 1.0, force_functorch: bool = False,
-                 use_ghost_clipping: bool = True):
-        """Attach the hooks; the clipped sums are reduce-scattered into the shards.
-
-        Raises:
-            ValueError: See :func:`check_fsdp_model`.
-            NotImplementedError: For a trainable layer without a registered sampler.
-        """
-        GradSampleHooksFastGradientClipping.__init__(
-            self, m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict,
-            force_functorch=force_functorch, max_grad_norm=max_grad_norm,
-            use_ghost_clipping=use_ghost_clipping,
-        )
-        try:
-            self._fsdp_setup(m)
-        except BaseException:
-            self.remove_hooks()
-            raise
-
 
 class GradSampleModuleFastGradientClippingFSDP(_FSDPGhost, GradSampleModuleFastGradientClipping):
     """``nn.Module`` wrapper for ghost clipping of a ``fully_shard``-ed model (Opacus' name).
@@ -253,29 +252,9 @@ class GradSampleModuleFastGradientClippingFSDP(_FSDPGhost, GradSampleModuleFastG
         >>> model, optimizer, criterion, loader = PrivacyEngine().make_private(
         ...     module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
         ...     noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost_fsdp")
-        >>> criterion(model(x), y).backward()      # norm pass + clipped pass
+        >>> criterion(model(x), y).backward()      # norms, then the reduce-scattered clipped sums
         >>> optimizer.step()
     """
-
-    def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
-                 strict: bool = True, force_functorch: bool = False, max_grad_norm: float = 1.0,
-                 use_ghost_clipping: bool = True):
-        """Wrap ``m``; arguments as :class:`GradSampleModuleFastGradientClipping`.
-
-        Raises:
-            ValueError: See :func:`check_fsdp_model`.
-            NotImplementedError: For a trainable layer without a registered sampler.
-        """
-        GradSampleModuleFastGradientClipping.__init__(
-            self, m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict,
-            force_functorch=force_functorch, max_grad_norm=max_grad_norm,
-            use_ghost_clipping=use_ghost_clipping,
-        )
-        try:
-            self._fsdp_setup(m)
-        except BaseException:
-            self.cleanup()
-            raise
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped model (a failed all-gather raises ``DistributedStepError``)."""
