@@ -330,3 +330,25 @@ def diverging_layers(rank: int, world_size: int, workdir: str) -> dict:
     except RuntimeError as err:
         return {"error": str(err), "grads": [p.grad for p in model.parameters()]}
     return {"error": None}
+
+
+def secure_noise(rank: int, world_size: int, workdir: str) -> dict:
+    """One secure-mode step of a zero loss: the update is the noise alone; return it whole."""
+    from dp_torch import PrivacyEngine
+    from dp_torch.utils.fsdp_utils import FSDP2Wrapper
+
+    torch.manual_seed(0)
+    model = FSDP2Wrapper(nn.Sequential(nn.Linear(128, 128)))
+    data = TensorDataset(torch.zeros(N, 128), torch.zeros(N, dtype=torch.long))
+    engine = PrivacyEngine(secure_mode=True)
+    model, optimizer, criterion, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(data, batch_size=BATCH_SIZE), noise_multiplier=1.0, max_grad_norm=1.0,
+        criterion=nn.CrossEntropyLoss(), grad_sample_mode="ghost_fsdp")
+    before = full_params(model._module)
+    x, y = data[:3]
+    optimizer.zero_grad()
+    (criterion(model(x), y) * 0.0).backward()
+    optimizer.step()
+    after = full_params(model._module)
+    return {"noise": [(b - a) * BATCH_SIZE for a, b in zip(after, before)]}

@@ -114,6 +114,19 @@ def test_ranks_whose_backward_passes_differ_are_refused_before_any_reduction(tmp
         assert all(g is None for g in results[rank]["grads"])
 
 
+def test_secure_mode_noise_is_gaussian_with_the_right_scale_and_independent_across_shards(tmp_path) -> None:
+    from scipy import stats
+
+    results = W.run_group(f"{WORKERS}:secure_noise", 2, tmp_path, timeout=120).results
+    weight = results[0]["noise"][0]  # [128, 128]: rows 0-63 drawn by rank 0, rows 64-127 by rank 1
+    assert torch.equal(weight, results[1]["noise"][0])
+    values = torch.cat([n.flatten() for n in results[0]["noise"]]).numpy()
+    assert stats.kstest(values, "norm", args=(0.0, 1.0)).pvalue > 1e-3
+    assert stats.kstest(values, "norm", args=(0.0, 1.15)).pvalue < 1e-3  # a wrong scale is seen
+    halves = weight[:64].flatten().numpy(), weight[64:].flatten().numpy()
+    assert abs(stats.pearsonr(*halves)[0]) < 0.1  # the two ranks' draws are independent
+
+
 @pytest.mark.slow
 def test_four_ranks_match_one_process_on_the_union(tmp_path) -> None:
     cases = [F.Case("mlp"), F.Case("transformer", sigma=F.SIGMA), F.Case("lora")]
