@@ -23,6 +23,7 @@ from . import _registry
 from ._clipped_sum import ClippedSumStore, compute_dtype
 from ._param_uses import ParameterUseTracker
 from ._rows import check_rows
+from ._tied import tied_norms, tied_pair
 from .grad_sample_module import POISSON_ACCUMULATION_ERROR, GradSampleHooks, _Activations, _CallRecord
 from .gsm_base import AbstractGradSampleModule, check_wrapper_args
 
@@ -422,15 +423,30 @@ class GradSampleHooksFastGradientClipping(GradSampleHooks):
                 merged = None
                 if len(component) == 1 and not any(id(p) in self._pending for p in calls[0][0].params):
                     merged = self._merge_calls(calls)
+                tied = None if merged is not None or self._any_pending(calls) else tied_pair(component)
                 if merged is not None:
                     record, acts, backprops = merged
                     self._set_norms(record, acts, backprops)
+                elif tied is not None:
+                    self._set_tied_norms(*tied)
                 else:
                     for record, acts, backprops in calls:
                         self._accumulate_call(record, acts, backprops)
         finally:
             self._stash = []
             self._stashed_params = set()
+
+    def _any_pending(self, calls: list) -> bool:
+        return any(id(p) in self._pending for record, _, _ in calls for p in record.params)
+
+    def _set_tied_norms(self, emb: tuple, out: tuple) -> None:
+        """Norms of an embedding and the output layer tied to it, without per-example tables
+        (see :mod:`._tied`); both calls are kept for the clipped sum."""
+        for p, norm in self._registered_keys(tied_norms(emb, out)).items():
+            if p.requires_grad:
+                p._norm_sample = norm
+        for call in (emb, out):
+            self._kept.keep_call(*call)
 
     def _check_norm_rows(self, named: list) -> None:
         """Every per-example norm of the pass must have one row per example; on a mismatch

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dp_torch.grad_sample import GradSampleModuleFastGradientClipping
-from dp_torch.grad_sample import _registry
+from dp_torch.grad_sample import _registry, _tied
 from dp_torch.utils.fast_gradient_clipping_utils import (
     DPLossFastGradientClipping,
     DPTensorFastGradientClipping,
@@ -242,6 +242,36 @@ def test_shared_layers_tied_weights_and_materialised_layers(model_factory, make_
     torch.manual_seed(0)
     x = make_input()
     _check_ghost(_case(model_factory().double(), x), torch.float64, "mean", use_ghost_clipping=use_ghost_clipping)
+
+
+class TiedLM(nn.Module):
+    """An embedding with a padding row tied to an output layer with a bias, over 40 positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 5, padding_idx=1)
+        self.mix = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 7)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mix(self.emb(ids))))
+
+
+@pytest.mark.parametrize("model_factory", [TiedLM, Tied])
+def test_tied_embedding_and_output_layer_get_norms_without_per_example_tables(
+        model_factory, monkeypatch) -> None:
+    """The shared weight's norm from the two layers' norms and their cross term (no
+    [B, vocab, dim] tensor), equal to the definition; padding tokens contribute nothing."""
+    import dp_torch.grad_sample.grad_sample_module_fast_gradient_clipping as ghost
+
+    taken = []
+    monkeypatch.setattr(ghost, "tied_norms", lambda emb, out: taken.append(1) or _tied.tied_norms(emb, out))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 6, (4, 40))
+    ids[0, :5] = 1
+    _check_ghost(_case(model_factory().double(), ids), torch.float64, "mean")
+    assert taken == [1]
 
 
 def test_large_clip_bound_gives_the_plain_gradient_sum() -> None:
