@@ -352,3 +352,52 @@ def secure_noise(rank: int, world_size: int, workdir: str) -> dict:
     optimizer.step()
     after = full_params(model._module)
     return {"noise": [(b - a) * BATCH_SIZE for a, b in zip(after, before)]}
+
+
+def make_gpt2() -> nn.Module:
+    """A tiny GPT-2 (input and output embedding tied; position ids broadcast over the batch)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=17, n_positions=6, n_embd=8, n_layer=1, n_head=2,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(config).train()
+
+
+def gpt2_tokens() -> torch.Tensor:
+    return torch.randint(0, 17, (8, 6), generator=torch.Generator().manual_seed(1))
+
+
+def lm_loss(criterion: Any, model: nn.Module, tokens: torch.Tensor) -> Any:
+    """Next-token loss, one per sequence for a ghost criterion (logits as [batch, vocab, positions])."""
+    logits = model(input_ids=tokens).logits[:, :-1]
+    return criterion(logits.transpose(1, 2), tokens[:, 1:])
+
+
+def private_lm(model: nn.Module, mode: str) -> tuple:
+    """``make_private`` of a language model over :func:`gpt2_tokens`, zero noise, SGD lr 1."""
+    from dp_torch import PrivacyEngine
+
+    loader = DataLoader(TensorDataset(gpt2_tokens()), batch_size=8)
+    wrapped, optimizer, criterion, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), data_loader=loader,
+        noise_multiplier=0.0, max_grad_norm=MAX_GRAD_NORM, criterion=nn.CrossEntropyLoss(),
+        grad_sample_mode=mode)
+    return wrapped, optimizer, criterion
+
+
+def gpt2_tied(rank: int, world_size: int, workdir: str) -> dict:
+    """One step of GPT-2 sharded per block; rank r holds sequences 4r .. 4r + 3."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_default_dtype(torch.float64)
+    model = make_gpt2()
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    wrapped, optimizer, criterion = private_lm(model, "ghost_fsdp")
+    optimizer.zero_grad()
+    lm_loss(criterion, wrapped, gpt2_tokens()[4 * rank: 4 * rank + 4]).backward()
+    optimizer.step()
+    return {"params": full_params(model)}

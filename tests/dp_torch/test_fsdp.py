@@ -127,6 +127,28 @@ def test_secure_mode_noise_is_gaussian_with_the_right_scale_and_independent_acro
     assert abs(stats.pearsonr(*halves)[0]) < 0.1  # the two ranks' draws are independent
 
 
+def test_gpt2_with_tied_embeddings_matches_single_process_ghost_clipping(tmp_path) -> None:
+    """The single-process ghost step (itself checked against the loop of single sequences in
+    tests/zoo) on all 8 sequences is the oracle of the 2-rank step."""
+    pytest.importorskip("transformers")
+    results = W.run_group(f"{WORKERS}:gpt2_tied", 2, tmp_path, timeout=180).results
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = F.make_gpt2()
+        wrapped, optimizer, criterion = F.private_lm(model, "ghost")
+        optimizer.zero_grad()
+        F.lm_loss(criterion, wrapped, F.gpt2_tokens()).backward()
+        optimizer.step()
+    finally:
+        torch.set_default_dtype(default)
+    initial = [p.detach() for p in F.make_gpt2().double().parameters()]
+    for rank in range(2):
+        for a, b, c in zip(results[rank]["params"], model.parameters(), initial):
+            assert_close(a, b.detach(), rtol=1e-10, atol=1e-13)
+    assert max(float((b.detach() - c).abs().max()) for b, c in zip(model.parameters(), initial)) > 1e-3
+
+
 @pytest.mark.slow
 def test_four_ranks_match_one_process_on_the_union(tmp_path) -> None:
     cases = [F.Case("mlp"), F.Case("transformer", sigma=F.SIGMA), F.Case("lora")]
