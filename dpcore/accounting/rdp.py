@@ -33,6 +33,9 @@ DEFAULT_ALPHAS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] 
 
 _SERIES_MAX_TERMS = 1000
 _SERIES_LOG_TOL = 30.0
+#: Fractional orders evaluated together: each order's series is a row of ``1001`` terms in a
+#: dozen temporaries, so a chunk bounds them (~1 MB) instead of growing with the order list.
+_ORDERS_PER_CHUNK = 16
 
 
 class RDPOrderWarning(UserWarning):
@@ -132,7 +135,11 @@ def _rdp_one_step(q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
     if integer.any():
         rdp[integer] = _log_a_integer(q, sigma, orders[integer])
     if (~integer).any():
-        rdp[~integer] = _log_a_fractional(q, sigma, orders[~integer])
+        fractional = orders[~integer]
+        rdp[~integer] = np.concatenate([
+            _log_a_fractional(q, sigma, fractional[start:start + _ORDERS_PER_CHUNK])
+            for start in range(0, len(fractional), _ORDERS_PER_CHUNK)
+        ])
     return np.maximum(rdp, 0.0) / (orders - 1.0)
 
 
