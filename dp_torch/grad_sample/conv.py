@@ -12,9 +12,10 @@ formulations compute it for the whole batch:
   with the backprops ``[B*groups, C_out/groups, L]``.
 
 Which one runs: the unfold form is faster when the output has few positions and the
-patches are large, the grouped convolution otherwise, so the sampler unfolds when
-``L <= 64`` and ``P >= 512`` and folds the batch into groups otherwise (the measured times
-are in docs/benchmarks.md).
+patches are large, and when the patches are tiny (a first layer on 1 or 3 input channels,
+whose unfolded copy is small), the grouped convolution otherwise, so the sampler unfolds when
+``L <= 64`` and ``P >= 512`` or when ``P <= 32``, and folds the batch into groups otherwise
+(the measured times are in docs/benchmarks.md).
 
 Padding: symmetric zero padding is passed to the convolution; ``padding="same"`` with an
 odd total, and non-zero ``padding_mode`` (reflect, replicate, circular) pad the input
@@ -125,12 +126,16 @@ def _weight_grad_unfold(layer, x: torch.Tensor, backprops: torch.Tensor, padding
     return torch.bmm(grads, patches.transpose(1, 2)).view(backprops.shape[0], *layer.weight.shape)
 
 
+#: Patches of at most this many entries are unfolded whatever the positions (first layers).
+_SMALL_PATCH = 32
+
+
 def _use_unfold(layer, backprops: torch.Tensor) -> bool:
     if FORMULATION is not None:
         return FORMULATION == "unfold"
     positions = math.prod(backprops.shape[2:])
     patch = layer.weight.shape[1] * math.prod(layer.kernel_size)
-    return positions <= 64 and patch >= 512
+    return (positions <= 64 and patch >= 512) or patch <= _SMALL_PATCH
 
 
 def _spatial_sum(backprops: torch.Tensor) -> torch.Tensor:
