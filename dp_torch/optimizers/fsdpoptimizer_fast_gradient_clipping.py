@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,37 +82,17 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
 
     Arguments are those of :class:`~dp_torch.optimizers.DPOptimizer`, with the **global**
     ``expected_batch_size`` ``int(N * q)`` (the sum over ranks); construction is a
-    collective (call it on every rank, as ``make_private`` does). See the module
-    docstring for the noise.
+    collective (call it on every rank, as ``make_private`` does) and raises ``ValueError``
+    if the ranks' generators differ. See the module docstring for the noise.
 
     Attributes:
         rank: This process's rank.
         world_size: Number of ranks.
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: Optional[int],
-        loss_reduction: str = "mean",
-        generator: NoiseGenerator = None,
-        secure_mode: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """Wrap ``optimizer`` and agree with the other ranks on the noise generator.
-
-        Raises:
-            RuntimeError: If no process group is initialised.
-            ValueError: If the ranks' generators differ, or see :class:`DPOptimizer`.
-        """
-        super().__init__(
-            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
-            generator=generator, secure_mode=secure_mode, **kwargs,
-        )
+    def _finish_setup(self) -> None:
+        """Agree with the other ranks on the noise generator (a collective; see the module
+        docstring). Raises ``ValueError`` if the ranks' generators differ."""
         if not self.secure_mode:
             device = self.params[0].device if self.params else torch.device("cpu")
             self.generator = _shared_generator(self.generator, device)

@@ -465,6 +465,7 @@ class DPOptimizer(Optimizer):
         self._loss_scale: Optional[mp.LossScale] = None
         for p in self.params:
             p.summed_grad = None
+        self._finish_setup()
 
     # ----------------------------------------------------------------- passthrough
 
@@ -475,6 +476,10 @@ class DPOptimizer(Optimizer):
 
     def _check_environment(self) -> None:
         """Check what the optimizer needs around it, before anything else (DDP: a process group)."""
+
+    def _finish_setup(self) -> None:
+        """The last step of construction, once every setting is in place (FSDP: the ranks agree
+        on the noise generator)."""
 
     def _noise_bound(self, optimizer: Optimizer, max_grad_norm: Any) -> Any:
         """The sensitivity ``C`` the noise is scaled by, from the ``max_grad_norm`` argument.

@@ -401,3 +401,21 @@ def gpt2_tied(rank: int, world_size: int, workdir: str) -> dict:
     lm_loss(criterion, wrapped, gpt2_tokens()[4 * rank: 4 * rank + 4]).backward()
     optimizer.step()
     return {"params": full_params(model)}
+
+
+def different_generators(rank: int, world_size: int, workdir: str) -> dict:
+    """Every rank passes a generator seeded with its own rank: make_private must refuse."""
+    from dp_torch import PrivacyEngine
+    from dp_torch.utils.fsdp_utils import FSDP2Wrapper
+
+    model = FSDP2Wrapper(make_model("mlp").double())
+    engine = PrivacyEngine()
+    try:
+        engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+            data_loader=DataLoader(make_dataset("mlp"), batch_size=BATCH_SIZE), noise_multiplier=SIGMA,
+            max_grad_norm=MAX_GRAD_NORM, criterion=nn.CrossEntropyLoss(), grad_sample_mode="ghost_fsdp",
+            noise_generator=torch.Generator().manual_seed(rank))
+    except ValueError as err:
+        return {"error": str(err), "steps": len(engine.accountant)}
+    return {"error": None}

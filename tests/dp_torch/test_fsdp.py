@@ -149,6 +149,13 @@ def test_gpt2_with_tied_embeddings_matches_single_process_ghost_clipping(tmp_pat
     assert max(float((b.detach() - c).abs().max()) for b, c in zip(model.parameters(), initial)) > 1e-3
 
 
+def test_generators_in_different_states_on_the_ranks_are_refused(tmp_path) -> None:
+    results = W.run_group(f"{WORKERS}:different_generators", 2, tmp_path, timeout=120).results
+    for rank in range(2):
+        assert "noise_generator is in different states on the ranks" in results[rank]["error"]
+        assert results[rank]["steps"] == 0
+
+
 @pytest.mark.slow
 def test_four_ranks_match_one_process_on_the_union(tmp_path) -> None:
     cases = [F.Case("mlp"), F.Case("transformer", sigma=F.SIGMA), F.Case("lora")]
