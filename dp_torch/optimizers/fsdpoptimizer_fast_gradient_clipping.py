@@ -31,16 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dpcore import noise as core_noise
 from dp_torch.distributed import require_process_group
-from dp_torch.optimizers import _mixed_precision as mp
-from dp_torch.optimizers.optimizer import (
-    NoiseGenerator,
-    _check_processed_flag,
-    _generate_noise,
-    _mark_as_processed,
-    _noised,
-)
+from dp_torch.optimizers.optimizer import NoiseGenerator, _generate_noise
 from dp_torch.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 
 __all__ = ["FSDPOptimizerFastGradientClipping"]
@@ -111,7 +103,7 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         return int(agreed.item())
 
-    def _shard_noise(self, summed: torch.Tensor, std: float) -> torch.Tensor:
+    def _noise_like(self, summed: torch.Tensor, std: float) -> torch.Tensor:
         """This rank's shard of the parameter's noise, as a tensor placed like ``summed``."""
         from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -124,23 +116,7 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
             local = _generate_noise(std, summed.to_local(), None, True)
             return DTensor.from_local(local, summed.device_mesh, summed.placements,
                                       shape=summed.shape, stride=summed.stride())
-        full = torch.empty(summed.shape, dtype=summed.dtype, device=summed.to_local().device)
-        noise = _generate_noise(std, full, self.generator, False)
+        # the whole parameter's shape, dtype and device, without allocating it
+        like = torch.zeros((), dtype=summed.dtype, device=summed.to_local().device).expand(summed.shape)
+        noise = _generate_noise(std, like, self.generator, False)
         return distribute_tensor(noise, summed.device_mesh, summed.placements, src_data_rank=None)
-
-    def add_noise(self) -> None:
-        """Add each parameter's noise shard to ``p.summed_grad`` into ``p.grad`` (no collective).
-
-        Raises:
-            ValueError: If ``p.summed_grad`` is missing or was already used by a step.
-        """
-        params = self.params
-        for p in params:
-            summed = getattr(p, "summed_grad", None)
-            if summed is None:
-                raise ValueError("p.summed_grad is not set; call accumulate() before add_noise().")
-            _check_processed_flag(summed)
-        std = core_noise.noise_std(self.noise_multiplier, self.max_grad_norm)
-        for p in params:
-            mp.set_grad(p, _noised(p.summed_grad, self._shard_noise(p.summed_grad, std)))
-            _mark_as_processed(p.summed_grad)

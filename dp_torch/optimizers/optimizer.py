@@ -820,9 +820,12 @@ class DPOptimizer(Optimizer):
             _check_processed_flag(summed)
         std = self._noise_std()
         for p in params:
-            noise = _generate_noise(std, p.summed_grad, self.generator, self.secure_mode)
-            mp.set_grad(p, _noised(p.summed_grad, noise, into_noise=True))
+            mp.set_grad(p, _noised(p.summed_grad, self._noise_like(p.summed_grad, std), into_noise=True))
             _mark_as_processed(p.summed_grad)
+
+    def _noise_like(self, summed: torch.Tensor, std: float) -> torch.Tensor:
+        """A fresh noise tensor for ``summed`` (see :func:`_generate_noise`); FSDP draws a shard."""
+        return _generate_noise(std, summed, self.generator, self.secure_mode)
 
     def _noise_std(self) -> float:
         """Standard deviation of the gradient noise: ``noise_multiplier * max_grad_norm``."""
