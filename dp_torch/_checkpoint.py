@@ -28,7 +28,31 @@ from dp_torch.grad_sample import GradSampleHooksFastGradientClipping
 from dp_torch.optimizers import DPOptimizer
 from dpcore.accounting import validate_history
 
-__all__ = ["CHECKPOINT_KEYS", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_KEYS", "PRIVACY_STATE_NAME", "load_checkpoint", "read_privacy_state", "save_checkpoint"]
+
+#: The privacy-state file of folder checkpoints (``DPTrainer``'s, sharded FSDP runs'): the
+#: accountant's ledger and the DP optimizer's settings.
+PRIVACY_STATE_NAME = "dp_privacy_state.pt"
+
+
+def read_privacy_state(directory: str, writer: str) -> dict[str, Any]:
+    """Load ``directory``'s :data:`PRIVACY_STATE_NAME` (tensors and plain values only).
+
+    Args:
+        directory: The checkpoint folder.
+        writer: What writes such checkpoints, named in the error.
+
+    Raises:
+        FileNotFoundError: If the file is missing (resuming without the ledger would
+            under-report epsilon).
+    """
+    path = os.path.join(directory, PRIVACY_STATE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: a {writer} checkpoint carries the privacy ledger there, and "
+            f"resuming without it would under-report epsilon. Resume from a checkpoint written by {writer}."
+        )
+    return torch.load(path, weights_only=True)
 
 #: Checkpoint keys written by :func:`save_checkpoint`; user keys may not use them.
 CHECKPOINT_KEYS = (

@@ -11,7 +11,8 @@ parameter the optimizer steps.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,9 +37,12 @@ def is_fsdp_model(model: nn.Module) -> bool:
     return bool(fsdp_modules(model))
 
 
-def _param_group(module: nn.Module) -> Optional[Any]:
-    """The FSDP parameter group of a ``fully_shard``-ed module (``None`` if it owns none)."""
-    return module._get_fsdp_state()._fsdp_param_group
+def _fsdp_params(model: nn.Module) -> Iterator[Any]:
+    """FSDP's record of every parameter it manages in ``model`` (``sharded_param``, and
+    ``_unsharded_param`` once gathered)."""
+    for module in fsdp_modules(model):
+        group = module._get_fsdp_state()._fsdp_param_group
+        yield from group.fsdp_params if group is not None else ()
 
 
 def unsharded_aliases(model: nn.Module) -> dict[int, nn.Parameter]:
@@ -52,12 +56,10 @@ def unsharded_aliases(model: nn.Module) -> dict[int, nn.Parameter]:
         model: The model (a ``fully_shard``-ed module or one containing them).
     """
     aliases: dict[int, nn.Parameter] = {}
-    for module in fsdp_modules(model):
-        group = _param_group(module)
-        for fsdp_param in group.fsdp_params if group is not None else ():
-            unsharded = getattr(fsdp_param, "_unsharded_param", None)
-            if unsharded is not None:
-                aliases[id(unsharded)] = fsdp_param.sharded_param
+    for fsdp_param in _fsdp_params(model):
+        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+        if unsharded is not None:
+            aliases[id(unsharded)] = fsdp_param.sharded_param
     return aliases
 
 
@@ -67,10 +69,7 @@ def unmanaged_trainable(model: nn.Module) -> list[str]:
     Their gradients would stay local to each rank (FSDP reduce-scatters only its own
     parameters), so a DP step over them would miss the other ranks' examples.
     """
-    managed = set()
-    for module in fsdp_modules(model):
-        group = _param_group(module)
-        managed.update(id(fp.sharded_param) for fp in (group.fsdp_params if group is not None else ()))
+    managed = {id(fp.sharded_param) for fp in _fsdp_params(model)}
     return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in managed]
 
 

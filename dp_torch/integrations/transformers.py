@@ -58,6 +58,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from dp_torch._checkpoint import PRIVACY_STATE_NAME, read_privacy_state
 from dp_torch.accountants.utils import get_noise_multiplier
 from dp_torch.data_loader import DPDataLoader
 from dp_torch.optimizers import DPOptimizer
@@ -78,8 +79,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: File written into every ``Trainer`` checkpoint folder (ledger, DP optimizer, sampler).
-PRIVACY_STATE_NAME = "dp_privacy_state.pt"
 #: The ``grad_sample_mode`` values :class:`DPTrainer` accepts.
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
 #: ``(model outputs, labels) -> one loss per example [B]``.
@@ -747,13 +746,7 @@ class DPTrainer(Trainer):
                 without the ledger would under-report epsilon).
             ValueError: If a part does not fit this trainer.
         """
-        path = os.path.join(checkpoint_dir, PRIVACY_STATE_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} is missing: a DPTrainer checkpoint carries the privacy ledger there. "
-                "Resume from a checkpoint written by DPTrainer."
-            )
-        state = torch.load(path, weights_only=True)
+        state = read_privacy_state(checkpoint_dir, "DPTrainer")
         self._require_optimizer().load_dp_state_dict(state["dp_optimizer"])
         self.privacy_engine.accountant.load_state_dict(state["accountant"])
         self._poisson().batch_sampler.load_state_dict(state["sampler"])

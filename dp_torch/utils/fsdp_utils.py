@@ -19,13 +19,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dp_torch._checkpoint import PRIVACY_STATE_NAME, read_privacy_state
 from dp_torch.grad_sample import AbstractGradSampleModule
 from dp_torch.grad_sample._fsdp import is_fsdp_model
+from dpcore.accounting import validate_history
 
 __all__ = ["FSDP2Wrapper", "has_params", "iterate_submodules", "load_fsdp_checkpoint", "save_fsdp_checkpoint"]
-
-#: The file of the privacy state inside a checkpoint directory.
-PRIVACY_FILE = "dp_privacy_state.pt"
 
 
 def has_params(module: nn.Module) -> bool:
@@ -102,7 +101,7 @@ def save_fsdp_checkpoint(directory: str, *, module: nn.Module, optimizer: Any, p
     if dist.get_rank() == 0:
         privacy = {"accountant": privacy_engine.accountant.state_dict(),
                    "dp_optimizer": optimizer.dp_state_dict()}
-        torch.save(privacy, os.path.join(directory, PRIVACY_FILE))
+        torch.save(privacy, os.path.join(directory, PRIVACY_STATE_NAME))
     dist.barrier()
 
 
@@ -110,6 +109,7 @@ def load_fsdp_checkpoint(directory: str, *, module: nn.Module, optimizer: Any, p
     """Restore a run saved by :func:`save_fsdp_checkpoint`, on any number of ranks (collective).
 
     Build the model, shard it, and call ``make_private`` as for a new run first; then load.
+    The privacy state is read and checked before the model and the optimizer are touched.
 
     Args:
         directory: The checkpoint directory.
@@ -118,23 +118,19 @@ def load_fsdp_checkpoint(directory: str, *, module: nn.Module, optimizer: Any, p
         privacy_engine: The ``PrivacyEngine``; its ledger is replaced by the saved one.
 
     Raises:
-        FileNotFoundError: If ``directory`` has no privacy state (not a DP checkpoint); nothing
-            is changed then.
+        FileNotFoundError: If ``directory`` has no privacy state (not a DP checkpoint).
+        ValueError: If the saved ledger is malformed or the DP settings do not fit ``optimizer``.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    path = os.path.join(directory, PRIVACY_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{directory!r} holds no {PRIVACY_FILE}: it was not written by save_fsdp_checkpoint, so "
-            "the privacy ledger of the run is unknown. Resume only from a DP checkpoint."
-        )
-    privacy = torch.load(path, weights_only=False)
+    privacy = read_privacy_state(directory, "save_fsdp_checkpoint")
+    validate_history(privacy["accountant"]["history"])  # both checked before any change
+    apply_dp_state = optimizer._dp_state_loader(privacy["dp_optimizer"])
     states = _states(module, optimizer)
     dcp.load(states, checkpoint_id=directory)
     model = _inner(module)
     set_model_state_dict(model, states["model"])
     set_optimizer_state_dict(model, optimizer.original_optimizer, states["optimizer"])
-    optimizer.load_dp_state_dict(privacy["dp_optimizer"])
+    apply_dp_state()
     privacy_engine.accountant.load_state_dict(privacy["accountant"])
